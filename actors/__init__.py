@@ -1,0 +1,1 @@
+"""Generator processes: sample groups, score them, compute advantages, stream to the queue."""

@@ -1,0 +1,167 @@
+"""The actor process: generate groups, score them, compute advantages, stream them to the queue.
+
+One long-running asyncio loop on uvloop. ``generate`` is blocking torch work, so it runs
+in a worker thread (``asyncio.to_thread``) and the loop stays free to send the previous
+batch's groups and to notice SIGTERM. Weights arrive on a background thread
+(:class:`~dashrl.learner.weights.WeightReceiver`) and are applied between generate
+calls, so every rollout is stamped with exactly the policy version that produced it.
+
+The rollout socket is a ZeroMQ PUSH with a high-water mark: if the queue falls behind,
+``send`` waits (backpressure) rather than dropping anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from dashrl.actors.advantages import grpo_advantages
+from dashrl.actors.engine import GenerationEngine, HFEngine
+from dashrl.actors.tasks import Problem, Task, chat_prompt_ids, load_task
+from dashrl.launch.config import Config, load_config
+from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
+from dashrl.protocol import Completion, RolloutGroup, encode
+
+log = logging.getLogger("dashrl.actor")
+
+
+def score_group(
+    task: Task, problem: Problem, texts: list[str], eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards [G] and GRPO advantages [G] (float32) of one group's decoded completions.
+
+    A verifier that raises scores 0 for that completion (logged), so one bad answer
+    cannot stop the actor.
+    """
+    rewards = []
+    for text in texts:
+        try:
+            rewards.append(task.score(problem, text))
+        except Exception as e:  # a verifier bug must not kill a long-running actor
+            log.warning("verifier failed on %s: %s", problem.id, e)
+            rewards.append(0.0)
+    r = np.asarray(rewards, dtype=np.float32)
+    return r, grpo_advantages(r, eps)
+
+
+class Actor:
+    """State of one generator: task, engine, weight receiver and rollout socket.
+
+    Args:
+        cfg: the resolved run config.
+        index: actor index (0-based); its torch.distributed rank is index + 1.
+        engine: a generation engine (default: HFEngine on the resolved model).
+    """
+
+    def __init__(self, cfg: Config, index: int, engine: GenerationEngine | None = None):
+        from dashrl.learner.weights import WeightReceiver
+
+        self.cfg, self.index = cfg, index
+        self.actor_id = f"actor{index}"
+        self.rng = random.Random(cfg.seed * 1000 + index)
+        self.task = load_task(cfg.data, cfg.seed)
+        self.engine = engine or HFEngine(cfg.model.path, seed=cfg.seed * 1000 + index)
+        self.tokenizer = self.engine.tokenizer
+        self.receiver = WeightReceiver(
+            self.engine.sync_parameters(),
+            init_method=f"tcp://{cfg.transport.host}:{cfg.transport.dist_port}",
+            world_size=1 + cfg.actor.num_actors,
+            rank=1 + index,
+            timeout_s=cfg.learner.weight_sync_timeout_s,
+        )
+        self._prompt_cache: dict[str, list[int]] = {}
+        self.groups_sent = 0
+        self.tokens_generated = 0
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        if problem.id not in self._prompt_cache:
+            self._prompt_cache[problem.id] = chat_prompt_ids(
+                self.tokenizer, problem.question, self.cfg.data.prompt_suffix
+            )
+        return self._prompt_cache[problem.id]
+
+    def build_groups(
+        self, problems: list[Problem], generations, version: int, gen_s: float
+    ) -> list[RolloutGroup]:
+        """Score a generate call's output and package it as RolloutGroups stamped with ``version``."""
+        a = self.cfg.actor
+        groups = []
+        for problem, gens in zip(problems, generations, strict=True):
+            t0 = time.perf_counter()
+            texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+            rewards, adv = score_group(self.task, problem, texts, a.advantage_eps)
+            comps = [
+                Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
+                for g, r, x in zip(gens, rewards, adv, strict=True)
+            ]
+            timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0}
+            groups.append(
+                RolloutGroup(
+                    prompt_id=problem.id,
+                    prompt_ids=np.asarray(self.prompt_ids(problem), dtype=np.int32),
+                    completions=comps,
+                    actor_id=self.actor_id,
+                    task=self.task.name,
+                    timings=timings,
+                    created_at=time.time(),
+                )
+            )
+        return groups
+
+    async def run(self, stop: StopFlag) -> None:
+        """Generate and stream until ``stop`` is set."""
+        a, t = self.cfg.actor, self.cfg.transport
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, t.send_hwm)
+        sock.setsockopt(zmq.LINGER, 5000)  # on shutdown, give queued groups 5 s to leave
+        sock.connect(f"tcp://{t.host}:{t.rollout_port}")
+        started = time.perf_counter()
+        try:
+            while not stop:
+                version = self.receiver.apply()
+                problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
+                prompts = [self.prompt_ids(p) for p in problems]
+                t0 = time.perf_counter()
+                gens = await asyncio.to_thread(
+                    self.engine.generate, prompts, a.group_size, a.max_new_tokens, a.temperature
+                )
+                gen_s = time.perf_counter() - t0
+                for group in self.build_groups(problems, gens, version, gen_s):
+                    await sock.send(encode(group))
+                    self.groups_sent += 1
+                    self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+                if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
+                    elapsed = time.perf_counter() - started
+                    log.info("v%d groups=%d actor/tokens_per_s=%.1f", version, self.groups_sent,
+                             self.tokens_generated / elapsed)
+        finally:
+            sock.close()
+            ctx.term()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m dashrl.actors.actor <config.json> <index>``."""
+    argv = argv if argv is not None else sys.argv[1:]
+    cfg = load_config(Path(argv[0]))
+    index = int(argv[1])
+    setup_logging(f"actor{index}")
+    set_thread_budget(cfg.actor.torch_threads)
+    stop = StopFlag()
+    actor = Actor(cfg, index)
+    import uvloop
+
+    uvloop.run(actor.run(stop))
+    log.info("stopped after %d groups", actor.groups_sent)
+
+
+if __name__ == "__main__":
+    main()

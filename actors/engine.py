@@ -1,0 +1,128 @@
+"""Generation engines behind one small interface: sample G completions per prompt with logprobs.
+
+:class:`HFEngine` uses transformers ``generate`` on CPU (the fallback engine; vLLM is
+its own module). Behaviour logprobs are taken from the processed scores that were
+actually sampled from, and sampling uses temperature only (top-k 0, top-p 1), so they
+equal the learner's ``log_softmax(logits / T)`` of the same weights up to float error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Generation:
+    """One sampled completion.
+
+    Attributes:
+        token_ids: int32 array [T], EOS included when sampled.
+        logprobs: float32 array [T], log mu(token | prefix) under the sampling distribution.
+        finish_reason: "stop" (EOS) or "length" (max_new_tokens reached).
+    """
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    finish_reason: str
+
+
+class GenerationEngine(Protocol):
+    """What an actor needs from a generation engine."""
+
+    def generate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
+    ) -> list[list[Generation]]:
+        """Sample ``n`` completions for each prompt; returns [len(prompts)][n] generations."""
+        ...
+
+    def sync_parameters(self) -> list[torch.Tensor]:
+        """The engine's weight tensors in the learner's ``model.parameters()`` order."""
+        ...
+
+
+class HFEngine:
+    """transformers ``generate`` on CPU.
+
+    Args:
+        model_path: HF model directory.
+        seed: seed of the sampling RNG.
+
+    The model is shared with the weight receiver through :meth:`sync_parameters`:
+    updates are copied in place between ``generate`` calls.
+    """
+
+    def __init__(self, model_path: Path, seed: int = 0):
+        from dashrl.launch.model import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, train=False)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.eos_ids = self._eos_ids()
+        self.generator_seed = seed
+        torch.manual_seed(seed)
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        ids = [i for i in ids if i is not None] + [self.tokenizer.eos_token_id]
+        return sorted(set(int(i) for i in ids))
+
+    def sync_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
+    ) -> list[list[Generation]]:
+        from transformers import GenerationConfig
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        new = out.sequences[:, width:]  # [B*n, steps]
+        # scores[t]: [B*n, V] processed logits (temperature applied) that step t sampled from.
+        logprobs = torch.stack(
+            [
+                torch.log_softmax(s.float(), dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                for t, s in enumerate(out.scores)
+            ],
+            dim=1,
+        )
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids))
+        results: list[list[Generation]] = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(n):
+                row = i * n + j
+                eos_at = torch.nonzero(is_eos[row])
+                end = int(eos_at[0]) + 1 if len(eos_at) else new.shape[1]
+                group.append(
+                    Generation(
+                        token_ids=new[row, :end].numpy().astype(np.int32),
+                        logprobs=logprobs[row, :end].numpy().astype(np.float32),
+                        finish_reason="stop" if len(eos_at) else "length",
+                    )
+                )
+            results.append(group)
+        return results

@@ -1,0 +1,154 @@
+"""Prompt sources and their verifiers: reasoning-gym tasks and GSM8K.
+
+A :class:`Problem` is one question with what its verifier needs; a task turns a
+completion into a reward in [0, 1]. The answer is taken leniently as the last number in
+the completion (a 135M model rarely follows strict answer formats, see
+../shared/notes/cpu-feasibility.md) and then judged by the task's own verifier:
+reasoning-gym's ``score_answer`` for its tasks, exact numeric match with the number after
+``####`` for GSM8K.
+
+Held-out prompts come from a different seed (reasoning-gym) or the test split (GSM8K),
+and any question that also occurs in training is removed from the training set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from dashrl.launch.config import DataConfig
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass
+class Problem:
+    """One prompt of a dataset.
+
+    Attributes:
+        id: stable id, e.g. "chain_sum/train/17".
+        question: the question text shown to the model.
+        answer: the reference final answer (a string).
+        entry: the raw dataset entry the verifier needs.
+    """
+
+    id: str
+    question: str
+    answer: str
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` with thousands separators removed, or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def numbers_equal(a: str | None, b: str) -> bool:
+    """Exact numeric equality of two decimal strings (1,000 == 1000.0); False if unparsable."""
+    if a is None:
+        return False
+    try:
+        return Fraction(a.replace(",", "")) == Fraction(b.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+class Task:
+    """A dataset of problems with a verifier. Subclasses fill ``train`` and ``heldout``."""
+
+    name = "task"
+
+    def __init__(self) -> None:
+        self.train: list[Problem] = []
+        self.heldout: list[Problem] = []
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """Reward of a completion, in [0, 1]."""
+        raise NotImplementedError
+
+    def _dedupe(self) -> None:
+        held = {p.question for p in self.heldout}
+        self.train = [p for p in self.train if p.question not in held]
+        if not self.train:
+            raise ValueError(f"{self.name}: no training prompts left after removing held-out ones")
+
+
+class ReasoningGymTask(Task):
+    """A reasoning-gym procedural task; its own ``score_answer`` is the verifier."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        super().__init__()
+        import reasoning_gym
+
+        self.name = cfg.task
+        kw = dict(cfg.task_kwargs)
+        self._train_ds = reasoning_gym.create_dataset(cfg.task, seed=seed, size=cfg.train_size, **kw)
+        self._held_ds = reasoning_gym.create_dataset(
+            cfg.task, seed=seed + 1_000_003, size=cfg.heldout_size, **kw
+        )
+        self.train = [self._problem(e, "train", i) for i, e in enumerate(self._train_ds)]
+        self.heldout = [self._problem(e, "heldout", i) for i, e in enumerate(self._held_ds)]
+        self._dedupe()
+
+    def _problem(self, e: dict[str, Any], split: str, i: int) -> Problem:
+        return Problem(f"{self.name}/{split}/{i}", e["question"], str(e["answer"]), e)
+
+    def score(self, problem: Problem, completion: str) -> float:
+        reward = self._train_ds.score_answer(answer=last_number(completion), entry=problem.entry)
+        return float(reward)
+
+
+class GSM8KTask(Task):
+    """GSM8K word problems; reward 1 iff the last number equals the number after ``####``."""
+
+    name = "gsm8k"
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        super().__init__()
+        self.train = self._read(cfg.gsm8k_dir / "train.jsonl", "train")[: cfg.train_size]
+        self.heldout = self._read(cfg.gsm8k_dir / "test.jsonl", "test")[: cfg.heldout_size]
+        self._dedupe()
+
+    @staticmethod
+    def _read(path: Path, split: str) -> list[Problem]:
+        if not path.exists():
+            raise FileNotFoundError(f"GSM8K file not found: {path} (set data.gsm8k_dir)")
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                answer = row["answer"].split("####")[-1].strip().replace(",", "")
+                out.append(Problem(f"gsm8k/{split}/{n - 1}", row["question"], answer, row))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: malformed GSM8K row ({e})") from None
+        return out
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return 1.0 if numbers_equal(last_number(completion), problem.answer) else 0.0
+
+
+def load_task(cfg: DataConfig, seed: int) -> Task:
+    """Build the configured task (train and held-out prompts are fixed by ``seed``).
+
+    Raises:
+        ValueError: unknown source or task name, or a malformed data row.
+        FileNotFoundError: a data file is missing.
+    """
+    if cfg.source == "reasoning_gym":
+        return ReasoningGymTask(cfg, seed)
+    if cfg.source == "gsm8k":
+        return GSM8KTask(cfg, seed)
+    raise ValueError(f"unknown data source {cfg.source!r}")
+
+
+def chat_prompt_ids(tokenizer, question: str, suffix: str = "") -> list[int]:
+    """Token ids of the chat-formatted prompt (template applied, generation prompt added)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question + suffix}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

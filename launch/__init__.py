@@ -1,0 +1,1 @@
+"""Launching a run: config tree, model resolution, process spawning, evaluation, plots."""

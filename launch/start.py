@@ -1,0 +1,215 @@
+"""Start a dashrl run: queue, learner and actors as processes, with progress, metrics and a plot.
+
+    python launch/start.py                  # the default run (SmolLM2-135M on chain_sum)
+    python launch/start.py --help           # every config field with its docstring
+
+What a run does, top to bottom:
+  1. parse the config (tyro; heavy imports only after parsing, so --help is fast);
+  2. resolve the model to an HF directory, pick free ports, write <run_dir>/config.json;
+  3. measure the held-out mean reward of the base model (all cores, nothing else running);
+  4. spawn the queue, the learner and the actors, each with its own thread budget,
+     and follow metrics.jsonl with a progress bar until the learner finishes;
+  5. stop every child by its pid, measure the held-out reward of the final checkpoint,
+     and write plot.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Running as a script puts launch/ first on sys.path, where config.py, model.py, ...
+# could shadow unrelated top-level modules of other libraries. Only `dashrl.*` is ours.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime  # noqa: E402
+
+import tyro  # noqa: E402
+
+from dashrl.launch.config import Config  # noqa: E402
+from dashrl.launch.runtime import free_port, read_jsonl, setup_logging  # noqa: E402
+
+log = logging.getLogger("dashrl.launch")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill in run_dir, model path and ports; create the run directory and write config.json."""
+    from dashrl.launch.model import resolve_model
+
+    run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.transport
+    transport = t.model_copy(
+        update={
+            "rollout_port": t.rollout_port or free_port(t.host),
+            "request_port": t.request_port or free_port(t.host),
+            "dist_port": t.dist_port or free_port(t.host),
+        }
+    )
+    model = cfg.model.model_copy(update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)})
+    resolved = cfg.model_copy(update={"run_dir": run_dir, "transport": transport, "model": model})
+    resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
+    (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
+    return resolved
+
+
+class Children:
+    """The run's child processes, started with their own sessions and stopped by pid."""
+
+    def __init__(self, run_dir: Path):
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, role: str, module: str, *args: str) -> subprocess.Popen:
+        out = (self.logs / f"{role}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
+        # stops the learner first (so it checkpoints) and the others after.
+        p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=out,
+                             env=env, start_new_session=True)
+        self.procs[role] = p
+        log.info("started %s (pid %d), log: %s", role, p.pid, out.name)
+        return p
+
+    def stop(self, role: str, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM the child by pid, wait up to ``timeout_s``, then SIGKILL it."""
+        p = self.procs.get(role)
+        if p is None:
+            return None
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", role, p.pid)
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+        return p.returncode
+
+    def stop_all(self) -> None:
+        for role in sorted(self.procs, key=lambda r: r != "learner"):  # learner first
+            self.stop(role)
+
+
+def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
+    """Show a progress bar from metrics.jsonl until the learner exits; stop it on Ctrl-C."""
+    from tqdm import tqdm
+
+    learner = children.procs["learner"]
+    deadline = time.monotonic() + cfg.time_limit_s + 600  # the learner stops itself earlier
+    seen = 0
+    with tqdm(total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True) as bar:
+        while learner.poll() is None:
+            if interrupted[0] or time.monotonic() > deadline:
+                log.info("stopping the learner (it saves a checkpoint first)")
+                children.stop("learner", timeout_s=300)
+                break
+            for role, p in children.procs.items():
+                if role != "learner" and p.poll() is not None:
+                    log.error("%s exited with code %s: see %s", role, p.returncode,
+                              children.logs / f"{role}.log")
+                    interrupted[0] = True
+            rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
+            if len(rows) > seen:
+                r = rows[-1]
+                bar.update(len(rows) - seen)
+                seen = len(rows)
+                bar.set_postfix(
+                    reward=f"{r.get('actor/reward_mean') or 0:.3f}",
+                    queue=int(r.get("queue/size", 0)),
+                    lag=f"{r.get('learner/staleness_mean', 0):.1f}",
+                    loss=f"{r.get('learner/loss') or 0:.3f}",
+                )
+            time.sleep(1.0)
+
+
+def run(cfg: Config) -> dict:
+    """Run one training job end to end; returns the summary written to summary.json."""
+    setup_logging("launch")
+    t_start = time.monotonic()
+    cfg = resolve(cfg)
+    run_dir = cfg.run_dir
+    log.info("run directory: %s", run_dir)
+    summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
+
+    if cfg.eval.heldout:
+        from dashrl.launch.evaluate import heldout_reward
+        from dashrl.launch.runtime import set_thread_budget
+
+        set_thread_budget(cfg.eval.torch_threads)
+        before = heldout_reward(cfg, cfg.model.path)
+        log.info("held-out reward before training: %.4f (%.0f s)", before["reward_mean"],
+                 before["seconds"])
+        summary["heldout_before"] = before
+        summary["heldout_reward_before"] = before["reward_mean"]
+
+    interrupted = [False]
+
+    def on_signal(signum, frame):
+        interrupted[0] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    children = Children(run_dir)
+    config_path = str(run_dir / "config.json")
+    t_train = time.monotonic()
+    try:
+        children.spawn("queue", "dashrl.queue.server", config_path)
+        for i in range(cfg.actor.num_actors):
+            children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i))
+        children.spawn("learner", "dashrl.learner.learner", config_path)
+        follow(cfg, children, interrupted)
+    finally:
+        children.stop_all()
+    summary["train_wall_s"] = time.monotonic() - t_train
+    summary["exit_codes"] = {r: p.returncode for r, p in children.procs.items()}
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    final = run_dir / "checkpoints" / "final"
+    if cfg.eval.heldout and (final / "config.json").exists() and not interrupted[0]:
+        from dashrl.launch.evaluate import heldout_reward
+
+        after = heldout_reward(cfg, final)
+        log.info("held-out reward after training: %.4f", after["reward_mean"])
+        summary["heldout_after"] = after
+        summary["heldout_reward_after"] = after["reward_mean"]
+
+    from dashrl.launch.plot import plot_run
+
+    plot_run(rows, run_dir / "plot.png", summary.get("heldout_reward_before"),
+             summary.get("heldout_reward_after"))
+    summary.update(
+        {
+            "learner_steps": int(last.get("step", 0)),
+            "final_version": int(last.get("version", 0)),
+            "rollouts_received": int(last.get("queue/received", 0)),
+            "rollouts_accepted": int(last.get("queue/accepted", 0)),
+            "rollouts_filtered": int(last.get("queue/filtered", 0)),
+            "rollouts_evicted_stale": int(last.get("queue/evicted_stale", 0)),
+            "rejected_frames": int(last.get("queue/rejected_frames", 0)),
+            "interrupted": interrupted[0],
+            "wall_s": time.monotonic() - t_start,
+        }
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    return summary
+
+
+def main() -> None:
+    cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

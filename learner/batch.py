@@ -1,0 +1,115 @@
+"""Collate queue samples into padded tensors and compute the policy's token logprobs.
+
+Sequences are right-padded prompt+completion. The LM head is applied only at the
+positions that predict completion tokens (a 49k-vocab head over prompt positions
+would be ~10% of the forward cost for nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dashrl.protocol import Sample
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of one micro-batch (B sequences, L = longest prompt+completion,
+    T = longest completion).
+
+    Attributes:
+        input_ids: int64 [B, L] prompt+completion, right-padded with pad_id.
+        attention_mask: int64 [B, L].
+        predict_pos: int64 [B, T] position whose logits predict completion token t
+            (prompt_len - 1 + t; 0 on padding).
+        targets: int64 [B, T] completion tokens (pad_id on padding).
+        mask: float32 [B, T] 1 on completion tokens.
+        behaviour_logprobs: float32 [B, T] (0 on padding).
+        advantages: float32 [B].
+        rewards: float32 [B].
+        policy_versions: int64 [B].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    predict_pos: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    behaviour_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    policy_versions: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) prompt+completion tokens."""
+        return int(self.attention_mask.sum())
+
+
+def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
+    """Pad a list of samples into a :class:`MicroBatch`.
+
+    Raises:
+        ValueError: empty list.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty micro-batch")
+    B = len(samples)
+    L = max(s.num_tokens for s in samples)
+    T = max(len(s.completion_ids) for s in samples)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
+    beh = torch.zeros((B, T), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        P, C = len(s.prompt_ids), len(s.completion_ids)
+        comp = torch.from_numpy(s.completion_ids.astype("int64"))
+        input_ids[b, :P] = torch.from_numpy(s.prompt_ids.astype("int64"))
+        input_ids[b, P : P + C] = comp
+        attn[b, : P + C] = 1
+        pos[b, :C] = torch.arange(P - 1, P - 1 + C)
+        targets[b, :C] = comp
+        mask[b, :C] = 1.0
+        beh[b, :C] = torch.from_numpy(s.logprobs.astype("float32"))
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        predict_pos=pos,
+        targets=targets,
+        mask=mask,
+        behaviour_logprobs=beh,
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
+    )
+
+
+def token_logprobs(
+    model, batch: MicroBatch, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi_theta(target_t | prefix) under ``model`` at ``temperature``, [B, T] float32.
+
+    Uses the decoder's hidden states and applies the output embedding only at the
+    predicting positions. The logits are divided by the sampling temperature so the
+    result is comparable with the actor's behaviour logprobs.
+
+    Returns:
+        (logprobs [B, T], entropy [B, T] of the tempered distribution or None).
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state  # [B, L, H]
+    idx = batch.predict_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    h = torch.gather(hidden, 1, idx)  # [B, T, H]
+    logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -1,0 +1,127 @@
+"""Policy losses: the PPO clipped surrogate with staleness-aware clipping, and the k3 KL.
+
+All functions are pure tensor functions so they can be checked against hand-computed
+values. Shapes: B sequences, T completion positions (padded), float32 unless stated.
+
+Staleness-aware clipping (dashrl's rule). A sample generated ``lag`` policy versions ago
+gets the clip range
+
+    eps_low(lag)  = eps_low  / (1 + decay * lag)
+    eps_high(lag) = eps_high / (1 + decay * lag)
+
+Reasoning: the importance ratio pi_theta / mu corrects the distribution shift of an
+off-policy sample in expectation, but its variance grows with the drift between mu and
+pi_theta, and the drift grows with the lag. PPO's clip bounds how far one sample may
+push the policy away from the policy that generated it; shrinking that bound with the
+lag makes a stale sample move the policy less than a fresh one, like a per-sample trust
+region that tightens with age (cf. TIS, which truncates the ratio itself). Fresh samples
+(lag 0) get exactly the PPO/DAPO clip. ``decay = 0`` recovers plain PPO clipping; samples
+past ``queue.max_staleness`` never reach the loss at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps a corrupted logprob from overflowing exp
+
+
+def staleness_clip_bounds(
+    lag: torch.Tensor, eps_low: float, eps_high: float, decay: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper ratio bounds per sample, [B] each, from the staleness rule above.
+
+    Args:
+        lag: int or float tensor [B], version lag (learner version - policy version) >= 0.
+        eps_low, eps_high: clip epsilons of a fresh sample (PPO: 0.2/0.2; DAPO: 0.2/0.28).
+        decay: how fast the range shrinks with lag (0: no staleness dependence).
+    """
+    scale = 1.0 / (1.0 + decay * lag.clamp(min=0).float())
+    return 1.0 - eps_low * scale, 1.0 + eps_high * scale
+
+
+@dataclass
+class SurrogateOutput:
+    """Loss and diagnostics of the clipped surrogate (all 0-d tensors)."""
+
+    loss: torch.Tensor
+    clip_frac: torch.Tensor
+    """Fraction of tokens where the clipped term is the active (smaller) one."""
+    approx_kl: torch.Tensor
+    """k3 estimate of KL(mu || pi_theta) over tokens, a measure of off-policyness."""
+    ratio_mean: torch.Tensor
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lag: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    decay: float = 0.0,
+) -> SurrogateOutput:
+    """PPO clipped surrogate with a token-level mean, on off-policy samples.
+
+    L = - sum_{b,t} mask * min(rho * A_b, clip(rho, lo_b, hi_b) * A_b) / sum mask,
+    rho = exp(logprobs - behaviour_logprobs). The clipped objective is PPO's (Schulman et
+    al. 2017, Eq. 7) as used by GRPO; the token-level mean over the batch and the
+    asymmetric eps_low/eps_high are DAPO's (../shared/papers.md "Formulas"); the
+    per-sample bounds lo_b, hi_b are dashrl's staleness rule (module docstring).
+
+    Args:
+        logprobs: [B, T] log pi_theta of the sampled tokens (requires grad).
+        behaviour_logprobs: [B, T] log mu of the same tokens, from the actor.
+        advantages: [B] advantage of each sequence.
+        mask: [B, T] 1 for completion tokens, 0 for padding (bool or float).
+        lag: [B] version lag of each sequence.
+        eps_low, eps_high, decay: see :func:`staleness_clip_bounds`.
+
+    Returns:
+        SurrogateOutput with the scalar loss and diagnostics.
+
+    Raises:
+        ValueError: shapes do not match or the mask is empty.
+    """
+    if logprobs.shape != behaviour_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"shape mismatch {logprobs.shape} {behaviour_logprobs.shape} {mask.shape}")
+    if advantages.shape != logprobs.shape[:1] or lag.shape != logprobs.shape[:1]:
+        raise ValueError("advantages and lag must be [B]")
+    m = mask.float()
+    n = m.sum()
+    if n <= 0:
+        raise ValueError("empty mask: no completion tokens")
+    log_ratio = (logprobs - behaviour_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    lo, hi = staleness_clip_bounds(lag, eps_low, eps_high, decay)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.minimum(torch.maximum(ratio, lo[:, None]), hi[:, None]) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = (per_token * m).sum() / n
+    with torch.no_grad():
+        clip_frac = ((clipped < unclipped).float() * m).sum() / n
+        approx_kl = ((ratio - 1 - log_ratio) * m).sum() / n
+        ratio_mean = (ratio * m).sum() / n
+    return SurrogateOutput(loss, clip_frac, approx_kl, ratio_mean)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020; ../shared/papers.md).
+
+    KL ~ exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1, per token, >= 0.
+
+    Args:
+        logprobs: [B, T] log pi_theta of the sampled tokens.
+        ref_logprobs: [B, T] log pi_ref of the same tokens (no grad).
+        mask: [B, T] completion-token mask.
+
+    Returns:
+        0-d tensor, the masked mean over tokens.
+    """
+    d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    m = mask.float()
+    return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)

@@ -1,0 +1,33 @@
+"""Wire format shared by actors, queue and learner (see :mod:`dashrl.protocol.messages`)."""
+
+from dashrl.protocol.messages import (
+    DEFAULT_LIMITS,
+    SCHEMA_VERSION,
+    Completion,
+    DecodeLimits,
+    MicroBatchReply,
+    MicroBatchRequest,
+    ProtocolError,
+    RolloutGroup,
+    Sample,
+    WeightsVersion,
+    decode,
+    encode,
+    group_to_samples,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "SCHEMA_VERSION",
+    "Completion",
+    "DecodeLimits",
+    "MicroBatchReply",
+    "MicroBatchRequest",
+    "ProtocolError",
+    "RolloutGroup",
+    "Sample",
+    "WeightsVersion",
+    "decode",
+    "encode",
+    "group_to_samples",
+]

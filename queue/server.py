@@ -1,0 +1,227 @@
+"""The queue process: receives rollouts over ZeroMQ, ranks them, serves learner micro-batches.
+
+Why a process of its own rather than a task inside the learner: the learner spends most
+of its time in forward/backward, holding the GIL and both its threads; a queue inside
+it would decode, filter and log rollouts only between micro-batches, so actors would
+block on a full socket. As its own process it keeps accepting at socket speed, and it
+outlives a learner crash, so nothing already accepted is lost. Its CPU cost is small
+(decoding, a sorted insert and a file append per group).
+
+Sockets (all bound on the configured loopback host):
+- PULL  ``rollout_port``: actors PUSH RolloutGroup frames. PUSH/PULL never drops a
+  frame silently: when the queue lags, the actor's send blocks at its high-water mark.
+- ROUTER ``request_port``: the learner's DEALER sends MicroBatchRequest and gets a
+  MicroBatchReply (empty when fewer samples than a micro-batch are held).
+
+Every accepted group (only its accepted completions) is appended to
+``<run_dir>/queue/rollouts.msgpack`` as protocol frames, one after another, so a run can
+be replayed. A bad frame is counted (``queue/rejected_frames``), logged in one line, and
+the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from dashrl.launch.config import Config, load_config
+from dashrl.launch.runtime import StopFlag, setup_logging
+from dashrl.protocol import (
+    DecodeLimits,
+    MicroBatchReply,
+    MicroBatchRequest,
+    ProtocolError,
+    RolloutGroup,
+    decode,
+    encode,
+    group_to_samples,
+)
+from dashrl.queue.buffer import ReplayBuffer, version_lag
+
+log = logging.getLogger("dashrl.queue")
+
+ROLLOUT_LOG = "queue/rollouts.msgpack"
+
+
+class RolloutLog:
+    """Append-only log of accepted rollout groups (protocol frames back to back)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("ab")
+
+    def append(self, group: RolloutGroup) -> None:
+        self._f.write(encode(group))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_rollout_log(path: Path) -> list[RolloutGroup]:
+    """Decode every group of a rollout log, in the order the queue accepted them.
+
+    Raises:
+        ProtocolError: a frame in the log does not decode.
+    """
+    import msgpack
+
+    out = []
+    with Path(path).open("rb") as f:
+        for obj in msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 30):
+            out.append(decode(msgpack.packb(obj, use_bin_type=True), expect=RolloutGroup))
+    return out
+
+
+class QueueServer:
+    """The queue's state and message handlers, separate from the socket loop for testing.
+
+    Args:
+        cfg: the run config (queue section and run_dir are used).
+        run_dir: where the rollout log goes; None disables the log.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path | None):
+        q = cfg.queue
+        self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness)
+        self.limits = DecodeLimits(
+            max_frame_bytes=q.max_frame_bytes,
+            max_seq_len=q.max_seq_len,
+            max_group_size=q.max_group_size,
+        )
+        self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
+        self.rejected_frames = 0
+        self.groups_received = 0
+        self._window: dict[str, float] = {}  # actor-side stats since the last served batch
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._window = {"reward_sum": 0.0, "n": 0.0, "tokens": 0.0, "gen_s": 0.0, "length": 0.0}
+
+    def _reject(self, what: str, err: Exception) -> None:
+        self.rejected_frames += 1
+        log.warning("rejected %s frame #%d: %s", what, self.rejected_frames, err)
+
+    def on_rollout_frame(self, frame: bytes) -> None:
+        """Decode, filter, store and log one rollout frame; bad frames are counted, not raised."""
+        try:
+            group = decode(frame, self.limits, expect=RolloutGroup)
+        except ProtocolError as e:
+            self._reject("rollout", e)
+            return
+        self.groups_received += 1
+        w = self._window
+        for c in group.completions:
+            w["reward_sum"] += c.reward
+            w["n"] += 1
+            w["tokens"] += len(c.token_ids)
+            w["length"] += c.finish_reason == "length"
+        w["gen_s"] += group.timings.get("generate_s", 0.0) / max(len(group.completions), 1)
+        result = self.buffer.add(group_to_samples(group))
+        if self.log is not None and result.accepted:
+            group.completions = [group.completions[i] for i in result.accepted]
+            self.log.append(group)
+
+    def on_request_frame(self, frame: bytes) -> bytes | None:
+        """Answer one micro-batch request frame; returns the reply frame, or None if rejected."""
+        try:
+            req = decode(frame, self.limits, expect=MicroBatchRequest)
+        except ProtocolError as e:
+            self._reject("request", e)
+            return None
+        self.buffer.set_learner_version(req.learner_version)
+        samples = self.buffer.pop_micro_batch(req.size, req.unit)
+        return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+
+    def stats(self, served: list = ()) -> dict[str, float]:
+        """Queue counters plus actor-side means over the groups received since the last batch."""
+        c, w = self.buffer.counters, self._window
+        out = {
+            "queue/size": float(len(self.buffer)),
+            "queue/tokens": float(self.buffer.num_tokens),
+            "queue/received": float(c.received),
+            "queue/accepted": float(c.accepted),
+            "queue/filtered": float(c.filtered),
+            "queue/evicted_stale": float(c.evicted_stale),
+            "queue/evicted_capacity": float(c.evicted_capacity),
+            "queue/served": float(c.served),
+            "queue/rejected_frames": float(self.rejected_frames),
+            "queue/groups_received": float(self.groups_received),
+        }
+        if served:
+            lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]
+            out["queue/served_lag_mean"] = sum(lags) / len(lags)
+        if w["n"] and served:
+            out["actor/reward_mean"] = w["reward_sum"] / w["n"]
+            out["actor/completion_len"] = w["tokens"] / w["n"]
+            out["actor/truncated_frac"] = w["length"] / w["n"]
+            out["actor/window_samples"] = w["n"]
+            self._reset_window()
+        return out
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> None:
+    """Run the queue's socket loop until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or StopFlag()
+    server = QueueServer(cfg, run_dir)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1000)
+    pull.bind(f"tcp://{cfg.transport.host}:{cfg.transport.rollout_port}")
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://{cfg.transport.host}:{cfg.transport.request_port}")
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    poller.register(router, zmq.POLLIN)
+    log.info("serving: rollouts on %s, requests on %s", cfg.transport.rollout_port,
+             cfg.transport.request_port)
+    last_report = time.monotonic()
+    try:
+        while not stop:
+            events = dict(poller.poll(timeout=200))
+            # Drain rollouts first so a waiting learner sees every group that has arrived.
+            while pull in events:
+                try:
+                    server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            if router in events:
+                parts = router.recv_multipart()
+                if len(parts) != 2:
+                    server._reject("request", ProtocolError(f"{len(parts)}-part message"))
+                    continue
+                reply = server.on_request_frame(parts[1])
+                if reply is not None:
+                    router.send_multipart([parts[0], reply])
+            if time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                log.info("size=%d accepted=%d filtered=%d stale=%d rejected=%d",
+                         len(server.buffer), server.buffer.counters.accepted,
+                         server.buffer.counters.filtered, server.buffer.counters.evicted_stale,
+                         server.rejected_frames)
+    finally:
+        server.close()
+        pull.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+        log.info("stopped: %s", server.stats())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m dashrl.queue.server <run_dir>/config.json``."""
+    argv = argv if argv is not None else sys.argv[1:]
+    setup_logging("queue")
+    cfg = load_config(Path(argv[0]))
+    serve(cfg, cfg.run_dir)
+
+
+if __name__ == "__main__":
+    main()
