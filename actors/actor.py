@@ -91,7 +91,7 @@ class Actor:
     def build_groups(
         self, problems: list[Problem], generations, version: int, gen_s: float
     ) -> list[RolloutGroup]:
-        """Score a generate call's output and package it as RolloutGroups stamped with ``version``."""
+        """Score one generate call's output as RolloutGroups stamped with ``version``."""
         a = self.cfg.actor
         groups = []
         for problem, gens in zip(problems, generations, strict=True):
@@ -141,8 +141,12 @@ class Actor:
                     self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
                 if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
                     elapsed = time.perf_counter() - started
-                    log.info("v%d groups=%d actor/tokens_per_s=%.1f", version, self.groups_sent,
-                             self.tokens_generated / elapsed)
+                    log.info(
+                        "v%d groups=%d actor/tokens_per_s=%.1f",
+                        version,
+                        self.groups_sent,
+                        self.tokens_generated / elapsed,
+                    )
         finally:
             sock.close()
             ctx.term()

@@ -87,7 +87,9 @@ class ReasoningGymTask(Task):
 
         self.name = cfg.task
         kw = dict(cfg.task_kwargs)
-        self._train_ds = reasoning_gym.create_dataset(cfg.task, seed=seed, size=cfg.train_size, **kw)
+        self._train_ds = reasoning_gym.create_dataset(
+            cfg.task, seed=seed, size=cfg.train_size, **kw
+        )
         self._held_ds = reasoning_gym.create_dataset(
             cfg.task, seed=seed + 1_000_003, size=cfg.heldout_size, **kw
         )

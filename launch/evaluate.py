@@ -35,11 +35,15 @@ def heldout_reward(cfg: Config, model_path: Path, batch_prompts: int = 16) -> di
     problems = task.heldout
     for i in range(0, len(problems), batch_prompts):
         chunk = problems[i : i + batch_prompts]
-        prompts = [chat_prompt_ids(engine.tokenizer, p.question, cfg.data.prompt_suffix) for p in chunk]
+        prompts = [
+            chat_prompt_ids(engine.tokenizer, p.question, cfg.data.prompt_suffix) for p in chunk
+        ]
         gens = engine.generate(prompts, k, cfg.actor.max_new_tokens, cfg.actor.temperature)
         for p, group in zip(chunk, gens, strict=True):
-            rs = [task.score(p, engine.tokenizer.decode(g.token_ids, skip_special_tokens=True))
-                  for g in group]
+            rs = [
+                task.score(p, engine.tokenizer.decode(g.token_ids, skip_special_tokens=True))
+                for g in group
+            ]
             rewards.extend(rs)
             solved += max(rs) > 0
     return {

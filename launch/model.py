@@ -61,7 +61,9 @@ def _convert_smollm2(out: Path) -> None:
     gguf = _smollm2_gguf()
     log.info("converting %s to an HF directory (once)", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quant = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     cfg = quant.config
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_run(rows: list[dict[str, Any]], out: Path, before: float | None = None,
-             after: float | None = None) -> Path | None:
+def plot_run(
+    rows: list[dict[str, Any]], out: Path, before: float | None = None, after: float | None = None
+) -> Path | None:
     """Write a PNG with reward (actor-side and learner-side) and version lag over time.
 
     Args:
@@ -27,20 +28,26 @@ def plot_run(rows: list[dict[str, Any]], out: Path, before: float | None = None,
 
     t = [r["wall_s"] / 60 for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for key, label in (("actor/reward_mean", "reward of generated rollouts"),
-                       ("learner/reward_mean", "reward of trained samples")):
+    for key, label in (
+        ("actor/reward_mean", "reward of generated rollouts"),
+        ("learner/reward_mean", "reward of trained samples"),
+    ):
         pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts, strict=True), label=label, marker=".", linewidth=1)
     if before is not None:
         ax1.scatter([0], [before], color="black", marker="s", label=f"held-out before {before:.3f}")
     if after is not None:
-        ax1.scatter([t[-1]], [after], color="red", marker="*", s=120,
-                    label=f"held-out after {after:.3f}")
+        ax1.scatter(
+            [t[-1]], [after], color="red", marker="*", s=120, label=f"held-out after {after:.3f}"
+        )
     ax1.set_ylabel("mean reward")
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
-    for key, label in (("learner/staleness_mean", "mean lag"), ("learner/staleness_max", "max lag")):
+    for key, label in (
+        ("learner/staleness_mean", "mean lag"),
+        ("learner/staleness_max", "max lag"),
+    ):
         pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts, strict=True), label=label, linewidth=1)

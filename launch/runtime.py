@@ -74,7 +74,9 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         """Write one metrics row; non-finite floats are written as null."""
         clean = {
-            k: (None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v)
+            k: (
+                None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v
+            )
             for k, v in row.items()
         }
         self._f.write(json.dumps(clean) + "\n")

@@ -54,7 +54,9 @@ def resolve(cfg: Config) -> Config:
             "dist_port": t.dist_port or free_port(t.host),
         }
     )
-    model = cfg.model.model_copy(update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)})
+    model = cfg.model.model_copy(
+        update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
+    )
     resolved = cfg.model_copy(update={"run_dir": run_dir, "transport": transport, "model": model})
     resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
@@ -74,8 +76,13 @@ class Children:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
         # stops the learner first (so it checkpoints) and the others after.
-        p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=out,
-                             env=env, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
         self.procs[role] = p
         log.info("started %s (pid %d), log: %s", role, p.pid, out.name)
         return p
@@ -107,7 +114,9 @@ def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
     learner = children.procs["learner"]
     deadline = time.monotonic() + cfg.time_limit_s + 600  # the learner stops itself earlier
     seen = 0
-    with tqdm(total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True
+    ) as bar:
         while learner.poll() is None:
             if interrupted[0] or time.monotonic() > deadline:
                 log.info("stopping the learner (it saves a checkpoint first)")
@@ -115,8 +124,12 @@ def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
                 break
             for role, p in children.procs.items():
                 if role != "learner" and p.poll() is not None:
-                    log.error("%s exited with code %s: see %s", role, p.returncode,
-                              children.logs / f"{role}.log")
+                    log.error(
+                        "%s exited with code %s: see %s",
+                        role,
+                        p.returncode,
+                        children.logs / f"{role}.log",
+                    )
                     interrupted[0] = True
             rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
             if len(rows) > seen:
@@ -147,8 +160,11 @@ def run(cfg: Config) -> dict:
 
         set_thread_budget(cfg.eval.torch_threads)
         before = heldout_reward(cfg, cfg.model.path)
-        log.info("held-out reward before training: %.4f (%.0f s)", before["reward_mean"],
-                 before["seconds"])
+        log.info(
+            "held-out reward before training: %.4f (%.0f s)",
+            before["reward_mean"],
+            before["seconds"],
+        )
         summary["heldout_before"] = before
         summary["heldout_reward_before"] = before["reward_mean"]
 
@@ -186,8 +202,12 @@ def run(cfg: Config) -> dict:
 
     from dashrl.launch.plot import plot_run
 
-    plot_run(rows, run_dir / "plot.png", summary.get("heldout_reward_before"),
-             summary.get("heldout_reward_after"))
+    plot_run(
+        rows,
+        run_dir / "plot.png",
+        summary.get("heldout_reward_before"),
+        summary.get("heldout_reward_after"),
+    )
     summary.update(
         {
             "learner_steps": int(last.get("step", 0)),
@@ -202,7 +222,9 @@ def run(cfg: Config) -> dict:
         }
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    log.info(
+        "summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    )
     return summary
 
 

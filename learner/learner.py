@@ -151,7 +151,9 @@ class Learner:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip gradients and step; returns (grad norm, whether the step was taken)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.learner.max_grad_norm
+        )
         ok = math.isfinite(float(norm))
         if ok:
             self.optimizer.step()
@@ -198,7 +200,9 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 wait_s += waited
                 queue_stats.update(stats)
                 mb_rows.append(learner.train_micro_batch(samples, 1.0 / lc.micro_batches_per_step))
-            if len(mb_rows) < lc.micro_batches_per_step:  # stopped/out of time: drop the partial step
+            if (
+                len(mb_rows) < lc.micro_batches_per_step
+            ):  # stopped/out of time: drop the partial step
                 learner.optimizer.zero_grad(set_to_none=True)
                 break
             loss_ok = all(math.isfinite(r["learner/loss"]) for r in mb_rows)
@@ -229,11 +233,21 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
             row["learner/tokens_per_s"] = row["learner/tokens"] / max(step_s - wait_s, 1e-9)
             metrics.write(row)
             if lc.checkpoint_every and step % lc.checkpoint_every == 0:
-                save_checkpoint(learner.model, learner.tokenizer,
-                                run_dir / "checkpoints" / f"step_{step}", learner.version, step)
+                save_checkpoint(
+                    learner.model,
+                    learner.tokenizer,
+                    run_dir / "checkpoints" / f"step_{step}",
+                    learner.version,
+                    step,
+                )
     finally:
-        save_checkpoint(learner.model, learner.tokenizer, run_dir / "checkpoints" / "final",
-                        learner.version, step)
+        save_checkpoint(
+            learner.model,
+            learner.tokenizer,
+            run_dir / "checkpoints" / "final",
+            learner.version,
+            step,
+        )
         log.info("saved final checkpoint at step %d (version %d)", step, learner.version)
         metrics.close()
         learner.queue.close()

@@ -79,7 +79,9 @@ class WeightSender:
         timeout_s: timeout of one collective, in seconds.
     """
 
-    def __init__(self, params: list[torch.Tensor], init_method: str, world_size: int, timeout_s: float):
+    def __init__(
+        self, params: list[torch.Tensor], init_method: str, world_size: int, timeout_s: float
+    ):
         self.params = params
         self.layout = layout_hash(params)
         self.world_size = world_size
@@ -153,8 +155,12 @@ class WeightReceiver:
                 dist.broadcast(target, src=0)  # always receive, to stay in step with rank 0
                 if not ok:
                     self.rejected += 1
-                    log.error("refused weights v%d: layout %s != %s", msg.version, msg.layout_hash,
-                              self.layout)
+                    log.error(
+                        "refused weights v%d: layout %s != %s",
+                        msg.version,
+                        msg.layout_hash,
+                        self.layout,
+                    )
                     continue
                 with self._lock:
                     self._recv, self._ready = self._ready, self._recv
@@ -167,7 +173,7 @@ class WeightReceiver:
             self.stopped.set()
 
     def apply(self) -> int:
-        """Copy the newest received weights into the engine (if any); returns the current version."""
+        """Copy the newest received weights into the engine, if any; returns the current version."""
         with self._lock:
             if self._ready_version is None:
                 return self.version

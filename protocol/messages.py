@@ -329,7 +329,9 @@ class _Fields:
             raise ProtocolError(f"{self.where}.{key}: {len(v)} bytes is not a whole {dtype}")
         a = np.frombuffer(v, dtype=dtype)
         if not min_len <= a.shape[0] <= max_len:
-            raise ProtocolError(f"{self.where}.{key}: length {a.shape[0]} not in [{min_len}, {max_len}]")
+            raise ProtocolError(
+                f"{self.where}.{key}: length {a.shape[0]} not in [{min_len}, {max_len}]"
+            )
         return a
 
 
@@ -393,7 +395,9 @@ def _decode_body(kind: str, body: Any, lim: DecodeLimits) -> Message:
         return RolloutGroup(
             prompt_id=f.str("prompt_id"),
             prompt_ids=_token_ids(f, "prompt_ids", lim),
-            completions=[_completion(c, f"{kind}.completions[{i}]", lim) for i, c in enumerate(comps)],
+            completions=[
+                _completion(c, f"{kind}.completions[{i}]", lim) for i, c in enumerate(comps)
+            ],
             actor_id=f.str("actor_id"),
             task=f.str("task"),
             timings=f.floats("timings"),
@@ -427,7 +431,9 @@ def _decode_body(kind: str, body: Any, lim: DecodeLimits) -> Message:
     raise ProtocolError(f"unknown message type {kind!r}")
 
 
-MessageKind = Literal["rollout_group", "micro_batch_request", "micro_batch_reply", "weights_version"]
+MessageKind = Literal[
+    "rollout_group", "micro_batch_request", "micro_batch_reply", "weights_version"
+]
 
 
 def decode(

@@ -41,7 +41,9 @@ class QueueClient:
         self._ids = itertools.count()
         self.rejected_replies = 0
 
-    def request(self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0) -> MicroBatchReply:
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
+    ) -> MicroBatchReply:
         """One request/reply round trip; the reply may hold no samples (queue too empty).
 
         Raises:

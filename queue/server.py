@@ -181,8 +181,11 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     poller.register(router, zmq.POLLIN)
-    log.info("serving: rollouts on %s, requests on %s", cfg.transport.rollout_port,
-             cfg.transport.request_port)
+    log.info(
+        "serving: rollouts on %s, requests on %s",
+        cfg.transport.rollout_port,
+        cfg.transport.request_port,
+    )
     last_report = time.monotonic()
     try:
         while not stop:
@@ -203,10 +206,14 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
                     router.send_multipart([parts[0], reply])
             if time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
-                log.info("size=%d accepted=%d filtered=%d stale=%d rejected=%d",
-                         len(server.buffer), server.buffer.counters.accepted,
-                         server.buffer.counters.filtered, server.buffer.counters.evicted_stale,
-                         server.rejected_frames)
+                log.info(
+                    "size=%d accepted=%d filtered=%d stale=%d rejected=%d",
+                    len(server.buffer),
+                    server.buffer.counters.accepted,
+                    server.buffer.counters.filtered,
+                    server.buffer.counters.evicted_stale,
+                    server.rejected_frames,
+                )
     finally:
         server.close()
         pull.close(linger=0)

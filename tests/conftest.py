@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random model (built once, cached) and configs that use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dashrl.launch.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from dashrl.launch.model import TINY, resolve_model
+
+    return resolve_model(TINY, Config().model.cache_dir)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_path: Path, tmp_path: Path) -> Config:
+    """A config on the tiny model, small enough for a few-second end-to-end run."""
+    cfg = Config.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "time_limit_s": 240,
+            "model": {"name": "tiny-random", "path": str(tiny_model_path)},
+            "data": {"train_size": 200, "heldout_size": 8},
+            "actor": {"group_size": 4, "prompts_per_batch": 4, "max_new_tokens": 8},
+            # A random model never earns a reward, so every advantage is 0: turn the
+            # gradient filter off so that samples still flow to the learner.
+            "queue": {"filter_threshold": None, "capacity": 256},
+            "learner": {"steps": 3, "micro_batch_size": 4, "micro_batches_per_step": 2},
+            "eval": {"heldout": False},
+        }
+    )
+    return cfg

@@ -1,0 +1,45 @@
+"""The launcher's command line: --help imports nothing heavy; bad config is refused clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import REPO
+from dashrl.launch.config import Config
+
+START = str(REPO / "launch" / "start.py")
+
+
+def test_help_lists_fields_without_importing_torch() -> None:
+    code = (
+        "import runpy, sys; sys.argv = ['start.py', '--help']\n"
+        "try:\n    runpy.run_path(sys.argv_path, run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'zmq') if m in sys.modules])"
+    ).replace("sys.argv_path", repr(START))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--learner.micro-batches-per-step" in out.stdout
+    assert "Gradient accumulation" in out.stdout  # field docstrings are shown
+    assert "HEAVY []" in out.stdout
+
+
+def test_unknown_flag_is_refused() -> None:
+    out = subprocess.run(
+        [sys.executable, START, "--learner.no-such-field", "1"], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "no-such-field" in out.stderr
+
+
+def test_config_forbids_extra_fields_and_bad_values() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        Config.model_validate({"learner": {"lrr": 1.0}})
+    with pytest.raises(ValidationError):
+        Config.model_validate({"actor": {"group_size": 1}})
+    with pytest.raises(ValidationError, match="loopback"):
+        Config.model_validate({"transport": {"host": "0.0.0.0"}})
+    cfg = Config()
+    assert Config.model_validate_json(cfg.model_dump_json()) == cfg

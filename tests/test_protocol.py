@@ -1,0 +1,257 @@
+"""Round trips of every message and every rejection path of the strict decoder."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dashrl.protocol import (
+    SCHEMA_VERSION,
+    Completion,
+    DecodeLimits,
+    MicroBatchReply,
+    MicroBatchRequest,
+    ProtocolError,
+    RolloutGroup,
+    Sample,
+    WeightsVersion,
+    decode,
+    encode,
+    group_to_samples,
+)
+
+
+def make_group(g: int = 3, t: int = 5) -> RolloutGroup:
+    rng = np.random.default_rng(0)
+    comps = [
+        Completion(
+            token_ids=rng.integers(0, 49152, t + i).astype(np.int32),
+            logprobs=-rng.random(t + i).astype(np.float32),
+            reward=float(i % 2),
+            advantage=0.5 - i,
+            finish_reason="stop" if i else "length",
+            policy_version=7,
+        )
+        for i in range(g)
+    ]
+    return RolloutGroup(
+        "chain_sum/train/3",
+        np.arange(11, dtype=np.int32),
+        comps,
+        "actor1",
+        "chain_sum",
+        {"generate_s": 1.5, "score_s": 0.01},
+        1.7e9,
+    )
+
+
+def make_sample(adv: float = 1.0) -> Sample:
+    return Sample(
+        "p",
+        np.arange(4, dtype=np.int32),
+        np.arange(3, dtype=np.int32),
+        np.full(3, -0.5, np.float32),
+        1.0,
+        adv,
+        2,
+    )
+
+
+def raw(frame: bytes) -> dict:
+    return msgpack.unpackb(frame, raw=False)
+
+
+def pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def assert_group_equal(a: RolloutGroup, b: RolloutGroup) -> None:
+    assert (a.prompt_id, a.actor_id, a.task, a.timings, a.created_at) == (
+        b.prompt_id,
+        b.actor_id,
+        b.task,
+        b.timings,
+        b.created_at,
+    )
+    np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+    assert len(a.completions) == len(b.completions)
+    for x, y in zip(a.completions, b.completions, strict=True):
+        np.testing.assert_array_equal(x.token_ids, y.token_ids)
+        np.testing.assert_array_equal(x.logprobs, y.logprobs)
+        assert (x.reward, x.advantage, x.finish_reason, x.policy_version) == (
+            y.reward,
+            y.advantage,
+            y.finish_reason,
+            y.policy_version,
+        )
+
+
+def test_rollout_group_round_trip() -> None:
+    g = make_group()
+    out = decode(encode(g))
+    assert isinstance(out, RolloutGroup)
+    assert_group_equal(g, out)
+    assert out.completions[1].token_ids.dtype == np.dtype("<i4")
+    assert out.completions[1].logprobs.dtype == np.dtype("<f4")
+
+
+def test_arrays_travel_as_raw_little_endian_bytes() -> None:
+    g = make_group(g=1, t=4)
+    body = raw(encode(g))["body"]
+    assert isinstance(body["prompt_ids"], bytes)
+    assert body["prompt_ids"] == np.arange(11, dtype="<i4").tobytes()
+    assert body["completions"][0]["logprobs"] == g.completions[0].logprobs.astype("<f4").tobytes()
+
+
+def test_request_reply_weights_round_trip() -> None:
+    req = MicroBatchRequest(5, 3, 4096, "tokens")
+    assert decode(encode(req)) == req
+    s = make_sample()
+    rep = decode(encode(MicroBatchReply(5, [s, s], {"queue/size": 3.0})))
+    assert (
+        isinstance(rep, MicroBatchReply)
+        and rep.request_id == 5
+        and rep.stats == {"queue/size": 3.0}
+    )
+    assert len(rep.samples) == 2
+    np.testing.assert_array_equal(rep.samples[1].completion_ids, s.completion_ids)
+    assert rep.samples[0].policy_version == 2 and rep.samples[0].num_tokens == 7
+    w = WeightsVersion(9, 1024, "float32", "abc", 1.0)
+    assert decode(encode(w)) == w
+    empty = decode(encode(MicroBatchReply(1, [], {})))
+    assert empty.samples == []
+
+
+def test_group_to_samples_shares_prompt() -> None:
+    g = make_group()
+    samples = group_to_samples(g)
+    assert [s.advantage for s in samples] == [c.advantage for c in g.completions]
+    assert all(s.prompt_ids is g.prompt_ids for s in samples)
+
+
+# ------------------------------------------------------------------ rejections
+
+
+def corrupt(mutate) -> bytes:
+    obj = raw(encode(make_group()))
+    mutate(obj)
+    return pack(obj)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda o: o.update(schema=SCHEMA_VERSION + 1), "unknown schema version"),
+        (lambda o: o.update(schema="1"), "expected int"),
+        (lambda o: o.update(type="rollout_grop"), "unknown message type"),
+        (lambda o: o.pop("body"), "missing fields"),
+        (lambda o: o["body"].update(extra=1), "unknown fields"),
+        (lambda o: o["body"].update(prompt_id=17), "expected str"),
+        (lambda o: o["body"].update(prompt_ids=[1, 2, 3]), "expected raw bytes"),
+        (lambda o: o["body"].update(prompt_ids=b"\x00" * 7), "not a whole"),
+        (lambda o: o["body"].update(prompt_ids=b""), "length 0"),
+        (lambda o: o["body"].update(prompt_ids=np.array([-1], "<i4").tobytes()), "negative token"),
+        (lambda o: o["body"].update(completions=[]), "empty group"),
+        (lambda o: o["body"].update(timings={"x": float("nan")}), "not finite"),
+        (lambda o: o["body"]["completions"][0].update(logprobs=b"\x00" * 8), "logprobs for"),
+        (lambda o: o["body"]["completions"][0].update(reward=float("inf")), "not finite"),
+        (lambda o: o["body"]["completions"][0].update(advantage=True), "expected float"),
+        (lambda o: o["body"]["completions"][0].update(policy_version=1.0), "expected int"),
+        (lambda o: o["body"]["completions"][0].update(policy_version=True), "expected int"),
+        (lambda o: o["body"]["completions"][0].update(policy_version=-2), "outside"),
+        (lambda o: o["body"]["completions"][0].update(finish_reason="eos"), "not allowed"),
+    ],
+)
+def test_rejects_malformed_group(mutate, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode(corrupt(mutate))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 0.5])
+def test_rejects_bad_logprob_values(bad: float) -> None:
+    g = make_group()
+    g.completions[2].logprobs = g.completions[2].logprobs.copy()
+    g.completions[2].logprobs[1] = bad
+    with pytest.raises(ProtocolError, match="logprob"):
+        decode(encode(g))
+
+
+def test_rejects_oversized_frame_and_limits() -> None:
+    frame = encode(make_group(g=4, t=50))
+    with pytest.raises(ProtocolError, match="limit"):
+        decode(frame, DecodeLimits(max_frame_bytes=len(frame) - 1))
+    with pytest.raises(ProtocolError, match="items > limit"):
+        decode(frame, DecodeLimits(max_group_size=3))
+    with pytest.raises(ProtocolError, match="length"):
+        decode(frame, DecodeLimits(max_seq_len=20))
+    assert isinstance(decode(frame, DecodeLimits(max_frame_bytes=len(frame))), RolloutGroup)
+
+
+@pytest.mark.parametrize(
+    "frame", [b"", b"\xc1", b"garbage", pack([1, 2, 3]), pack({1: 2}), pack("x")]
+)
+def test_rejects_non_messages(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(frame)
+
+
+def test_rejects_truncated_frames() -> None:
+    frame = encode(make_group())
+    for cut in range(0, len(frame), 7):
+        with pytest.raises(ProtocolError):
+            decode(frame[:cut])
+
+
+def test_expect_rejects_wrong_message_kind() -> None:
+    with pytest.raises(ProtocolError, match="unexpected message"):
+        decode(encode(MicroBatchRequest(1, 0, 4)), expect=RolloutGroup)
+
+
+def test_request_fields_are_validated() -> None:
+    obj = raw(encode(MicroBatchRequest(1, 0, 4)))
+    obj["body"]["unit"] = "bytes"
+    with pytest.raises(ProtocolError, match="not allowed"):
+        decode(pack(obj))
+    obj["body"].update(unit="sequences", size=0)
+    with pytest.raises(ProtocolError, match="outside"):
+        decode(pack(obj))
+
+
+def test_encode_refuses_foreign_objects() -> None:
+    with pytest.raises(TypeError):
+        encode({"schema": 1})  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_only_ever_raise_protocol_error(frame: bytes) -> None:
+    try:
+        decode(frame)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_bit_flips_of_a_valid_frame_decode_or_raise_protocol_error(data) -> None:
+    frame = bytearray(encode(make_group(g=2, t=3)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] = data.draw(st.integers(0, 255))
+    try:
+        msg = decode(bytes(frame))
+    except ProtocolError:
+        return
+    # Whatever still decodes satisfies every invariant the decoder promises.
+    assert isinstance(msg, RolloutGroup)
+    for c in msg.completions:
+        assert len(c.token_ids) == len(c.logprobs) and np.isfinite(c.logprobs).all()
+        assert math.isfinite(c.reward) and math.isfinite(c.advantage)
