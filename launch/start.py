@@ -136,8 +136,12 @@ def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
                 r = rows[-1]
                 bar.update(len(rows) - seen)
                 seen = len(rows)
+                # Steps during which no new group arrived carry no actor reward: show the last.
+                rewards = [
+                    x["actor/reward_mean"] for x in rows if x.get("actor/reward_mean") is not None
+                ]
                 bar.set_postfix(
-                    reward=f"{r.get('actor/reward_mean') or 0:.3f}",
+                    reward=f"{rewards[-1] if rewards else float('nan'):.3f}",
                     queue=int(r.get("queue/size", 0)),
                     lag=f"{r.get('learner/staleness_mean', 0):.1f}",
                     loss=f"{r.get('learner/loss') or 0:.3f}",

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from conftest import REPO
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.server import ROLLOUT_LOG, read_rollout_log
+
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 
 @pytest.mark.slow
@@ -39,3 +42,19 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["transport"]["rollout_port"] > 0 and saved["model"]["path"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
+def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
+    from dashrl.launch.start import run
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.data.source, cfg.data.gsm8k_dir = "gsm8k", GSM8K
+    cfg.learner.steps = 1
+    summary = run(cfg)
+    assert summary["learner_steps"] == 1
+    groups = read_rollout_log(cfg.run_dir / ROLLOUT_LOG)
+    assert groups and all(
+        g.task == "gsm8k" and g.prompt_id.startswith("gsm8k/train/") for g in groups
+    )
