@@ -37,7 +37,7 @@ class GenerationEngine(Protocol):
     def generate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
     ) -> list[list[Generation]]:
-        """Sample ``n`` completions for each prompt; returns [len(prompts)][n] generations."""
+        """Sample ``n`` completions per prompt (temperature 0: greedy): [len(prompts)][n]."""
         ...
 
     def sync_parameters(self) -> list[torch.Tensor]:
@@ -51,16 +51,21 @@ class HFEngine:
     Args:
         model_path: HF model directory.
         seed: seed of the sampling RNG.
+        model, tokenizer: an already loaded model and tokenizer to use instead of a path.
 
     The model is shared with the weight receiver through :meth:`sync_parameters`:
     updates are copied in place between ``generate`` calls.
     """
 
-    def __init__(self, model_path: Path, seed: int = 0):
+    def __init__(self, model_path: Path | None = None, seed: int = 0, model=None, tokenizer=None):
         from dashrl.launch.model import load_causal_lm, load_tokenizer
 
-        self.tokenizer = load_tokenizer(model_path)
-        self.model = load_causal_lm(model_path, train=False)
+        if model is None:  # else: share a model that is already loaded (the learner's)
+            if model_path is None:
+                raise ValueError("HFEngine needs a model_path or a loaded model")
+            model, tokenizer = load_causal_lm(model_path, train=False), load_tokenizer(model_path)
+        self.tokenizer = tokenizer
+        self.model = model
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = self._eos_ids()
         self.generator_seed = seed
@@ -87,10 +92,11 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        sampling = temperature > 0  # temperature 0: greedy decoding
         gen_cfg = GenerationConfig(
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
+            do_sample=sampling,
+            temperature=temperature if sampling else 1.0,
+            top_k=0 if sampling else None,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
             num_return_sequences=n,
@@ -99,7 +105,12 @@ class HFEngine:
             output_scores=True,
             return_dict_in_generate=True,
         )
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        was_training = self.model.training  # a shared learner model stays in train mode
+        self.model.eval()
+        try:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        finally:
+            self.model.train(was_training)
         new = out.sequences[:, width:]  # [B*n, steps]
         # scores[t]: [B*n, V] processed logits (temperature applied) that step t sampled from.
         logprobs = torch.stack(

@@ -127,6 +127,9 @@ class EvalConfig(_Strict):
     """Completions per held-out prompt (mean reward is avg@k over them)."""
     torch_threads: int = Field(2, ge=1)
     """Threads for evaluation, which runs while no other role is using the cores."""
+    every_steps: int = Field(30, ge=0)
+    """During training, the learner evaluates its current weights on the held-out prompts
+    every N steps (the actors keep streaming meanwhile); 0 turns it off."""
 
 
 class TransportConfig(_Strict):
@@ -176,3 +179,36 @@ def load_config(path: Path) -> Config:
         pydantic.ValidationError: the file does not match the config schema.
     """
     return Config.model_validate_json(Path(path).read_text())
+
+
+class EvalCommand(_Strict):
+    """dashrl eval: pass@k, maj@k, avg@k and greedy accuracy of a model on benchmarks."""
+
+    model: str = "smollm2-135m-instruct"
+    """A model name ("smollm2-135m-instruct"), an HF model directory, or a run directory
+    (its checkpoints/final is evaluated, with the run's data config for "heldout")."""
+    benchmark: tuple[str, ...] = ("gsm8k",)
+    """Benchmarks: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23, or heldout
+    (the training task's held-out prompts)."""
+    k: int = Field(4, ge=1)
+    """Samples per problem (pass@j for j = 1, 2, 4, ... <= k, maj@k, avg@k)."""
+    limit: int | None = None
+    """Evaluate only the first N problems of each benchmark."""
+    greedy: bool = True
+    """Also decode one greedy completion per problem (greedy accuracy)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Completion budget in tokens."""
+    temperature: float = Field(0.7, gt=0)
+    """Sampling temperature of the k samples."""
+    data_dir: Path = Path("../shared/data")
+    """Folder holding gsm8k/ and eval/ (see its README)."""
+    out_dir: Path | None = None
+    """Where results go; default <run_dir>/eval for a run directory, else runs/eval-<time>."""
+    seed: int = 0
+    """Sampling seed."""
+    threads: int = Field(2, ge=1)
+    """Torch threads."""
+    batch_prompts: int = Field(16, ge=1)
+    """Problems per generate call (each with k samples)."""
+    cache_dir: Path = Path("~/.cache/dashrl/models")
+    """Model cache, as in the training config."""

@@ -1,55 +1,214 @@
-"""Held-out evaluation: mean reward of a model on the task's held-out prompts.
+"""Evaluation as the seed papers report it: pass@k, maj@k, avg@k and greedy accuracy.
 
-The figure is avg@k: k samples per prompt at the training temperature, scored by the
-task's verifier, averaged over all samples. The launcher runs it before training (base
-model) and after (final checkpoint) on the same prompts with the same sampling seed,
-while no other role is using the cores.
+``launch/start.py eval`` samples K completions per problem (and one greedy completion)
+with the actors' generation engine, grades them, and writes every sample to JSON and a
+summary table (overall and per subject/level/type where the data has them) to Markdown.
+:func:`heldout_reward` is the small in-run version: avg@k reward on the training task's
+held-out prompts, used before/after training and every ``eval.every_steps`` steps.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from dashrl.actors.engine import HFEngine
-from dashrl.actors.tasks import chat_prompt_ids, load_task
 from dashrl.launch.config import Config
+from dashrl.launch.eval_metrics import avg_at_k, maj_at_k, mean_ci95, pass_at_k
 
 
-def heldout_reward(cfg: Config, model_path: Path, batch_prompts: int = 16) -> dict[str, float]:
-    """Evaluate ``model_path`` on the held-out prompts of ``cfg.data``.
+@dataclass
+class Graded:
+    """One graded completion."""
+
+    completion: str
+    extracted: str
+    correct: bool
+    tokens: int
+    finish_reason: str
+
+
+@dataclass
+class ProblemResult:
+    """All samples of one problem."""
+
+    id: str
+    gold: str
+    groups: dict[str, str]
+    samples: list[Graded]
+    greedy: Graded | None = None
+    prompt: str = ""
+
+
+@dataclass
+class EvalSpec:
+    """How to prompt and grade a list of problems: id, question, gold, groups per problem."""
+
+    problems: list[tuple[str, str, str, dict[str, str]]]
+    render: Callable[[str], str]  # question -> user message
+    grade: Callable[[int, str], tuple[str, bool]]  # (problem index, completion) -> graded
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_samples(
+    engine,
+    spec: EvalSpec,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = True,
+    batch_prompts: int = 16,
+    progress: bool = False,
+) -> list[ProblemResult]:
+    """Generate ``k`` samples (plus one greedy completion) per problem and grade them."""
+    from tqdm import tqdm
+
+    from dashrl.actors.tasks import chat_prompt_ids
+
+    tok = engine.tokenizer
+    results: list[ProblemResult] = []
+    bar = tqdm(total=len(spec.problems), desc="eval", unit="problem", disable=not progress)
+    for start in range(0, len(spec.problems), batch_prompts):
+        chunk = spec.problems[start : start + batch_prompts]
+        prompts = [chat_prompt_ids(tok, spec.render(q)) for _, q, _, _ in chunk]
+        sampled = engine.generate(prompts, k, max_new_tokens, temperature)
+        greedy_out = engine.generate(prompts, 1, max_new_tokens, 0.0) if greedy else None
+        for j, (pid, q, gold, groups) in enumerate(chunk):
+
+            def graded(g, idx=start + j) -> Graded:
+                text = tok.decode(g.token_ids, skip_special_tokens=True)
+                extracted, ok = spec.grade(idx, text)
+                return Graded(text, extracted, ok, len(g.token_ids), g.finish_reason)
+
+            results.append(
+                ProblemResult(
+                    id=pid,
+                    gold=gold,
+                    groups=groups,
+                    samples=[graded(g) for g in sampled[j]],
+                    greedy=graded(greedy_out[j][0]) if greedy_out else None,
+                    prompt=spec.render(q),
+                )
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def _pass_ks(k: int) -> list[int]:
+    ks, x = [], 1
+    while x < k:
+        ks.append(x)
+        x *= 2
+    return [*ks, k]
+
+
+def summarize(results: list[ProblemResult]) -> dict[str, dict[str, Any]]:
+    """Metrics with 95% intervals, overall ("all") and per group value ("subject=Algebra").
+
+    Each metric is ``{"mean": m, "ci95": half_width}`` over problems; pass@j uses the
+    unbiased estimator with n = k samples.
+    """
+    buckets: dict[str, list[ProblemResult]] = defaultdict(list)
+    for r in results:
+        buckets["all"].append(r)
+        for key, value in r.groups.items():
+            buckets[f"{key}={value}"].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in buckets.items():
+        k = len(rs[0].samples)
+        per: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            correct = [s.correct for s in r.samples]
+            per[f"avg@{k}"].append(avg_at_k(correct))
+            per[f"maj@{k}"].append(maj_at_k([s.extracted for s in r.samples], correct))
+            for j in _pass_ks(k):
+                per[f"pass@{j}"].append(pass_at_k(k, sum(correct), j))
+            if r.greedy is not None:
+                per["greedy"].append(float(r.greedy.correct))
+        row: dict[str, Any] = {"n": len(rs)}
+        for metric, values in per.items():
+            m, ci = mean_ci95(values)
+            row[metric] = {"mean": m, "ci95": ci}
+        out[name] = row
+    return out
+
+
+def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
+    """The summary as a Markdown table: one row per bucket, mean ± 95% CI in percent."""
+    metrics = [m for m in summary["all"] if m != "n"]
+    lines = [f"### {title}", "", "| subset | n | " + " | ".join(metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]  # fmt: skip
+    for name in ["all", *sorted(b for b in summary if b != "all")]:
+        row = summary[name]
+        cells = []
+        for m in metrics:
+            if m in row:
+                ci = row[m]["ci95"]
+                ci_txt = "" if ci != ci else f" ± {100 * ci:.1f}"  # NaN for n == 1
+                cells.append(f"{100 * row[m]['mean']:.1f}{ci_txt}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, float]:
+    """avg@k reward on the training task's held-out prompts at the training temperature.
 
     Returns:
-        {"reward_mean": avg@k reward, "pass_at_k": fraction of prompts with a correct
-        sample, "prompts": n, "samples_per_prompt": k, "seconds": wall time}.
+        {"reward_mean", "pass_at_k", "prompts", "samples_per_prompt", "seconds"}.
     """
+    import torch
+
+    from dashrl.actors.tasks import load_task
+
     t0 = time.perf_counter()
     task = load_task(cfg.data, cfg.seed)
-    engine = HFEngine(model_path, seed=cfg.seed + 777)
-    torch.manual_seed(cfg.seed + 777)  # same sampling noise before and after training
-    k = cfg.eval.samples_per_prompt
-    rewards: list[float] = []
-    solved = 0
-    problems = task.heldout
-    for i in range(0, len(problems), batch_prompts):
-        chunk = problems[i : i + batch_prompts]
-        prompts = [
-            chat_prompt_ids(engine.tokenizer, p.question, cfg.data.prompt_suffix) for p in chunk
-        ]
-        gens = engine.generate(prompts, k, cfg.actor.max_new_tokens, cfg.actor.temperature)
-        for p, group in zip(chunk, gens, strict=True):
-            rs = [
-                task.score(p, engine.tokenizer.decode(g.token_ids, skip_special_tokens=True))
-                for g in group
-            ]
-            rewards.extend(rs)
-            solved += max(rs) > 0
+    probs = task.heldout
+    spec = EvalSpec(
+        problems=[(p.id, p.question, p.answer, {}) for p in probs],
+        render=lambda q: q + cfg.data.prompt_suffix,
+        grade=lambda i, text: ("", task.score(probs[i], text) >= 1.0),
+    )
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 777)  # same sampling noise before, during and after training
+    try:
+        results = run_samples(
+            engine,
+            spec,
+            cfg.eval.samples_per_prompt,
+            cfg.actor.max_new_tokens,
+            cfg.actor.temperature,
+            greedy=False,
+            batch_prompts=batch_prompts,
+        )
+    finally:
+        torch.set_rng_state(rng_state)
+    rewards = [float(s.correct) for r in results for s in r.samples]
     return {
         "reward_mean": sum(rewards) / len(rewards),
-        "pass_at_k": solved / len(problems),
-        "prompts": float(len(problems)),
-        "samples_per_prompt": float(k),
+        "pass_at_k": sum(any(s.correct for s in r.samples) for r in results) / len(results),
+        "prompts": float(len(results)),
+        "samples_per_prompt": float(cfg.eval.samples_per_prompt),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def write_results(
+    out_dir: Path, name: str, results: list[ProblemResult], summary: dict, meta: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write ``<name>_samples.json`` (every sample) and ``<name>_summary.md``/``.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = out_dir / f"{name}_samples.json"
+    samples.write_text(json.dumps({"meta": meta, "problems": [asdict(r) for r in results]},
+                                  indent=1))  # fmt: skip
+    (out_dir / f"{name}_summary.json").write_text(json.dumps({"meta": meta, "summary": summary},
+                                                             indent=2))  # fmt: skip
+    md = out_dir / f"{name}_summary.md"
+    md.write_text(markdown_table(name, summary) + f"\nprompt template: `{meta['template']!r}`\n")
+    return samples, md

@@ -35,6 +35,12 @@ def plot_run(
         pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts, strict=True), label=label, marker=".", linewidth=1)
+    pts = [(x, r["eval/heldout_reward"]) for x, r in zip(t, rows, strict=True)
+           if r.get("eval/heldout_reward") is not None]  # fmt: skip
+    if pts:
+        ax1.scatter(
+            *zip(*pts, strict=True), color="green", marker="D", label="held-out during training"
+        )
     if before is not None:
         ax1.scatter([0], [before], color="black", marker="s", label=f"held-out before {before:.3f}")
     if after is not None:

@@ -2,6 +2,7 @@
 
     python launch/start.py                  # the default run (SmolLM2-135M on chain_sum)
     python launch/start.py --help           # every config field with its docstring
+    python launch/start.py eval --benchmark gsm8k math500 --k 4 --limit 50
 
 What a run does, top to bottom:
   1. parse the config (tyro; heavy imports only after parsing, so --help is fast);
@@ -159,11 +160,12 @@ def run(cfg: Config) -> dict:
     summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
 
     if cfg.eval.heldout:
+        from dashrl.actors.engine import HFEngine
         from dashrl.launch.evaluate import heldout_reward
         from dashrl.launch.runtime import set_thread_budget
 
         set_thread_budget(cfg.eval.torch_threads)
-        before = heldout_reward(cfg, cfg.model.path)
+        before = heldout_reward(cfg, HFEngine(cfg.model.path))
         log.info(
             "held-out reward before training: %.4f (%.0f s)",
             before["reward_mean"],
@@ -197,9 +199,10 @@ def run(cfg: Config) -> dict:
     last = rows[-1] if rows else {}
     final = run_dir / "checkpoints" / "final"
     if cfg.eval.heldout and (final / "config.json").exists() and not interrupted[0]:
+        from dashrl.actors.engine import HFEngine
         from dashrl.launch.evaluate import heldout_reward
 
-        after = heldout_reward(cfg, final)
+        after = heldout_reward(cfg, HFEngine(final))
         log.info("held-out reward after training: %.4f", after["reward_mean"])
         summary["heldout_after"] = after
         summary["heldout_reward_after"] = after["reward_mean"]
@@ -233,6 +236,19 @@ def run(cfg: Config) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["eval"]:
+        from dashrl.launch.config import EvalCommand
+        from dashrl.launch.eval_command import run_eval
+
+        cmd = tyro.cli(EvalCommand, args=sys.argv[2:], prog="start.py eval",
+                       config=(tyro.conf.FlagConversionOff,))  # fmt: skip
+        setup_logging("eval")
+        try:
+            run_eval(cmd)
+        except (ValueError, FileNotFoundError) as e:  # bad name, file or row: one clear line
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
     run(cfg)
 

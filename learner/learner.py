@@ -149,6 +149,24 @@ class Learner:
         )
         return metrics
 
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Held-out avg@k reward of the current weights, generated with the learner's own model.
+
+        The learner pauses training for it; the actors keep generating into the queue.
+        """
+        from dashrl.actors.engine import HFEngine
+        from dashrl.launch.evaluate import heldout_reward
+
+        res = heldout_reward(self.cfg, HFEngine(model=self.model, tokenizer=self.tokenizer))
+        log.info(
+            "v%d held-out reward %.4f (%.0f s)", self.version, res["reward_mean"], res["seconds"]
+        )
+        return {
+            "eval/heldout_reward": res["reward_mean"],
+            "eval/heldout_pass_at_k": res["pass_at_k"],
+            "eval/seconds": res["seconds"],
+        }
+
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip gradients and step; returns (grad norm, whether the step was taken)."""
         norm = torch.nn.utils.clip_grad_norm_(
@@ -231,6 +249,9 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 "learner/broadcast_s": broadcast_s,
             }
             row["learner/tokens_per_s"] = row["learner/tokens"] / max(step_s - wait_s, 1e-9)
+            every = cfg.eval.every_steps
+            if every and step % every == 0 and step < lc.steps:
+                row.update(learner.evaluate_heldout())
             metrics.write(row)
             if lc.checkpoint_every and step % lc.checkpoint_every == 0:
                 save_checkpoint(
