@@ -29,6 +29,10 @@ def resolve_eval_model(cmd: EvalCommand) -> tuple[Path, Config]:
     return resolve_model(cmd.model, cmd.cache_dir), Config()
 
 
+def _as_reward(graded: tuple[str, bool]) -> tuple[str, float]:
+    return graded[0], float(graded[1])
+
+
 def run_eval(cmd: EvalCommand) -> dict:
     """Evaluate every requested benchmark; print and write the tables. Returns the summaries."""
     from dashrl.actors.engine import HFEngine
@@ -71,7 +75,7 @@ def run_eval(cmd: EvalCommand) -> dict:
                 render=lambda q, s=suffix: q + s,
                 grade=lambda i, t, task=task, probs=probs: (
                     last_number(t) or "",
-                    task.score(probs[i], t) >= 1.0,
+                    task.score(probs[i], t),
                 ),
                 meta={"template": "{question}" + suffix, "task": task.name},
             )
@@ -80,7 +84,9 @@ def run_eval(cmd: EvalCommand) -> dict:
             spec = EvalSpec(
                 problems=[(p.id, p.question, p.gold, p.groups) for p in probs],
                 render=lambda q, t=bench.template: t.format(question=q),
-                grade=lambda i, text, name=name, probs=probs: grade(name, text, probs[i].gold),
+                grade=lambda i, text, name=name, probs=probs: _as_reward(
+                    grade(name, text, probs[i].gold)
+                ),
                 meta={"template": bench.template, "grader": bench.grader},
             )
         log.info("%s: %d problems x %d samples", name, len(spec.problems), cmd.k)

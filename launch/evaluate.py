@@ -27,9 +27,15 @@ class Graded:
 
     completion: str
     extracted: str
-    correct: bool
+    reward: float
+    """Verifier reward in [0, 1] (benchmarks: 0 or 1; reasoning-gym may give partial credit)."""
     tokens: int
     finish_reason: str
+
+    @property
+    def correct(self) -> bool:
+        """Fully correct: reward 1."""
+        return self.reward >= 1.0
 
 
 @dataclass
@@ -50,7 +56,7 @@ class EvalSpec:
 
     problems: list[tuple[str, str, str, dict[str, str]]]
     render: Callable[[str], str]  # question -> user message
-    grade: Callable[[int, str], tuple[str, bool]]  # (problem index, completion) -> graded
+    grade: Callable[[int, str], tuple[str, float]]  # (problem index, completion) -> answer, reward
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,8 +87,8 @@ def run_samples(
 
             def graded(g, idx=start + j) -> Graded:
                 text = tok.decode(g.token_ids, skip_special_tokens=True)
-                extracted, ok = spec.grade(idx, text)
-                return Graded(text, extracted, ok, len(g.token_ids), g.finish_reason)
+                extracted, reward = spec.grade(idx, text)
+                return Graded(text, extracted, float(reward), len(g.token_ids), g.finish_reason)
 
             results.append(
                 ProblemResult(
@@ -158,7 +164,8 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
 
 
 def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, float]:
-    """avg@k reward on the training task's held-out prompts at the training temperature.
+    """Mean reward (the task's verifier, as in training) of k samples per held-out prompt at
+    the training temperature; pass_at_k counts prompts with a fully correct sample.
 
     Returns:
         {"reward_mean", "pass_at_k", "prompts", "samples_per_prompt", "seconds"}.
@@ -173,7 +180,7 @@ def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, fl
     spec = EvalSpec(
         problems=[(p.id, p.question, p.answer, {}) for p in probs],
         render=lambda q: q + cfg.data.prompt_suffix,
-        grade=lambda i, text: ("", task.score(probs[i], text) >= 1.0),
+        grade=lambda i, text: ("", task.score(probs[i], text)),
     )
     rng_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 777)  # same sampling noise before, during and after training
@@ -189,7 +196,7 @@ def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, fl
         )
     finally:
         torch.set_rng_state(rng_state)
-    rewards = [float(s.correct) for r in results for s in r.samples]
+    rewards = [s.reward for r in results for s in r.samples]
     return {
         "reward_mean": sum(rewards) / len(rewards),
         "pass_at_k": sum(any(s.correct for s in r.samples) for r in results) / len(results),
@@ -205,8 +212,13 @@ def write_results(
     """Write ``<name>_samples.json`` (every sample) and ``<name>_summary.md``/``.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = out_dir / f"{name}_samples.json"
-    samples.write_text(json.dumps({"meta": meta, "problems": [asdict(r) for r in results]},
-                                  indent=1))  # fmt: skip
+    problems = [asdict(r) for r in results]
+    for p, r in zip(problems, results, strict=True):  # asdict() leaves out the property
+        for d, g in zip(p["samples"], r.samples, strict=True):
+            d["correct"] = g.correct
+        if r.greedy is not None:
+            p["greedy"]["correct"] = r.greedy.correct
+    samples.write_text(json.dumps({"meta": meta, "problems": problems}, indent=1))
     (out_dir / f"{name}_summary.json").write_text(json.dumps({"meta": meta, "summary": summary},
                                                              indent=2))  # fmt: skip
     md = out_dir / f"{name}_summary.md"

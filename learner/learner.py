@@ -243,6 +243,7 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 "learner/grad_norm": grad_norm,
                 "learner/step_taken": float(took),
                 "learner/skipped_steps": float(learner.skipped_steps),
+                "learner/rejected_replies": float(learner.queue.rejected_replies),
                 "learner/micro_batches_per_step": float(len(mb_rows)),
                 "learner/step_s": step_s,
                 "learner/queue_wait_s": wait_s,

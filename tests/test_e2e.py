@@ -17,6 +17,7 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -> None:
     from dashrl.launch.start import run
 
+    tiny_cfg.eval.every_steps = 2  # the learner evaluates itself once, after step 2
     summary = run(tiny_cfg)
     run_dir = tiny_cfg.run_dir
     assert summary["learner_steps"] == 3 and summary["final_version"] == 3
@@ -26,6 +27,8 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert all(r["learner/micro_batches_per_step"] == 2 for r in rows)
     assert all(r["learner/completion_tokens"] > 0 for r in rows)
+    assert [("eval/heldout_reward" in r) for r in rows] == [False, True, False]
+    assert 0.0 <= rows[1]["eval/heldout_reward"] <= 1.0
 
     # Rollouts flowed through the queue and were logged; rollouts generated after the
     # first broadcasts carry newer versions, so the actor received and applied weights.

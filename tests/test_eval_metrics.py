@@ -50,7 +50,7 @@ def test_mean_ci95_by_hand() -> None:
 
 
 def g(ans: str, ok: bool) -> Graded:
-    return Graded(f"... {ans}", ans, ok, 5, "stop")
+    return Graded(f"... {ans}", ans, float(ok), 5, "stop")
 
 
 def test_summarize_overall_and_per_group() -> None:
