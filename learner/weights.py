@@ -40,8 +40,10 @@ def layout_hash(params: list[torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _init_group(init_method: str, world_size: int, rank: int, timeout_s: float) -> None:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def _init_group(
+    init_method: str, world_size: int, rank: int, timeout_s: float, device: torch.device
+) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"  # NCCL moves CUDA tensors only
     dist.init_process_group(
         backend,
         init_method=init_method,
@@ -62,7 +64,7 @@ def _pack_header(msg: WeightsVersion) -> torch.Tensor:
 
 
 def _unpack_header(t: torch.Tensor) -> WeightsVersion:
-    raw = bytes(t.numpy().tobytes())
+    raw = bytes(t.cpu().numpy().tobytes())
     n = int.from_bytes(raw[:4], "little")
     if not 0 < n <= HEADER_BYTES - 4:
         raise ProtocolError(f"weights header length {n} out of range")
@@ -85,8 +87,10 @@ class WeightSender:
         self.params = params
         self.layout = layout_hash(params)
         self.world_size = world_size
-        _init_group(init_method, world_size, 0, timeout_s)
-        self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+        device = params[0].device
+        _init_group(init_method, world_size, 0, timeout_s, device)
+        self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        self._header_device = device
 
     def send(self, version: int) -> float:
         """Broadcast the current parameters as ``version``; returns the seconds it took."""
@@ -98,14 +102,15 @@ class WeightSender:
                 self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
                 offset += n
         header = WeightsVersion(version, self.flat.numel() * 4, "float32", self.layout, time.time())
-        dist.broadcast(_pack_header(header), src=0)
+        dist.broadcast(_pack_header(header).to(self._header_device), src=0)
         dist.broadcast(self.flat, src=0)
         return time.perf_counter() - t0
 
     def close(self) -> None:
         """Tell receivers to stop, then leave the process group."""
         try:
-            dist.broadcast(_pack_header(WeightsVersion(STOP_VERSION, 0, "float32", self.layout)), 0)
+            stop = _pack_header(WeightsVersion(STOP_VERSION, 0, "float32", self.layout))
+            dist.broadcast(stop.to(self._header_device), 0)
         finally:
             dist.destroy_process_group()
 
@@ -129,8 +134,9 @@ class WeightReceiver:
         self.params = params
         self.layout = layout_hash(params)
         self.numel = sum(p.numel() for p in params)
-        self._recv = torch.empty(self.numel, dtype=torch.float32)
-        self._ready = torch.empty(self.numel, dtype=torch.float32)
+        self.device = params[0].device
+        self._recv = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self._ready_version: int | None = None
         self._lock = threading.Lock()
         self.version = 0
@@ -138,12 +144,12 @@ class WeightReceiver:
         self.rejected = 0
         self.error: BaseException | None = None
         self.stopped = threading.Event()
-        _init_group(init_method, world_size, rank, timeout_s)
+        _init_group(init_method, world_size, rank, timeout_s, self.device)
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
         try:
             while True:
                 dist.broadcast(header, src=0)
@@ -151,7 +157,11 @@ class WeightReceiver:
                 if msg.version == STOP_VERSION:
                     break
                 ok = msg.layout_hash == self.layout and msg.num_bytes == self.numel * 4
-                target = self._recv if ok else torch.empty(msg.num_bytes // 4, dtype=torch.float32)
+                target = (
+                    self._recv
+                    if ok
+                    else torch.empty(msg.num_bytes // 4, dtype=torch.float32, device=self.device)
+                )
                 dist.broadcast(target, src=0)  # always receive, to stay in step with rank 0
                 if not ok:
                     self.rejected += 1
