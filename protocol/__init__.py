@@ -1,5 +1,6 @@
-"""Wire format shared by actors, queue and learner (see :mod:`dashrl.protocol.messages`)."""
+"""Wire format shared by actors, queue and learner: ``messages`` (types) and ``codec``."""
 
+from dashrl.protocol.codec import decode, encode
 from dashrl.protocol.messages import (
     DEFAULT_LIMITS,
     SCHEMA_VERSION,
@@ -11,8 +12,6 @@ from dashrl.protocol.messages import (
     RolloutGroup,
     Sample,
     WeightsVersion,
-    decode,
-    encode,
     group_to_samples,
 )
 

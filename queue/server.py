@@ -36,6 +36,7 @@ from dashrl.protocol import (
     MicroBatchRequest,
     ProtocolError,
     RolloutGroup,
+    Sample,
     decode,
     encode,
     group_to_samples,
@@ -100,7 +101,7 @@ class QueueServer:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._window = {"reward_sum": 0.0, "n": 0.0, "tokens": 0.0, "gen_s": 0.0, "length": 0.0}
+        self._window = {"reward_sum": 0.0, "n": 0.0, "tokens": 0.0, "length": 0.0}
 
     def _reject(self, what: str, err: Exception) -> None:
         self.rejected_frames += 1
@@ -120,7 +121,6 @@ class QueueServer:
             w["n"] += 1
             w["tokens"] += len(c.token_ids)
             w["length"] += c.finish_reason == "length"
-        w["gen_s"] += group.timings.get("generate_s", 0.0) / max(len(group.completions), 1)
         result = self.buffer.add(group_to_samples(group))
         if self.log is not None and result.accepted:
             group.completions = [group.completions[i] for i in result.accepted]
@@ -137,7 +137,7 @@ class QueueServer:
         samples = self.buffer.pop_micro_batch(req.size, req.unit)
         return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
 
-    def stats(self, served: list = ()) -> dict[str, float]:
+    def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
         """Queue counters plus actor-side means over the groups received since the last batch."""
         c, w = self.buffer.counters, self._window
         out = {
