@@ -69,6 +69,7 @@ class Learner:
         )
         self.version = 0
         self.skipped_steps = 0
+        self.rejected_samples = 0
         self.queue = self.sender = None
         if connect:
             t = cfg.transport
@@ -94,10 +95,25 @@ class Learner:
             except TimeoutError as e:
                 log.warning("%s; asking again", e)
                 continue
-            if reply.samples:
-                return reply.samples, reply.stats, time.perf_counter() - t0
+            samples = self.valid_samples(reply.samples)
+            if samples:
+                return samples, reply.stats, time.perf_counter() - t0
             time.sleep(lc.queue_poll_s)
         return [], {}, time.perf_counter() - t0
+
+    def valid_samples(self, samples: list[Sample]) -> list[Sample]:
+        """Drop (and count) samples with token ids outside the model's vocabulary.
+
+        The protocol only knows ids are non-negative; an id past the embedding table would
+        crash the forward pass, so the learner checks before collating.
+        """
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ok = [s for s in samples if max(s.prompt_ids.max(), s.completion_ids.max()) < vocab]
+        if len(ok) < len(samples):
+            self.rejected_samples += len(samples) - len(ok)
+            log.warning("dropped %d samples with token ids >= vocab size %d (%d so far)",
+                        len(samples) - len(ok), vocab, self.rejected_samples)  # fmt: skip
+        return ok
 
     def train_micro_batch(self, samples: list[Sample], scale: float) -> dict[str, float]:
         """Forward + backward of one micro-batch with its loss multiplied by ``scale``.
@@ -244,6 +260,7 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 "learner/step_taken": float(took),
                 "learner/skipped_steps": float(learner.skipped_steps),
                 "learner/rejected_replies": float(learner.queue.rejected_replies),
+                "learner/rejected_samples": float(learner.rejected_samples),
                 "learner/micro_batches_per_step": float(len(mb_rows)),
                 "learner/step_s": step_s,
                 "learner/queue_wait_s": wait_s,

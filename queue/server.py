@@ -96,6 +96,7 @@ class QueueServer:
         )
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
         self.rejected_frames = 0
+        self.handler_errors = 0
         self.groups_received = 0
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
@@ -108,12 +109,23 @@ class QueueServer:
         log.warning("rejected %s frame #%d: %s", what, self.rejected_frames, err)
 
     def on_rollout_frame(self, frame: bytes) -> None:
-        """Decode, filter, store and log one rollout frame; bad frames are counted, not raised."""
+        """Decode, filter, store and log one rollout frame; bad frames are counted, not raised.
+
+        Any other error while handling it (a bug, a full disk) is counted as
+        ``queue/handler_errors`` and logged: the queue never dies on one message.
+        """
         try:
             group = decode(frame, self.limits, expect=RolloutGroup)
         except ProtocolError as e:
             self._reject("rollout", e)
             return
+        try:
+            self._accept(group)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("error handling a rollout group (%d so far)", self.handler_errors)
+
+    def _accept(self, group: RolloutGroup) -> None:
         self.groups_received += 1
         w = self._window
         for c in group.completions:
@@ -133,9 +145,14 @@ class QueueServer:
         except ProtocolError as e:
             self._reject("request", e)
             return None
-        self.buffer.set_learner_version(req.learner_version)
-        samples = self.buffer.pop_micro_batch(req.size, req.unit)
-        return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+        try:
+            self.buffer.set_learner_version(req.learner_version)
+            samples = self.buffer.pop_micro_batch(req.size, req.unit)
+            return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+        except Exception:
+            self.handler_errors += 1
+            log.exception("error answering a request (%d so far)", self.handler_errors)
+            return None
 
     def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
         """Queue counters plus actor-side means over the groups received since the last batch."""
@@ -150,6 +167,7 @@ class QueueServer:
             "queue/evicted_capacity": float(c.evicted_capacity),
             "queue/served": float(c.served),
             "queue/rejected_frames": float(self.rejected_frames),
+            "queue/handler_errors": float(self.handler_errors),
             "queue/groups_received": float(self.groups_received),
         }
         if served:

@@ -108,3 +108,17 @@ def test_queue_process_survives_bad_frames_and_keeps_serving(tmp_path: Path) -> 
     logged = read_rollout_log(tmp_path / ROLLOUT_LOG)
     assert [g.prompt_id for g in logged] == ["p0", "p2"]  # p1 had nothing accepted
     assert sum(len(g.completions) for g in logged) == 8
+
+
+def test_a_handler_error_is_counted_and_the_queue_goes_on(tmp_path: Path) -> None:
+    from dashrl.queue.server import QueueServer
+
+    server = QueueServer(Config(), tmp_path)
+    real_add = server.buffer.add
+    server.buffer.add = lambda samples: 1 / 0  # a bug while handling one group
+    server.on_rollout_frame(encode(group(0, [1, 0])))
+    assert server.handler_errors == 1
+    server.buffer.add = real_add
+    server.on_rollout_frame(encode(group(1, [1, 0])))
+    assert len(server.buffer) == 2 and server.stats()["queue/handler_errors"] == 1
+    server.close()

@@ -1,0 +1,48 @@
+"""The learner on a tiny model: real updates, bad samples dropped, non-finite steps skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dashrl.learner.learner import Learner
+from dashrl.protocol import Sample
+
+
+def sample(adv: float, completion: list[int], version: int = 0) -> Sample:
+    c = np.array(completion, np.int32)
+    return Sample("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
+                  1.0, adv, version)  # fmt: skip
+
+
+def test_micro_batches_accumulate_into_one_update(tiny_cfg) -> None:
+    learner = Learner(tiny_cfg, connect=False)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    m1 = learner.train_micro_batch([sample(1.0, [5, 6, 7]), sample(-1.0, [8, 9])], scale=0.5)
+    m2 = learner.train_micro_batch([sample(0.5, [10, 11])], scale=0.5)
+    assert all(np.isfinite(v) for v in [*m1.values(), *m2.values()])
+    assert m1["learner/completion_tokens"] == 5 and m1["learner/staleness_max"] == 0
+    norm, took = learner.optimizer_step()
+    assert took and norm > 0
+    after = list(learner.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(p.grad is None for p in after)  # zeroed for the next step
+
+
+def test_samples_outside_the_vocabulary_are_dropped(tiny_cfg) -> None:
+    learner = Learner(tiny_cfg, connect=False)
+    vocab = learner.model.get_input_embeddings().num_embeddings
+    good, bad = sample(1.0, [5, 6]), sample(1.0, [5, vocab])
+    assert learner.valid_samples([good, bad, good]) == [good, good]
+    assert learner.rejected_samples == 1
+
+
+def test_non_finite_gradient_skips_the_step_and_keeps_weights(tiny_cfg) -> None:
+    learner = Learner(tiny_cfg, connect=False)
+    learner.train_micro_batch([sample(1.0, [5, 6, 7])], scale=1.0)
+    next(learner.model.parameters()).grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    norm, took = learner.optimizer_step()
+    assert not took and not np.isfinite(norm) and learner.skipped_steps == 1
+    for a, b in zip(before, learner.model.parameters(), strict=True):
+        assert torch.equal(a, b)
