@@ -106,7 +106,9 @@ class QueueServer:
 
     def _reject(self, what: str, err: Exception) -> None:
         self.rejected_frames += 1
-        log.warning("rejected %s frame #%d: %s", what, self.rejected_frames, err)
+        n = self.rejected_frames
+        if n <= 100 or n % 1000 == 0:  # one line per bad frame, until a flood: then 1 in 1000
+            log.warning("rejected %s frame #%d: %s", what, n, err)
 
     def on_rollout_frame(self, frame: bytes) -> None:
         """Decode, filter, store and log one rollout frame; bad frames are counted, not raised.
