@@ -7,7 +7,7 @@ backprops small ones):
      backprop the staleness-aware clipped surrogate, scaled by 1/micro_batches_per_step
      so the accumulated gradient is the mean over micro-batches;
   2. clip the gradient norm and take an AdamW step (skipped, and counted, if the loss or
-     gradient is not finite: the last good weights stay);
+     gradient is not finite: the last good weights stay and the version does not move);
   3. bump the policy version and broadcast the weights to every actor;
   4. write one metrics row to ``metrics.jsonl``.
 SIGTERM/SIGINT or the time limit ends the loop after the current step; the final
@@ -234,21 +234,21 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 wait_s += waited
                 queue_stats.update(stats)
                 mb_rows.append(learner.train_micro_batch(samples, 1.0 / lc.micro_batches_per_step))
-            if (
-                len(mb_rows) < lc.micro_batches_per_step
-            ):  # stopped/out of time: drop the partial step
+            # Stopped or out of time while waiting for data: drop the partial step.
+            if len(mb_rows) < lc.micro_batches_per_step:
                 learner.optimizer.zero_grad(set_to_none=True)
                 break
-            loss_ok = all(math.isfinite(r["learner/loss"]) for r in mb_rows)
-            if not loss_ok:
+            if all(math.isfinite(r["learner/loss"]) for r in mb_rows):
+                grad_norm, took = learner.optimizer_step()
+            else:  # a NaN/inf loss: skip the step, keep the last good weights
                 learner.optimizer.zero_grad(set_to_none=True)
                 learner.skipped_steps += 1
                 grad_norm, took = float("nan"), False
-            else:
-                grad_norm, took = learner.optimizer_step()
             step += 1
-            learner.version += 1
-            broadcast_s = learner.sender.send(learner.version)
+            broadcast_s = 0.0
+            if took:  # a skipped step changes no weight: no new version to send
+                learner.version += 1
+                broadcast_s = learner.sender.send(learner.version)
             step_s = time.perf_counter() - t_step
             row = {
                 "step": step,
