@@ -41,11 +41,17 @@ log = logging.getLogger("dashrl.launch")
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill in run_dir, model path and ports; create the run directory and write config.json."""
+    """Fill in run_dir, model path and ports; create the run directory and write config.json.
+
+    Raises:
+        FileExistsError: the run directory already holds a run.
+    """
     from dashrl.launch.model import resolve_model
 
     run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir.resolve()
+    if (run_dir / "metrics.jsonl").exists():  # metrics and the rollout log only append
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.transport
     transport = t.model_copy(
@@ -250,7 +256,11 @@ def main() -> None:
             sys.exit(2)
         return
     cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
-    run(cfg)
+    try:
+        run(cfg)
+    except (FileExistsError, FileNotFoundError) as e:  # bad run dir or model: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

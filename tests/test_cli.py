@@ -43,3 +43,11 @@ def test_config_forbids_extra_fields_and_bad_values() -> None:
         Config.model_validate({"transport": {"host": "0.0.0.0"}})
     cfg = Config()
     assert Config.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_a_used_run_dir_is_refused(tmp_path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    out = subprocess.run([sys.executable, START, "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "already holds a run" in out.stderr
+    assert "Traceback" not in out.stderr
