@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from dashrl.actors.advantages import grpo_advantages
+from dashrl.actors.advantages import ESTIMATORS, Estimator, grpo_advantages
 from dashrl.actors.engine import GenerationEngine, HFEngine
 from dashrl.actors.tasks import Problem, Task, chat_prompt_ids, load_task
 from dashrl.launch.config import Config, load_config
@@ -34,12 +34,17 @@ log = logging.getLogger("dashrl.actor")
 
 
 def score_group(
-    task: Task, problem: Problem, texts: list[str], eps: float
+    task: Task,
+    problem: Problem,
+    texts: list[str],
+    eps: float,
+    estimator: Estimator = grpo_advantages,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards [G] and GRPO advantages [G] (float32) of one group's decoded completions.
+    """Rewards [G] and advantages [G] (float32) of one group's decoded completions.
 
     A verifier that raises scores 0 for that completion (logged), so one bad answer
-    cannot stop the actor.
+    cannot stop the actor. A group the estimator discards gets A = 0 everywhere: it is
+    still sent (its rewards count in the metrics) and the queue's filter drops it.
     """
     rewards = []
     for text in texts:
@@ -49,7 +54,8 @@ def score_group(
             log.warning("verifier failed on %s: %s", problem.id, e)
             rewards.append(0.0)
     r = np.asarray(rewards, dtype=np.float32)
-    return r, grpo_advantages(r, eps)
+    adv = estimator(r, eps)
+    return r, np.zeros_like(r) if adv is None else adv
 
 
 class Actor:
@@ -97,7 +103,9 @@ class Actor:
         for problem, gens in zip(problems, generations, strict=True):
             t0 = time.perf_counter()
             texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-            rewards, adv = score_group(self.task, problem, texts, a.advantage_eps)
+            rewards, adv = score_group(
+                self.task, problem, texts, a.advantage_eps, ESTIMATORS[self.cfg.algo]
+            )
             comps = [
                 Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
                 for g, r, x in zip(gens, rewards, adv, strict=True)

@@ -1,11 +1,23 @@
 """Group advantage estimators, computed by the actor right after scoring a group.
 
-Pure functions on a 1-D array of the G rewards of one prompt's group.
+Pure functions on the 1-D array of the G rewards of one prompt's group. Each returns the
+G advantages (float32), or None when the algorithm discards the whole group. Samples
+whose advantage is 0 are then dropped by the queue's gradient filter, which is how RAFT
+keeps only its best samples without a special path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+
+def _check(rewards: np.ndarray) -> np.ndarray:
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 1 or r.size == 0 or not np.isfinite(r).all():
+        raise ValueError(f"rewards must be a non-empty finite 1-D array, got {rewards!r}")
+    return r
 
 
 def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -25,7 +37,58 @@ def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     Raises:
         ValueError: empty or non-finite rewards.
     """
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.ndim != 1 or r.size == 0 or not np.isfinite(r).all():
-        raise ValueError(f"rewards must be a non-empty finite 1-D array, got {rewards!r}")
+    r = _check(rewards)
     return ((r - r.mean()) / (r.std() + eps)).astype(np.float32)
+
+
+def dr_grpo_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Dr.GRPO advantage (Liu et al. 2025; ../shared/papers.md "Formulas"): A_i = r_i - mean(r).
+
+    No division by the group std (which up-weights nearly-solved and nearly-failed
+    prompts); Dr.GRPO pairs it with a constant length normaliser in the loss
+    (``loss_agg="seq_sum_const"``). ``eps`` is accepted for a uniform signature.
+    """
+    r = _check(rewards)
+    return (r - r.mean()).astype(np.float32)
+
+
+def reinforce_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Reinforce (Minimal-RL, Xiong et al. 2025, "Reinforce"): A_i = r_i, no baseline."""
+    return _check(rewards).astype(np.float32)
+
+
+def reinforce_rej_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
+    """Reinforce-Rej (Minimal-RL, Xiong et al. 2025): A_i = r_i where 0 < #correct < G,
+    else the whole group is dropped (returns None). Correct means reward 1."""
+    r = _check(rewards)
+    correct = int((r >= 1.0).sum())
+    if correct == 0 or correct == r.size:
+        return None
+    return r.astype(np.float32)
+
+
+def raft_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
+    """RAFT / RAFT++ sample selection (Minimal-RL, Xiong et al. 2025, "RAFT"): A_i = 1 for the
+    samples with the group's maximal reward, 0 for the rest (dropped by the queue filter).
+    A group whose best reward is 0 has nothing to imitate and is dropped (None).
+
+    RAFT trains on the kept samples with the SFT (NLL) loss; RAFT++ with the clipped
+    importance-ratio surrogate at A = 1.
+    """
+    r = _check(rewards)
+    if r.max() <= 0:
+        return None
+    return (r == r.max()).astype(np.float32)
+
+
+Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
+
+ESTIMATORS: dict[str, Estimator] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "reinforce": reinforce_advantages,
+    "reinforce_rej": reinforce_rej_advantages,
+    "raft": raft_advantages,
+    "raft_pp": raft_advantages,
+}
+"""Advantage estimator of each ``--algo``."""

@@ -106,6 +106,10 @@ class LearnerConfig(_Strict):
     """PPO clip epsilon above 1 for a fresh sample (DAPO clip-higher)."""
     staleness_clip_decay: float = 0.5
     """Staleness-aware clipping: eps(lag) = eps / (1 + decay * lag). 0 disables it."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] | None = None
+    """How the loss averages tokens: token_mean (DAPO), seq_mean_token_mean (GRPO),
+    seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: seq_sum_const for
+    dr_grpo, token_mean otherwise."""
     kl_coef: float = 0.0
     """KL penalty to the initial model (k3 estimator); 0 = off (DASH finds it hurts)."""
     max_grad_norm: float = 1.0
@@ -149,6 +153,10 @@ class TransportConfig(_Strict):
 class Config(_Strict):
     """dashrl: asynchronous streaming RL (actors -> priority queue -> learner)."""
 
+    algo: Literal["grpo", "dr_grpo", "reinforce", "reinforce_rej", "raft", "raft_pp"] = "grpo"
+    """Algorithm: its advantage estimator (actors) and loss (learner). grpo, dr_grpo,
+    reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft the SFT
+    loss on each group's best samples (see actors/advantages.py)."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
     seed: int = 0

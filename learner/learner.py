@@ -28,7 +28,7 @@ import torch
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
 from dashrl.learner.batch import collate, token_logprobs
-from dashrl.learner.loss import clipped_surrogate, k3_kl
+from dashrl.learner.loss import clipped_surrogate, k3_kl, weighted_nll
 from dashrl.learner.weights import WeightSender
 from dashrl.protocol import Sample
 from dashrl.queue.client import QueueClient
@@ -124,6 +124,7 @@ class Learner:
         batch = collate(samples, self.pad_id)
         lag = self.version - batch.policy_versions
         logp, entropy = token_logprobs(self.model, batch, ac.temperature, with_entropy=True)
+        agg = lc.loss_agg or ("seq_sum_const" if self.cfg.algo == "dr_grpo" else "token_mean")
         out = clipped_surrogate(
             logp,
             batch.behaviour_logprobs,
@@ -133,8 +134,12 @@ class Learner:
             lc.clip_eps_low,
             lc.clip_eps_high,
             lc.staleness_clip_decay,
+            agg=agg,
+            const_len=float(ac.max_new_tokens),
         )
         loss = out.loss
+        if self.cfg.algo == "raft":  # SFT on the selected samples; the surrogate is diagnostics
+            loss = weighted_nll(logp, batch.advantages, batch.mask, agg, float(ac.max_new_tokens))
         m = batch.mask
         n = m.sum()
         metrics = {}

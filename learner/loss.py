@@ -26,6 +26,34 @@ from dataclasses import dataclass
 import torch
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps a corrupted logprob from overflowing exp
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_const")
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", const_len: float = 1.0
+) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar over the masked tokens.
+
+    - "token_mean": sum / number of tokens in the batch (DAPO, ../shared/papers.md): every
+      token weighs the same, so long completions are not down-weighted.
+    - "seq_mean_token_mean": mean over sequences of each sequence's token mean (the
+      original GRPO objective).
+    - "seq_sum_const": mean over sequences of each sequence's token sum / ``const_len``
+      (Dr.GRPO: a constant normaliser, e.g. the max completion length, instead of |o_i|).
+
+    Raises:
+        ValueError: unknown mode, or an empty mask.
+    """
+    m = mask.float()
+    if m.sum() <= 0:
+        raise ValueError("empty mask: no completion tokens")
+    if mode == "token_mean":
+        return (per_token * m).sum() / m.sum()
+    if mode == "seq_mean_token_mean":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    if mode == "seq_sum_const":
+        return ((per_token * m).sum(1) / const_len).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: {LOSS_AGGREGATIONS}")
 
 
 def staleness_clip_bounds(
@@ -63,6 +91,8 @@ def clipped_surrogate(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     decay: float = 0.0,
+    agg: str = "token_mean",
+    const_len: float = 1.0,
 ) -> SurrogateOutput:
     """PPO clipped surrogate with a token-level mean, on off-policy samples.
 
@@ -79,6 +109,8 @@ def clipped_surrogate(
         mask: [B, T] 1 for completion tokens, 0 for padding (bool or float).
         lag: [B] version lag of each sequence.
         eps_low, eps_high, decay: see :func:`staleness_clip_bounds`.
+        agg, const_len: how tokens are averaged, see :func:`aggregate` (default: the
+            token-level mean above).
 
     Returns:
         SurrogateOutput with the scalar loss and diagnostics.
@@ -101,12 +133,33 @@ def clipped_surrogate(
     unclipped = ratio * adv
     clipped = torch.minimum(torch.maximum(ratio, lo[:, None]), hi[:, None]) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    loss = (per_token * m).sum() / n
+    loss = aggregate(per_token, m, agg, const_len)
     with torch.no_grad():
         clip_frac = ((clipped < unclipped).float() * m).sum() / n
         approx_kl = ((ratio - 1 - log_ratio) * m).sum() / n
         ratio_mean = (ratio * m).sum() / n
     return SurrogateOutput(loss, clip_frac, approx_kl, ratio_mean)
+
+
+def weighted_nll(
+    logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token_mean",
+    const_len: float = 1.0,
+) -> torch.Tensor:
+    """Supervised (SFT) loss on sampled completions, each weighted: L = agg(-w_b * log pi).
+
+    RAFT (Minimal-RL, Xiong et al. 2025, "RAFT": rejection-sampling fine-tuning on the
+    best samples) uses it with w = 1 on the kept samples and 0 elsewhere.
+
+    Args:
+        logprobs: [B, T] log pi_theta of the completion tokens.
+        weights: [B] per-sequence weights (the advantages of the selection estimator).
+        mask: [B, T] completion-token mask.
+        agg, const_len: see :func:`aggregate`.
+    """
+    return aggregate(-weights[:, None] * logprobs, mask, agg, const_len)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
