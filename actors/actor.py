@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from dashrl.actors.advantages import ESTIMATORS, Estimator, grpo_advantages
+from dashrl.actors.advantages import ESTIMATORS, Estimator, dedupe_advantages, grpo_advantages
 from dashrl.actors.engine import GenerationEngine, HFEngine
 from dashrl.actors.tasks import Problem, Task, chat_prompt_ids, load_task
 from dashrl.launch.config import Config, load_config
@@ -106,6 +106,8 @@ class Actor:
             rewards, adv = score_group(
                 self.task, problem, texts, a.advantage_eps, ESTIMATORS[self.cfg.algo]
             )
+            if self.cfg.algo == "expert_iteration":
+                adv = dedupe_advantages(adv, [tuple(g.token_ids.tolist()) for g in gens])
             comps = [
                 Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
                 for g, r, x in zip(gens, rewards, adv, strict=True)

@@ -81,6 +81,27 @@ def raft_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
     return (r == r.max()).astype(np.float32)
 
 
+def expert_iteration_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
+    """Expert Iteration selection (Havrilla et al. 2024, "Expert Iteration"): A_i = 1 for the
+    correct samples (reward 1), 0 for the rest; trained with the SFT loss. Duplicates are
+    removed by :func:`dedupe_advantages` on the token ids. None when nothing is correct."""
+    r = _check(rewards)
+    keep = r >= 1.0
+    return keep.astype(np.float32) if keep.any() else None
+
+
+def dedupe_advantages(advantages: np.ndarray, completions: list[tuple[int, ...]]) -> np.ndarray:
+    """Zero the advantage of every completion whose token ids repeat an earlier one in the
+    group (Expert Iteration de-duplicates its kept samples, Havrilla et al. 2024)."""
+    out = np.array(advantages, dtype=np.float32, copy=True)
+    seen: set[tuple[int, ...]] = set()
+    for i, c in enumerate(completions):
+        if c in seen:
+            out[i] = 0.0
+        seen.add(c)
+    return out
+
+
 Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -90,5 +111,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "reinforce_rej": reinforce_rej_advantages,
     "raft": raft_advantages,
     "raft_pp": raft_advantages,
+    "expert_iteration": expert_iteration_advantages,
 }
+SFT_ALGOS = ("raft", "expert_iteration")
+"""Algorithms trained with the weighted SFT loss instead of the clipped surrogate."""
 """Advantage estimator of each ``--algo``."""

@@ -153,10 +153,13 @@ class TransportConfig(_Strict):
 class Config(_Strict):
     """dashrl: asynchronous streaming RL (actors -> priority queue -> learner)."""
 
-    algo: Literal["grpo", "dr_grpo", "reinforce", "reinforce_rej", "raft", "raft_pp"] = "grpo"
+    algo: Literal[
+        "grpo", "dr_grpo", "reinforce", "reinforce_rej", "raft", "raft_pp", "expert_iteration"
+    ] = "grpo"
     """Algorithm: its advantage estimator (actors) and loss (learner). grpo, dr_grpo,
-    reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft the SFT
-    loss on each group's best samples (see actors/advantages.py)."""
+    reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft (each
+    group's best samples) and expert_iteration (correct, de-duplicated samples) the SFT
+    loss (see actors/advantages.py)."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
     seed: int = 0

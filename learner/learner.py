@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dashrl.actors.advantages import SFT_ALGOS
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
 from dashrl.learner.batch import collate, token_logprobs
@@ -138,7 +139,7 @@ class Learner:
             const_len=float(ac.max_new_tokens),
         )
         loss = out.loss
-        if self.cfg.algo == "raft":  # SFT on the selected samples; the surrogate is diagnostics
+        if self.cfg.algo in SFT_ALGOS:  # SFT on the selected samples; surrogate = diagnostics
             loss = weighted_nll(logp, batch.advantages, batch.mask, agg, float(ac.max_new_tokens))
         m = batch.mask
         n = m.sum()

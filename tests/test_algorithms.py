@@ -8,7 +8,9 @@ import torch
 
 from dashrl.actors.advantages import (
     ESTIMATORS,
+    dedupe_advantages,
     dr_grpo_advantages,
+    expert_iteration_advantages,
     raft_advantages,
     reinforce_advantages,
     reinforce_rej_advantages,
@@ -26,7 +28,10 @@ def test_estimators_by_hand() -> None:
     np.testing.assert_allclose(raft_advantages(np.array([0.0, 1.0, 0.5, 1.0])), [0, 1, 0, 1])
     np.testing.assert_allclose(raft_advantages(np.array([0.0, 0.5, 0.25])), [0, 1, 0])
     assert raft_advantages(np.zeros(3)) is None
-    assert set(ESTIMATORS) == {"grpo", "dr_grpo", "reinforce", "reinforce_rej", "raft", "raft_pp"}
+    np.testing.assert_allclose(expert_iteration_advantages(np.array([1.0, 0.5, 1.0])), [1, 0, 1])
+    assert expert_iteration_advantages(np.array([0.0, 0.5])) is None
+    kept = dedupe_advantages(np.array([1.0, 1.0, 0.0, 1.0]), [(1, 2), (1, 2), (3,), (4,)])
+    np.testing.assert_allclose(kept, [1, 0, 0, 1])
 
 
 def test_score_group_sends_discarded_groups_with_zero_advantage() -> None:
