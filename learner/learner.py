@@ -149,7 +149,7 @@ class Learner:
                 ref_logp, _ = token_logprobs(self.ref_model, batch, ac.temperature)
             kl = k3_kl(logp, ref_logp, m)
             loss = loss + lc.kl_coef * kl
-            metrics["learner/kl_ref"] = float(kl)
+            metrics["learner/kl_ref"] = float(kl.detach())
         (loss * scale).backward()
         with torch.no_grad():
             mismatch = ((logp - batch.behaviour_logprobs).abs() * m).sum() / n

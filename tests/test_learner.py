@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from dashrl.learner.learner import Learner
@@ -46,3 +47,19 @@ def test_non_finite_gradient_skips_the_step_and_keeps_weights(tiny_cfg) -> None:
     assert not took and not np.isfinite(norm) and learner.skipped_steps == 1
     for a, b in zip(before, learner.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_kl_penalty_to_the_reference_model(tiny_cfg) -> None:
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.learner.kl_coef = 0.5
+    learner = Learner(cfg, connect=False)
+    assert learner.ref_model is not None
+    batch = [sample(1.0, [5, 6, 7])]
+    m0 = learner.train_micro_batch(batch, scale=1.0)
+    assert m0["learner/kl_ref"] == pytest.approx(0.0, abs=1e-6)  # identical weights: KL 0
+    learner.optimizer_step()
+    learner.optimizer.zero_grad()
+    m1 = learner.train_micro_batch(batch, scale=1.0)
+    assert m1["learner/kl_ref"] > 0  # the policy moved away from the reference
+    no_kl = Learner(tiny_cfg, connect=False)
+    assert no_kl.ref_model is None  # off by default (DASH): no reference model is even loaded
