@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from dashrl.actors.advantages import ESTIMATORS, Estimator, dedupe_advantages, grpo_advantages
-from dashrl.actors.engine import GenerationEngine, HFEngine
+from dashrl.actors.engine import Generation, GenerationEngine, HFEngine
 from dashrl.actors.tasks import Problem, Task, chat_prompt_ids, load_task
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
@@ -94,6 +94,15 @@ class Actor:
             )
         return self._prompt_cache[problem.id]
 
+    def reference_generation(self, problem: Problem) -> Generation:
+        """The problem's reference solution as a one-completion "group" (algo sft).
+
+        Its behaviour logprobs are unknown and sent as 0; the SFT loss does not use them.
+        """
+        ids = self.tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
+        ids = ids[: self.cfg.actor.max_new_tokens - 1] + [self.tokenizer.eos_token_id]
+        return Generation(np.asarray(ids, np.int32), np.zeros(len(ids), np.float32), "stop")
+
     def build_groups(
         self, problems: list[Problem], generations, version: int, gen_s: float
     ) -> list[RolloutGroup]:
@@ -141,9 +150,13 @@ class Actor:
                 problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
                 prompts = [self.prompt_ids(p) for p in problems]
                 t0 = time.perf_counter()
-                gens = await asyncio.to_thread(
-                    self.engine.generate, prompts, a.group_size, a.max_new_tokens, a.temperature
-                )
+                if self.cfg.algo == "sft":
+                    gens = [[self.reference_generation(p)] for p in problems]
+                else:
+                    gens = await asyncio.to_thread(
+                        self.engine.generate, prompts, a.group_size, a.max_new_tokens,
+                        a.temperature,
+                    )  # fmt: skip
                 gen_s = time.perf_counter() - t0
                 for group in self.build_groups(problems, gens, version, gen_s):
                     await sock.send(encode(group))

@@ -112,7 +112,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "raft": raft_advantages,
     "raft_pp": raft_advantages,
     "expert_iteration": expert_iteration_advantages,
+    "sft": lambda rewards, eps=0.0: np.ones(len(_check(rewards)), np.float32),
 }
-SFT_ALGOS = ("raft", "expert_iteration")
+SFT_ALGOS = ("raft", "expert_iteration", "sft")
 """Algorithms trained with the weighted SFT loss instead of the clipped surrogate."""
 """Advantage estimator of each ``--algo``."""

@@ -34,12 +34,19 @@ class Problem:
         question: the question text shown to the model.
         answer: the reference final answer (a string).
         entry: the raw dataset entry the verifier needs.
+        solution: a reference solution to imitate (SFT); the worked solution where the
+            data has one (GSM8K), else the answer as a sentence.
     """
 
     id: str
     question: str
     answer: str
     entry: dict[str, Any] = field(default_factory=dict)
+    solution: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.solution:
+            self.solution = f"The answer is {self.answer}."
 
 
 def last_number(text: str) -> str | None:
@@ -125,7 +132,9 @@ class GSM8KTask(Task):
             try:
                 row = json.loads(line)
                 answer = row["answer"].split("####")[-1].strip().replace(",", "")
-                out.append(Problem(f"gsm8k/{split}/{n - 1}", row["question"], answer, row))
+                out.append(
+                    Problem(f"gsm8k/{split}/{n - 1}", row["question"], answer, row, row["answer"])
+                )
             except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise ValueError(f"{path}:{n}: malformed GSM8K row ({e})") from None
         return out

@@ -154,12 +154,20 @@ class Config(_Strict):
     """dashrl: asynchronous streaming RL (actors -> priority queue -> learner)."""
 
     algo: Literal[
-        "grpo", "dr_grpo", "reinforce", "reinforce_rej", "raft", "raft_pp", "expert_iteration"
+        "grpo",
+        "dr_grpo",
+        "reinforce",
+        "reinforce_rej",
+        "raft",
+        "raft_pp",
+        "expert_iteration",
+        "sft",
     ] = "grpo"
     """Algorithm: its advantage estimator (actors) and loss (learner). grpo, dr_grpo,
     reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft (each
     group's best samples) and expert_iteration (correct, de-duplicated samples) the SFT
-    loss (see actors/advantages.py)."""
+    loss (see actors/advantages.py); sft imitates the reference solutions (GSM8K's worked
+    solutions), the baseline DASH compares RL with: the actors send them instead of sampling."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
     seed: int = 0

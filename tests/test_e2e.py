@@ -61,3 +61,30 @@ def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
     assert groups and all(
         g.task == "gsm8k" and g.prompt_id.startswith("gsm8k/train/") for g in groups
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
+def test_sft_baseline_streams_reference_solutions(tiny_cfg) -> None:
+    from dashrl.actors.tasks import load_task
+    from dashrl.launch.model import load_tokenizer
+    from dashrl.launch.start import run
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.algo, cfg.data.source, cfg.data.gsm8k_dir = "sft", "gsm8k", GSM8K
+    cfg.actor.max_new_tokens, cfg.learner.steps = 256, 1
+    summary = run(cfg)
+    assert summary["learner_steps"] == 1
+    tok = load_tokenizer(cfg.model.path)
+    solutions = {p.id: p.solution for p in load_task(cfg.data, cfg.seed).train}
+    groups = read_rollout_log(cfg.run_dir / ROLLOUT_LOG)
+    assert groups
+    whole = 0
+    for g in groups:
+        (c,) = g.completions  # one reference per prompt, cut at max_new_tokens
+        text = tok.decode(c.token_ids, skip_special_tokens=True)
+        assert solutions[g.prompt_id].startswith(text) and c.advantage == 1.0
+        if text == solutions[g.prompt_id]:
+            whole += 1
+            assert c.reward == 1.0  # a whole solution ends with its answer
+    assert whole > 0
