@@ -36,10 +36,10 @@ def _as_reward(graded: tuple[str, bool]) -> tuple[str, float]:
 def run_eval(cmd: EvalCommand) -> dict:
     """Evaluate every requested benchmark; print and write the tables. Returns the summaries."""
     from dashrl.actors.engine import HFEngine
-    from dashrl.actors.tasks import last_number, load_task
     from dashrl.launch.benchmarks import BENCHMARKS, HELDOUT, grade, load_benchmark
     from dashrl.launch.evaluate import (
         EvalSpec,
+        heldout_spec,
         markdown_table,
         run_samples,
         summarize,
@@ -67,18 +67,7 @@ def run_eval(cmd: EvalCommand) -> dict:
     summaries = {}
     for name in cmd.benchmark:
         if name == HELDOUT:
-            task = load_task(run_cfg.data, run_cfg.seed)
-            probs = task.heldout[: cmd.limit]
-            suffix = run_cfg.data.prompt_suffix
-            spec = EvalSpec(
-                problems=[(p.id, p.question, p.answer, {}) for p in probs],
-                render=lambda q, s=suffix: q + s,
-                grade=lambda i, t, task=task, probs=probs: (
-                    last_number(t) or "",
-                    task.score(probs[i], t),
-                ),
-                meta={"template": "{question}" + suffix, "task": task.name},
-            )
+            spec = heldout_spec(run_cfg, cmd.limit)
         else:
             bench, probs = BENCHMARKS[name], loaded[name]
             spec = EvalSpec(

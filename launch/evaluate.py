@@ -163,6 +163,22 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heldout_spec(cfg: Config, limit: int | None = None) -> EvalSpec:
+    """The training task's held-out prompts (first ``limit``), graded by the task's verifier
+    (its reward, partial credit included); the extracted answer is the last number."""
+    from dashrl.actors.tasks import last_number, load_task
+
+    task = load_task(cfg.data, cfg.seed)
+    probs = task.heldout[:limit]
+    suffix = cfg.data.prompt_suffix
+    return EvalSpec(
+        problems=[(p.id, p.question, p.answer, {}) for p in probs],
+        render=lambda q: q + suffix,
+        grade=lambda i, text: (last_number(text) or "", task.score(probs[i], text)),
+        meta={"template": "{question}" + suffix, "task": task.name},
+    )
+
+
 def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, float]:
     """Mean reward (the task's verifier, as in training) of k samples per held-out prompt at
     the training temperature; pass_at_k counts prompts with a fully correct sample.
@@ -172,16 +188,8 @@ def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, fl
     """
     import torch
 
-    from dashrl.actors.tasks import load_task
-
     t0 = time.perf_counter()
-    task = load_task(cfg.data, cfg.seed)
-    probs = task.heldout
-    spec = EvalSpec(
-        problems=[(p.id, p.question, p.answer, {}) for p in probs],
-        render=lambda q: q + cfg.data.prompt_suffix,
-        grade=lambda i, text: ("", task.score(probs[i], text)),
-    )
+    spec = heldout_spec(cfg)
     rng_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 777)  # same sampling noise before, during and after training
     try:

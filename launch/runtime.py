@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -73,12 +74,8 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Write one metrics row; non-finite floats are written as null."""
-        clean = {
-            k: (
-                None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v
-            )
-            for k, v in row.items()
-        }
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in row.items()}  # fmt: skip
         self._f.write(json.dumps(clean) + "\n")
         if self._tb is not None and "step" in row:
             for k, v in clean.items():

@@ -1,6 +1,6 @@
 """Wire format shared by actors, queue and learner: ``messages`` (types) and ``codec``."""
 
-from dashrl.protocol.codec import decode, encode
+from dashrl.protocol.codec import decode, decode_object, encode
 from dashrl.protocol.messages import (
     DEFAULT_LIMITS,
     SCHEMA_VERSION,
@@ -27,6 +27,7 @@ __all__ = [
     "Sample",
     "WeightsVersion",
     "decode",
+    "decode_object",
     "encode",
     "group_to_samples",
 ]

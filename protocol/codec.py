@@ -305,6 +305,19 @@ def decode(
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
+    return decode_object(obj, limits, expect)
+
+
+def decode_object(
+    obj: Any,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expect: type[Message] | tuple[type, ...] | None = None,
+) -> Message:
+    """Validate an already unpacked envelope (e.g. from a ``msgpack.Unpacker`` stream).
+
+    Raises:
+        ProtocolError: as :func:`decode`, except for the frame-level checks.
+    """
     env = _Fields(obj, "envelope", ("schema", "type", "body"))
     schema = env.int("schema")
     if schema != SCHEMA_VERSION:

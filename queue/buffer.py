@@ -192,7 +192,8 @@ class ReplayBuffer:
             ValueError: unknown unit.
         """
         if unit == "sequences":
-            count = micro_batch_count([0] * min(len(self._items), size), size, unit)
+            counts = [e.sample.num_tokens for e in self._items[:size]]
+            count = micro_batch_count(counts, size, unit)
         else:
             counts, total = [], 0
             for e in self._items:  # only walk as far as one micro-batch reaches

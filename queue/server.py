@@ -38,6 +38,7 @@ from dashrl.protocol import (
     RolloutGroup,
     Sample,
     decode,
+    decode_object,
     encode,
     group_to_samples,
 )
@@ -71,11 +72,9 @@ def read_rollout_log(path: Path) -> list[RolloutGroup]:
     """
     import msgpack
 
-    out = []
     with Path(path).open("rb") as f:
-        for obj in msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 30):
-            out.append(decode(msgpack.packb(obj, use_bin_type=True), expect=RolloutGroup))
-    return out
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=True, max_buffer_size=1 << 30)
+        return [decode_object(obj, expect=RolloutGroup) for obj in unpacker]
 
 
 class QueueServer:
