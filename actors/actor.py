@@ -25,7 +25,14 @@ import zmq.asyncio
 
 from dashrl.actors.advantages import ESTIMATORS, Estimator, dedupe_advantages, grpo_advantages
 from dashrl.actors.engine import Generation, GenerationEngine, HFEngine
-from dashrl.actors.tasks import Problem, Task, chat_prompt_ids, load_task
+from dashrl.actors.tasks import (
+    Problem,
+    Task,
+    chat_prompt_ids,
+    format_reward,
+    load_task,
+    rcrl_question,
+)
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
 from dashrl.protocol import Completion, RolloutGroup, encode
@@ -39,20 +46,26 @@ def score_group(
     texts: list[str],
     eps: float,
     estimator: Estimator = grpo_advantages,
+    finished: list[bool] | None = None,
+    format_coef: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rewards [G] and advantages [G] (float32) of one group's decoded completions.
 
-    A verifier that raises scores 0 for that completion (logged), so one bad answer
-    cannot stop the actor. A group the estimator discards gets A = 0 everywhere: it is
-    still sent (its rewards count in the metrics) and the queue's filter drops it.
+    reward = verifier + format_coef * format_reward (``finished``: the completion ended
+    with EOS). A verifier that raises scores 0 for that completion (logged), so one bad
+    answer cannot stop the actor. A group the estimator discards gets A = 0 everywhere: it
+    is still sent (its rewards count in the metrics) and the queue's filter drops it.
     """
     rewards = []
-    for text in texts:
+    for i, text in enumerate(texts):
         try:
-            rewards.append(task.score(problem, text))
+            r = task.score(problem, text)
         except Exception as e:  # a verifier bug must not kill a long-running actor
             log.warning("verifier failed on %s: %s", problem.id, e)
-            rewards.append(0.0)
+            r = 0.0
+        if format_coef:
+            r += format_coef * format_reward(text, True if finished is None else finished[i])
+        rewards.append(r)
     r = np.asarray(rewards, dtype=np.float32)
     adv = estimator(r, eps)
     return r, np.zeros_like(r) if adv is None else adv
@@ -83,16 +96,22 @@ class Actor:
             rank=1 + index,
             timeout_s=cfg.learner.weight_sync_timeout_s,
         )
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[tuple[str, bool | None], list[int]] = {}
         self.groups_sent = 0
         self.tokens_generated = 0
 
-    def prompt_ids(self, problem: Problem) -> list[int]:
-        if problem.id not in self._prompt_cache:
-            self._prompt_cache[problem.id] = chat_prompt_ids(
-                self.tokenizer, problem.question, self.cfg.data.prompt_suffix
+    def prompt_ids(self, problem: Problem, good: bool | None = None) -> list[int]:
+        """Chat prompt token ids; ``good`` adds the RCRL return tag (None: no tag, or the good
+        tag when the algorithm is rcrl, which always generates conditioned on it)."""
+        if good is None and self.cfg.algo == "rcrl":
+            good = True
+        key = (problem.id, good)
+        if key not in self._prompt_cache:
+            q = problem.question if good is None else rcrl_question(problem.question, good)
+            self._prompt_cache[key] = chat_prompt_ids(
+                self.tokenizer, q, self.cfg.data.prompt_suffix
             )
-        return self._prompt_cache[problem.id]
+        return self._prompt_cache[key]
 
     def reference_generation(self, problem: Problem) -> Generation:
         """The problem's reference solution as a one-completion "group" (algo sft).
@@ -113,8 +132,9 @@ class Actor:
             t0 = time.perf_counter()
             texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
             rewards, adv = score_group(
-                self.task, problem, texts, a.advantage_eps, ESTIMATORS[self.cfg.algo]
-            )
+                self.task, problem, texts, a.advantage_eps, ESTIMATORS[self.cfg.algo],
+                [g.finish_reason == "stop" for g in gens], self.cfg.reward.format_coef,
+            )  # fmt: skip
             if self.cfg.algo == "expert_iteration":
                 adv = dedupe_advantages(adv, [tuple(g.token_ids.tolist()) for g in gens])
             comps = [
@@ -122,17 +142,25 @@ class Actor:
                 for g, r, x in zip(gens, rewards, adv, strict=True)
             ]
             timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0}
-            groups.append(
+            if self.cfg.algo == "rcrl":  # relabel: each sample under the tag of its own return
+                parts = [(f"{problem.id}#{tag}", [c for c in comps if (c.reward >= 1) == good],
+                          self.prompt_ids(problem, good))
+                         for tag, good in (("good", True), ("bad", False))]  # fmt: skip
+            else:
+                parts = [(problem.id, comps, self.prompt_ids(problem))]
+            groups += [
                 RolloutGroup(
-                    prompt_id=problem.id,
-                    prompt_ids=np.asarray(self.prompt_ids(problem), dtype=np.int32),
-                    completions=comps,
+                    prompt_id=pid,
+                    prompt_ids=np.asarray(ids, dtype=np.int32),
+                    completions=cs,
                     actor_id=self.actor_id,
                     task=self.task.name,
                     timings=timings,
                     created_at=time.time(),
                 )
-            )
+                for pid, cs, ids in parts
+                if cs
+            ]
         return groups
 
     async def run(self, stop: StopFlag) -> None:

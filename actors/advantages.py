@@ -102,6 +102,35 @@ def dedupe_advantages(advantages: np.ndarray, completions: list[tuple[int, ...]]
     return out
 
 
+def ppo_priority(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """PPO with a critic (Havrilla et al. 2024): the learner computes token-level advantages
+    with GAE (learner/critic.py); the actor only sends r_i - mean(r) as the sample's queue
+    priority (the DASH informativeness signal). With the default filter threshold 0 the
+    queue drops groups whose rewards are all equal; ``--queue.filter-threshold None`` feeds
+    them to the critic as well."""
+    return dr_grpo_advantages(rewards)
+
+
+def rcrl_weights(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Return-Conditioned RL (Havrilla et al. 2024, "RCRL"): every sample is imitated (weight
+    1) under a prompt tagged with its own return (actors/actor.py splits each group into a
+    "[GOOD]" and a "[BAD]" part); at generation time the prompt carries the good tag."""
+    return np.ones(len(_check(rewards)), np.float32)
+
+
+def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
+    """Iterative DPO pair selection (Minimal-RL baseline, Xiong et al. 2025; online DPO):
+    A = +1 on the group's best sample (chosen), -1 on its worst (rejected), 0 elsewhere; the
+    queue serves the +1/-1 samples as one unit. None when all rewards are equal (no
+    preference). Ties go to the first sample."""
+    r = _check(rewards)
+    if r.max() == r.min():
+        return None
+    out = np.zeros(r.size, np.float32)
+    out[int(r.argmax())], out[int(r.argmin())] = 1.0, -1.0
+    return out
+
+
 Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -112,8 +141,11 @@ ESTIMATORS: dict[str, Estimator] = {
     "raft": raft_advantages,
     "raft_pp": raft_advantages,
     "expert_iteration": expert_iteration_advantages,
+    "ppo": ppo_priority,
+    "rcrl": rcrl_weights,
+    "iterative_dpo": dpo_pair,
     "sft": lambda rewards, eps=0.0: np.ones(len(_check(rewards)), np.float32),
 }
-SFT_ALGOS = ("raft", "expert_iteration", "sft")
+"""Advantage estimator (or sample selection) of each ``--algo``."""
+SFT_ALGOS = ("raft", "expert_iteration", "rcrl", "sft")
 """Algorithms trained with the weighted SFT loss instead of the clipped surrogate."""
-"""Advantage estimator of each ``--algo``."""

@@ -157,6 +157,23 @@ def load_task(cfg: DataConfig, seed: int) -> Task:
     raise ValueError(f"unknown data source {cfg.source!r}")
 
 
+RCRL_GOOD, RCRL_BAD = "[GOOD]", "[BAD]"
+"""Return tags of Return-Conditioned RL (Havrilla et al. 2024): a correct sample is trained
+under the good tag, any other under the bad tag, and generation is conditioned on the good
+tag."""
+
+
+def rcrl_question(question: str, good: bool) -> str:
+    """The question with its RCRL return tag in front."""
+    return f"{RCRL_GOOD if good else RCRL_BAD} {question}"
+
+
+def format_reward(text: str, finished: bool) -> float:
+    """1.0 when the completion ended on its own (EOS, not truncated) and holds an answer the
+    verifier can extract (a number), else 0.0: the format part of a dense reward."""
+    return 1.0 if finished and last_number(text) is not None else 0.0
+
+
 def chat_prompt_ids(tokenizer, question: str, suffix: str = "") -> list[int]:
     """Token ids of the chat-formatted prompt (template applied, generation prompt added)."""
     text = tokenizer.apply_chat_template(

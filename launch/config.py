@@ -111,7 +111,12 @@ class LearnerConfig(_Strict):
     seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: seq_sum_const for
     dr_grpo, token_mean otherwise."""
     kl_coef: float = 0.0
-    """KL penalty to the initial model (k3 estimator); 0 = off (DASH finds it hurts)."""
+    """KL penalty to the reference model (k3 estimator); 0 = off (DASH finds it hurts)."""
+    ref_update_every: int = Field(0, ge=0)
+    """Copy the policy into the reference model (KL and DPO) every N steps; 0 keeps the
+    initial model as the reference."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """iterative_dpo: inverse temperature beta of DPO's implicit reward."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
     torch_threads: int = Field(1, ge=1)
@@ -122,6 +127,36 @@ class LearnerConfig(_Strict):
     """How long to wait before asking an empty queue again, in seconds."""
     weight_sync_timeout_s: float = 3600.0
     """Timeout of one weight broadcast (torch.distributed), in seconds."""
+
+
+class RewardConfig(_Strict):
+    format_coef: float = Field(0.0, ge=0)
+    """Format reward added to the verifier's 0/1: coef * 1[the completion ended with EOS and
+    holds an extractable answer]. 0 = off (plain verifier reward). Eval always scores the
+    verifier alone."""
+    dense: Literal["none", "orm"] = "none"
+    """PPO only. "orm": add a dense per-token reward from a learned outcome reward model (a
+    small head trained on the run's own labelled rollouts; Havrilla et al. 2024), as
+    potential shaping (learner/critic.py). "none": sparse reward on the last token."""
+    dense_coef: float = Field(1.0, ge=0)
+    """Weight of the dense ORM reward relative to the sparse verifier reward."""
+
+
+class PPOConfig(_Strict):
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the token-level MDP (1: undiscounted, as usual for LM RL)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda (Schulman et al. 2016)."""
+    vf_coef: float = Field(0.5, ge=0)
+    """Weight of the critic's value loss in the total loss."""
+    head_lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the value head and the ORM head (new, small modules that must
+    track a moving policy: far larger than the policy's lr)."""
+    head_hidden: int = Field(256, ge=0)
+    """Hidden width of the value head and the ORM head (0: a linear head)."""
+    detach_critic: bool = True
+    """The critic and ORM heads read detached hidden states, so their losses do not move the
+    policy's weights (see learner/critic.py for why)."""
 
 
 class EvalConfig(_Strict):
@@ -161,12 +196,19 @@ class Config(_Strict):
         "raft",
         "raft_pp",
         "expert_iteration",
+        "ppo",
+        "rcrl",
+        "iterative_dpo",
         "sft",
     ] = "grpo"
     """Algorithm: its advantage estimator (actors) and loss (learner). grpo, dr_grpo,
     reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft (each
     group's best samples) and expert_iteration (correct, de-duplicated samples) the SFT
-    loss (see actors/advantages.py); sft imitates the reference solutions (GSM8K's worked
+    loss (see actors/advantages.py); ppo trains a value head and uses token-level GAE
+    advantages (sparse or dense rewards); rcrl tags each prompt with its sample's return and
+    imitates all tagged samples, then generates conditioned on the good tag; iterative_dpo
+    turns each group into a (best, worst) pair for the DPO loss against the reference
+    model; sft imitates the reference solutions (GSM8K's worked
     solutions), the baseline DASH compares RL with: the actors send them instead of sampling."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
@@ -179,6 +221,8 @@ class Config(_Strict):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
 
@@ -186,6 +230,13 @@ class Config(_Strict):
     def _check(self) -> Config:
         if self.learner.clip_eps_low >= 1 or self.learner.clip_eps_low < 0:
             raise ValueError("learner.clip_eps_low must be in [0, 1)")
+        if self.reward.dense != "none" and self.algo != "ppo":
+            raise ValueError("reward.dense needs token-level advantages: use it with --algo ppo")
+        lc = self.learner
+        if self.algo == "iterative_dpo" and lc.micro_batch_unit == "sequences":
+            if lc.micro_batch_size % 2:
+                raise ValueError("iterative_dpo serves (chosen, rejected) pairs: "
+                                 "learner.micro_batch_size must be even")  # fmt: skip
         if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("transport.host: only loopback binds are supported in this version")
         return self

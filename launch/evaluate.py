@@ -166,16 +166,20 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
 def heldout_spec(cfg: Config, limit: int | None = None) -> EvalSpec:
     """The training task's held-out prompts (first ``limit``), graded by the task's verifier
     (its reward, partial credit included); the extracted answer is the last number."""
-    from dashrl.actors.tasks import last_number, load_task
+    from dashrl.actors.tasks import RCRL_GOOD, last_number, load_task, rcrl_question
 
     task = load_task(cfg.data, cfg.seed)
     probs = task.heldout[:limit]
     suffix = cfg.data.prompt_suffix
+    rcrl = cfg.algo == "rcrl"  # an RCRL policy is evaluated conditioned on the good tag
     return EvalSpec(
         problems=[(p.id, p.question, p.answer, {}) for p in probs],
-        render=lambda q: q + suffix,
+        render=lambda q: (rcrl_question(q, True) if rcrl else q) + suffix,
         grade=lambda i, text: (last_number(text) or "", task.score(probs[i], text)),
-        meta={"template": "{question}" + suffix, "task": task.name},
+        meta={
+            "template": (RCRL_GOOD + " " if rcrl else "") + "{question}" + suffix,
+            "task": task.name,
+        },  # fmt: skip
     )
 
 

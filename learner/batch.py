@@ -30,6 +30,7 @@ class MicroBatch:
         advantages: float32 [B].
         rewards: float32 [B].
         policy_versions: int64 [B].
+        prompt_keys: the B samples' prompt ids (strings), e.g. to pair DPO samples.
     """
 
     input_ids: torch.Tensor
@@ -41,6 +42,7 @@ class MicroBatch:
     advantages: torch.Tensor
     rewards: torch.Tensor
     policy_versions: torch.Tensor
+    prompt_keys: list[str]
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +87,33 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
         policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
+        prompt_keys=[s.prompt_id for s in samples],
     )
+
+
+def completion_hidden(model, batch: MicroBatch) -> torch.Tensor:
+    """The decoder's last hidden state at each position that predicts a completion token,
+    [B, T, H] (the state s_t before completion token t is emitted)."""
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state  # [B, L, H]
+    idx = batch.predict_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, idx)
+
+
+def logprobs_from_hidden(
+    model, h: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the LM head to ``h`` [B, T, H] and return log pi(targets) [B, T] float32 (and the
+    entropy [B, T] of the tempered distribution when asked)."""
+    logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
 
 
 def token_logprobs(
@@ -100,16 +128,5 @@ def token_logprobs(
     Returns:
         (logprobs [B, T], entropy [B, T] of the tempered distribution or None).
     """
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state  # [B, L, H]
-    idx = batch.predict_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    h = torch.gather(hidden, 1, idx)  # [B, T, H]
-    logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    h = completion_hidden(model, batch)
+    return logprobs_from_hidden(model, h, batch.targets, temperature, with_entropy)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from dashrl.actors.advantages import SFT_ALGOS
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
-from dashrl.learner.batch import collate, token_logprobs
-from dashrl.learner.loss import clipped_surrogate, k3_kl, weighted_nll
+from dashrl.learner.batch import collate, completion_hidden, logprobs_from_hidden, token_logprobs
+from dashrl.learner.critic import ScalarHead
+from dashrl.learner.loss import k3_kl
+from dashrl.learner.objectives import Inputs, objective_for
 from dashrl.learner.weights import WeightSender
 from dashrl.protocol import Sample
 from dashrl.queue.client import QueueClient
@@ -37,11 +38,16 @@ from dashrl.queue.client import QueueClient
 log = logging.getLogger("dashrl.learner")
 
 
-def save_checkpoint(model, tokenizer, out: Path, version: int, step: int) -> Path:
-    """Save an HF-format checkpoint (``save_pretrained``) with the policy version next to it."""
+def save_checkpoint(
+    model, tokenizer, out: Path, version: int, step: int, heads: dict | None = None
+) -> Path:
+    """Save an HF-format checkpoint (``save_pretrained``) with the policy version next to it,
+    and the critic/ORM heads (PPO) in ``heads.pt`` (a dict of state dicts)."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if heads:
+        torch.save({k: h.state_dict() for k, h in heads.items()}, out / "heads.pt")
     (out / "dashrl_state.json").write_text(json.dumps({"version": version, "step": step}))
     return out
 
@@ -64,10 +70,22 @@ class Learner:
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.model = load_causal_lm(cfg.model.path, train=True)
-        self.ref_model = load_causal_lm(cfg.model.path) if lc.kl_coef > 0 else None
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay
-        )
+        needs_ref = lc.kl_coef > 0 or cfg.algo == "iterative_dpo"
+        self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None
+        # PPO's critic and the dense-reward ORM: small heads on the policy's hidden states
+        hidden, pc = self.model.config.hidden_size, cfg.ppo
+        self.heads: dict[str, ScalarHead] = {}
+        if cfg.algo == "ppo":
+            self.heads["critic"] = ScalarHead(hidden, pc.head_hidden)
+        if cfg.reward.dense == "orm":
+            self.heads["orm"] = ScalarHead(hidden, pc.head_hidden)
+        self.critic, self.orm = self.heads.get("critic"), self.heads.get("orm")
+        groups = [{"params": list(self.model.parameters()), "lr": lc.lr}]
+        if self.heads:
+            head_params = [p for h in self.heads.values() for p in h.parameters()]
+            groups.append({"params": head_params, "lr": pc.head_lr})
+        self.optimizer = torch.optim.AdamW(groups, betas=lc.betas, weight_decay=lc.weight_decay)
+        self.objective = objective_for(cfg.algo)
         self.version = 0
         self.skipped_steps = 0
         self.rejected_samples = 0
@@ -119,32 +137,21 @@ class Learner:
     def train_micro_batch(self, samples: list[Sample], scale: float) -> dict[str, float]:
         """Forward + backward of one micro-batch with its loss multiplied by ``scale``.
 
-        Returns the micro-batch's metrics (loss, clip fraction, KL, entropy, staleness...).
+        The loss is the algorithm's objective (learner/objectives.py), plus the k3 KL to
+        the reference model when ``learner.kl_coef`` > 0. Returns the micro-batch's metrics
+        (loss, clip fraction, KL, entropy, staleness...).
         """
         lc, ac = self.cfg.learner, self.cfg.actor
         batch = collate(samples, self.pad_id)
         lag = self.version - batch.policy_versions
-        logp, entropy = token_logprobs(self.model, batch, ac.temperature, with_entropy=True)
-        agg = lc.loss_agg or ("seq_sum_const" if self.cfg.algo == "dr_grpo" else "token_mean")
-        out = clipped_surrogate(
-            logp,
-            batch.behaviour_logprobs,
-            batch.advantages,
-            batch.mask,
-            lag,
-            lc.clip_eps_low,
-            lc.clip_eps_high,
-            lc.staleness_clip_decay,
-            agg=agg,
-            const_len=float(ac.max_new_tokens),
+        h = completion_hidden(self.model, batch)
+        logp, entropy = logprobs_from_hidden(
+            self.model, h, batch.targets, ac.temperature, with_entropy=True
         )
-        loss = out.loss
-        if self.cfg.algo in SFT_ALGOS:  # SFT on the selected samples; surrogate = diagnostics
-            loss = weighted_nll(logp, batch.advantages, batch.mask, agg, float(ac.max_new_tokens))
+        loss, metrics = self.objective(self, Inputs(batch, h, logp, lag))
         m = batch.mask
         n = m.sum()
-        metrics = {}
-        if self.ref_model is not None:
+        if lc.kl_coef > 0:
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(self.ref_model, batch, ac.temperature)
             kl = k3_kl(logp, ref_logp, m)
@@ -156,9 +163,6 @@ class Learner:
         metrics.update(
             {
                 "learner/loss": float(loss.detach()),
-                "learner/clip_frac": float(out.clip_frac),
-                "learner/approx_kl_behaviour": float(out.approx_kl),
-                "learner/ratio_mean": float(out.ratio_mean),
                 "learner/logprob_abs_diff": float(mismatch),
                 "learner/entropy": float((entropy * m).sum() / n),
                 "learner/reward_mean": float(batch.rewards.mean()),
@@ -170,6 +174,15 @@ class Learner:
             }
         )
         return metrics
+
+    def update_reference(self, step: int) -> bool:
+        """Copy the policy into the reference model every ``learner.ref_update_every`` steps
+        (iterative DPO's new reference each round); returns whether it did."""
+        every = self.cfg.learner.ref_update_every
+        if self.ref_model is None or not every or step % every:
+            return False
+        self.ref_model.load_state_dict(self.model.state_dict())
+        return True
 
     def evaluate_heldout(self) -> dict[str, float]:
         """Held-out avg@k reward of the current weights, generated with the learner's own model.
@@ -191,17 +204,21 @@ class Learner:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip gradients and step; returns (grad norm, whether the step was taken)."""
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.learner.max_grad_norm
-        )
-        ok = math.isfinite(float(norm))
+        # Policy and heads are clipped separately: a fresh critic's large gradient must not
+        # shrink the policy's step through a shared global norm. The policy's norm is reported.
+        norms = [
+            float(torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.learner.max_grad_norm))
+            for g in self.optimizer.param_groups
+        ]
+        norm = norms[0]
+        ok = all(math.isfinite(x) for x in norms)
         if ok:
             self.optimizer.step()
         else:
             self.skipped_steps += 1
             log.warning("non-finite gradient norm: step skipped (%d so far)", self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm), ok
+        return norm, ok
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -255,6 +272,7 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
             if took:  # a skipped step changes no weight: no new version to send
                 learner.version += 1
                 broadcast_s = learner.sender.send(learner.version)
+                learner.update_reference(step)
             step_s = time.perf_counter() - t_step
             row = {
                 "step": step,
@@ -284,6 +302,7 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                     run_dir / "checkpoints" / f"step_{step}",
                     learner.version,
                     step,
+                    learner.heads,
                 )
     finally:
         save_checkpoint(
@@ -292,6 +311,7 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
             run_dir / "checkpoints" / "final",
             learner.version,
             step,
+            learner.heads,
         )
         log.info("saved final checkpoint at step %d (version %d)", step, learner.version)
         metrics.close()

@@ -105,7 +105,8 @@ def clipped_surrogate(
     Args:
         logprobs: [B, T] log pi_theta of the sampled tokens (requires grad).
         behaviour_logprobs: [B, T] log mu of the same tokens, from the actor.
-        advantages: [B] advantage of each sequence.
+        advantages: [B] advantage of each sequence, or [B, T] per-token advantages (PPO
+            with a critic and GAE, see :mod:`dashrl.learner.critic`).
         mask: [B, T] 1 for completion tokens, 0 for padding (bool or float).
         lag: [B] version lag of each sequence.
         eps_low, eps_high, decay: see :func:`staleness_clip_bounds`.
@@ -120,8 +121,9 @@ def clipped_surrogate(
     """
     if logprobs.shape != behaviour_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(f"shape mismatch {logprobs.shape} {behaviour_logprobs.shape} {mask.shape}")
-    if advantages.shape != logprobs.shape[:1] or lag.shape != logprobs.shape[:1]:
-        raise ValueError("advantages and lag must be [B]")
+    B = logprobs.shape[:1]
+    if advantages.shape not in (B, logprobs.shape) or lag.shape != B:
+        raise ValueError("advantages must be [B] or [B, T], and lag [B]")
     m = mask.float()
     n = m.sum()
     if n <= 0:
@@ -129,7 +131,7 @@ def clipped_surrogate(
     log_ratio = (logprobs - behaviour_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     lo, hi = staleness_clip_bounds(lag, eps_low, eps_high, decay)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped = ratio * adv
     clipped = torch.minimum(torch.maximum(ratio, lo[:, None]), hi[:, None]) * adv
     per_token = -torch.minimum(unclipped, clipped)
@@ -178,3 +180,55 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     m = mask.float()
     return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(o | x) of each whole completion: the masked sum over tokens, [B]."""
+    return (logprobs * mask.float()).sum(1)
+
+
+@dataclass
+class DPOOutput:
+    """Loss and diagnostics of the DPO objective (0-d tensors)."""
+
+    loss: torch.Tensor
+    margin: torch.Tensor
+    """Mean implicit-reward margin beta * (h_chosen - h_rejected)."""
+    accuracy: torch.Tensor
+    """Fraction of pairs whose chosen completion has the larger implicit reward."""
+
+
+def dpo_loss(
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    beta: float = 0.1,
+) -> DPOOutput:
+    """DPO loss (Rafailov et al. 2023, Eq. 7) on chosen/rejected pairs of one prompt's group.
+
+    L = -mean_pairs log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w))
+                                        - (log pi(y_l) - log pi_ref(y_l))]).
+
+    Iterative (online) DPO, the Minimal-RL baseline (Xiong et al. 2025, "Iterative DPO";
+    ../shared/papers.md): the pairs are the best and the worst sample of a freshly
+    generated group, so the preference data follows the current policy.
+
+    Args:
+        chosen_logp, rejected_logp: [N] sequence logprobs under pi_theta (with grad).
+        ref_chosen_logp, ref_rejected_logp: [N] the same under the reference model.
+        beta: inverse temperature of the implicit reward (> 0).
+
+    Raises:
+        ValueError: shapes differ, no pairs, or beta <= 0.
+    """
+    shapes = {chosen_logp.shape, rejected_logp.shape, ref_chosen_logp.shape,
+              ref_rejected_logp.shape}  # fmt: skip
+    if len(shapes) != 1 or chosen_logp.dim() != 1 or chosen_logp.numel() == 0 or beta <= 0:
+        raise ValueError(f"need four equal non-empty [N] tensors, beta > 0: {shapes}, {beta}")
+    logits = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
+    loss = -torch.nn.functional.logsigmoid(logits).mean()
+    with torch.no_grad():
+        margin = logits.mean()
+        accuracy = (logits > 0).float().mean()
+    return DPOOutput(loss, margin, accuracy)

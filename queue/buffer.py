@@ -29,6 +29,25 @@ def priority(sample: Sample) -> float:
     return abs(sample.advantage)
 
 
+def unit_priority(unit: tuple[Sample, ...]) -> float:
+    """Ranking key of a unit (samples served together): its largest |advantage|."""
+    return max(priority(s) for s in unit)
+
+
+def singleton_units(advantages: list[float]) -> list[tuple[int, ...]]:
+    """The default grouping: every sample is its own unit."""
+    return [(i,) for i in range(len(advantages))]
+
+
+def dpo_pair_units(advantages: list[float]) -> list[tuple[int, ...]]:
+    """Iterative DPO's grouping (actors/advantages.py ``dpo_pair``): the k-th positive-advantage
+    sample (chosen) with the k-th negative one (rejected), as one unit that is always
+    stored, evicted and served together; zero-advantage samples belong to no unit."""
+    pos = [i for i, a in enumerate(advantages) if a > 0]
+    neg = [i for i, a in enumerate(advantages) if a < 0]
+    return list(zip(pos, neg, strict=False))
+
+
 def passes_gradient_filter(advantage: float, threshold: float | None) -> bool:
     """DASH gradient filtering (Huang et al. 2025, "gradient filtering"): keep iff |A| > threshold.
 
@@ -83,8 +102,16 @@ def micro_batch_count(token_counts: list[int], size: int, unit: str) -> int:
 
 @dataclass
 class _Entry:
-    sample: Sample
+    samples: tuple[Sample, ...]  # one unit: served, evicted and counted together
     seq: int  # arrival order; later is larger
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.samples)
+
+    @property
+    def oldest_version(self) -> int:
+        return min(s.policy_version for s in self.samples)
 
 
 @dataclass
@@ -113,6 +140,10 @@ class BufferCounters:
 class ReplayBuffer:
     """Priority queue of samples ranked by |A| with filtering, staleness eviction and a capacity.
 
+    It stores *units*: one sample each by default, or a (chosen, rejected) pair for
+    iterative DPO, which must reach the learner together. Capacity and counters count
+    samples.
+
     Args:
         capacity: most samples held; beyond it the lowest-priority ones are evicted.
         filter_threshold: DASH gradient-filter threshold on |A|, None for no filtering.
@@ -132,38 +163,60 @@ class ReplayBuffer:
         self.counters = BufferCounters()
         self._seq = itertools.count()
         # Highest |A| first; among equals, the newest first.
-        self._items: SortedList = SortedList(key=lambda e: (-priority(e.sample), -e.seq))
+        self._items: SortedList = SortedList(key=lambda e: (-unit_priority(e.samples), -e.seq))
         self._tokens = 0
+        self._samples = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Samples held."""
+        return self._samples
+
+    def _insert(self, e: _Entry) -> None:
+        self._items.add(e)
+        self._tokens += e.num_tokens
+        self._samples += len(e.samples)
+
+    def _remove_at(self, index: int) -> _Entry:
+        e = self._items.pop(index)
+        self._tokens -= e.num_tokens
+        self._samples -= len(e.samples)
+        return e
 
     @property
     def num_tokens(self) -> int:
         """Tokens (prompt + completion) held, summed over samples."""
         return self._tokens
 
-    def add(self, samples: list[Sample]) -> AddResult:
+    def add(self, samples: list[Sample], units: list[tuple[int, ...]] | None = None) -> AddResult:
         """Offer the samples of one group; returns which were accepted and why others were not.
 
-        A sample is accepted when it passes the gradient filter and is not stale. If the
-        buffer then exceeds its capacity, the lowest-priority samples are evicted (this
-        may include samples accepted just now: they still count as accepted).
+        Args:
+            samples: the group's samples.
+            units: indices of the samples that form each unit (default: one unit per
+                sample, see :func:`singleton_units`); samples in no unit count as filtered.
+
+        A unit is accepted when it passes the gradient filter (on its largest |A|) and none
+        of its samples is stale. If the buffer then exceeds its capacity, the
+        lowest-priority units are evicted (possibly ones accepted just now: they still
+        count as accepted).
         """
+        units = singleton_units([s.advantage for s in samples]) if units is None else units
         result = AddResult(accepted=[])
-        for i, s in enumerate(samples):
-            self.counters.received += 1
-            if not passes_gradient_filter(s.advantage, self.filter_threshold):
-                result.filtered += 1
-            elif is_stale(s.policy_version, self.learner_version, self.max_staleness):
-                result.stale += 1
+        self.counters.received += len(samples)
+        result.filtered += len(samples) - sum(len(u) for u in units)
+        for u in units:
+            unit = tuple(samples[i] for i in u)
+            if not passes_gradient_filter(unit_priority(unit), self.filter_threshold):
+                result.filtered += len(u)
+            elif any(is_stale(s.policy_version, self.learner_version, self.max_staleness)
+                     for s in unit):  # fmt: skip
+                result.stale += len(u)
             else:
-                self._items.add(_Entry(s, next(self._seq)))
-                self._tokens += s.num_tokens
-                result.accepted.append(i)
-        while len(self._items) > self.capacity:
-            self._tokens -= self._items.pop(-1).sample.num_tokens
-            result.evicted += 1
+                self._insert(_Entry(unit, next(self._seq)))
+                result.accepted += list(u)
+        while self._samples > self.capacity:
+            result.evicted += len(self._remove_at(-1).samples)
+        result.accepted.sort()
         c = self.counters
         c.accepted += len(result.accepted)
         c.filtered += result.filtered
@@ -177,13 +230,14 @@ class ReplayBuffer:
         stale = [
             e
             for e in self._items
-            if is_stale(e.sample.policy_version, self.learner_version, self.max_staleness)
+            if is_stale(e.oldest_version, self.learner_version, self.max_staleness)
         ]
+        n = 0
         for e in stale:
-            self._items.remove(e)
-            self._tokens -= e.sample.num_tokens
-        self.counters.evicted_stale += len(stale)
-        return len(stale)
+            self._remove_at(self._items.index(e))
+            n += len(e.samples)
+        self.counters.evicted_stale += n
+        return n
 
     def pop_micro_batch(self, size: int, unit: str = "sequences") -> list[Sample]:
         """Remove and return the highest-priority micro-batch, or [] if too few samples are held.
@@ -192,21 +246,24 @@ class ReplayBuffer:
             ValueError: unknown unit.
         """
         if unit == "sequences":
-            counts = [e.sample.num_tokens for e in self._items[:size]]
-            count = micro_batch_count(counts, size, unit)
+            count, n = 0, 0  # whole units until the micro-batch holds >= size sequences
+            for e in self._items:
+                if n >= size:
+                    break
+                count, n = count + 1, n + len(e.samples)
+            count = count if n >= size else 0
         else:
             counts, total = [], 0
             for e in self._items:  # only walk as far as one micro-batch reaches
-                counts.append(e.sample.num_tokens)
+                counts.append(e.num_tokens)
                 total += counts[-1]
                 if total > size:
                     break
             count = micro_batch_count(counts, size, unit)
-        taken = [self._items.pop(0).sample for _ in range(count)]
-        self._tokens -= sum(s.num_tokens for s in taken)
+        taken = [s for _ in range(count) for s in self._remove_at(0).samples]
         self.counters.served += len(taken)
         return taken
 
     def peek_priorities(self) -> list[float]:
         """Priorities of held samples in serving order (for tests and inspection)."""
-        return [priority(e.sample) for e in self._items]
+        return [priority(s) for e in self._items for s in e.samples]

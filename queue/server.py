@@ -15,8 +15,9 @@ Sockets (all bound on the configured loopback host):
 
 Every accepted group (only its accepted completions) is appended to
 ``<run_dir>/queue/rollouts.msgpack`` as protocol frames, one after another, so a run can
-be replayed. A bad frame is counted (``queue/rejected_frames``), logged in one line, and
-the loop goes on.
+be replayed. Under ``--algo iterative_dpo`` each group's (chosen, rejected) pair is one
+unit of the buffer, so a micro-batch never splits a pair. A bad frame is counted
+(``queue/rejected_frames``), logged in one line, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dashrl.protocol import (
     encode,
     group_to_samples,
 )
-from dashrl.queue.buffer import ReplayBuffer, version_lag
+from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units, singleton_units, version_lag
 
 log = logging.getLogger("dashrl.queue")
 
@@ -94,6 +95,8 @@ class QueueServer:
             max_group_size=q.max_group_size,
         )
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
+        # iterative DPO trains on (chosen, rejected) pairs: store and serve them as units
+        self.units = dpo_pair_units if cfg.algo == "iterative_dpo" else singleton_units
         self.rejected_frames = 0
         self.handler_errors = 0
         self.groups_received = 0
@@ -134,7 +137,8 @@ class QueueServer:
             w["n"] += 1
             w["tokens"] += len(c.token_ids)
             w["length"] += c.finish_reason == "length"
-        result = self.buffer.add(group_to_samples(group))
+        samples = group_to_samples(group)
+        result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
             group.completions = [group.completions[i] for i in result.accepted]
             self.log.append(group)

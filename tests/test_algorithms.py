@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -79,8 +81,8 @@ def test_every_algorithm_takes_a_learner_step(tiny_cfg, algo: str) -> None:
     cfg = tiny_cfg.model_copy(update={"algo": algo})
     learner = Learner(cfg, connect=False)
     samples = [Sample("p", np.array([1, 50], np.int32), np.array(c, np.int32),
-                      np.full(len(c), -3.0, np.float32), 1.0, a, 0)
-               for c, a in (([5, 6, 7], 1.0), ([8, 9], 0.5))]  # fmt: skip
+                      np.full(len(c), -3.0, np.float32), r, a, 0)
+               for c, r, a in (([5, 6, 7], 1.0, 1.0), ([8, 9], 0.0, -1.0))]  # fmt: skip
     before = [p.detach().clone() for p in learner.model.parameters()]
     m = learner.train_micro_batch(samples, scale=1.0)
     assert np.isfinite(m["learner/loss"])
@@ -89,3 +91,89 @@ def test_every_algorithm_takes_a_learner_step(tiny_cfg, algo: str) -> None:
     assert any(
         not torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True)
     )
+
+
+def _samples(rewards_advs, prompt="p"):
+    from dashrl.protocol import Sample
+
+    return [Sample(prompt, np.array([1, 50, 60], np.int32), np.array(c, np.int32),
+                   np.full(len(c), -3.0, np.float32), r, a, 0)
+            for c, r, a in rewards_advs]  # fmt: skip
+
+
+def _policy_grads(learner) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in learner.model.parameters() if p.grad is not None]
+
+
+def test_ppo_critic_learns_and_a_detached_critic_leaves_the_policy_gradient_alone(tiny_cfg) -> None:
+    from dashrl.learner.learner import Learner
+
+    batch = _samples([([5, 6, 7], 1.0, 0.5), ([8, 9], 0.0, -0.5)])
+    grads = []
+    for vf in (0.0, 5.0):
+        cfg = tiny_cfg.model_copy(update={"algo": "ppo"}, deep=True)
+        cfg.ppo.vf_coef = vf
+        learner = Learner(cfg, connect=False)
+        m = learner.train_micro_batch(batch, 1.0)
+        assert m["learner/value_mean"] == 0.0 and m["learner/value_loss"] > 0  # zero-init critic
+        grads.append(_policy_grads(learner))
+        if vf:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0
+                       for p in learner.critic.parameters())  # fmt: skip
+            losses = [m["learner/value_loss"]]
+            for _ in range(15):
+                learner.optimizer_step()
+                losses.append(learner.train_micro_batch(batch, 1.0)["learner/value_loss"])
+            assert losses[-1] < 0.5 * losses[0], losses  # the critic fits the returns
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)  # value loss does not reach the policy's weights
+
+
+def test_ppo_dense_orm_learns_the_labels(tiny_cfg) -> None:
+    from dashrl.learner.learner import Learner
+
+    cfg = tiny_cfg.model_copy(update={"algo": "ppo"}, deep=True)
+    cfg.reward.dense = "orm"
+    learner = Learner(cfg, connect=False)
+    batch = _samples([([5, 6, 7], 1.0, 0.5), ([8, 9], 0.0, -0.5)])
+    first = learner.train_micro_batch(batch, 1.0)
+    assert first["learner/orm_loss"] == pytest.approx(math.log(2), rel=1e-5)  # p = 0.5 at init
+    for _ in range(15):
+        learner.optimizer_step()
+        last = learner.train_micro_batch(batch, 1.0)
+    # Both completions share the prompt, so at t = 0 the labels conflict: the floor is
+    # 2/5 * log 2 = 0.28 (2 of the 5 tokens); from 0.69 the fit must get most of the way.
+    assert last["learner/orm_loss"] < 0.6 * first["learner/orm_loss"]
+    assert last["learner/orm_acc"] == 1.0
+
+
+def test_dense_reward_needs_ppo() -> None:
+    from pydantic import ValidationError
+
+    from dashrl.launch.config import Config
+
+    with pytest.raises(ValidationError, match="ppo"):
+        Config.model_validate({"algo": "grpo", "reward": {"dense": "orm"}})
+    with pytest.raises(ValidationError, match="even"):
+        Config.model_validate({"algo": "iterative_dpo", "learner": {"micro_batch_size": 3}})
+
+
+def test_iterative_dpo_starts_at_log2_and_raises_the_margin(tiny_cfg) -> None:
+    from dashrl.learner.learner import Learner
+
+    cfg = tiny_cfg.model_copy(update={"algo": "iterative_dpo"}, deep=True)
+    cfg.learner.lr, cfg.learner.ref_update_every = 1e-3, 0
+    learner = Learner(cfg, connect=False)
+    batch = _samples([([5, 6, 7], 1.0, 1.0), ([8, 9], 0.0, -1.0)])
+    m = learner.train_micro_batch(batch, 1.0)
+    assert m["learner/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert m["learner/dpo_pairs"] == 1
+    learner.optimizer_step()
+    m = learner.train_micro_batch(batch, 1.0)
+    assert m["learner/dpo_margin"] > 0 and m["learner/loss"] < math.log(2)
+    learner.optimizer.zero_grad()
+    cfg.learner.ref_update_every = 1
+    assert learner.update_reference(step=1)  # the reference becomes the current policy
+    assert learner.train_micro_batch(batch, 1.0)["learner/loss"] == pytest.approx(math.log(2))
+    unpaired = learner.train_micro_batch(batch[:1], 1.0)  # half a pair: no loss, no crash
+    assert unpaired["learner/dpo_pairs"] == 0 and unpaired["learner/loss"] == 0.0

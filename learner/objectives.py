@@ -1,0 +1,174 @@
+"""One loss per algorithm family, on a collated micro-batch: what ``--algo`` changes in the learner.
+
+Every objective gets the same inputs (the micro-batch, the policy's hidden states at the
+completion positions, the token logprobs and the version lag) and returns the scalar
+loss plus its metrics. The formulas live in :mod:`dashrl.learner.loss` and
+:mod:`dashrl.learner.critic` as pure tensor functions; this module only wires them:
+
+- surrogate (grpo, dr_grpo, reinforce, reinforce_rej, raft_pp): PPO/DAPO clipped surrogate
+  with the actor's sequence advantage and staleness-aware clipping;
+- sft (raft, expert_iteration, rcrl, sft): weighted NLL of the selected samples;
+- ppo: token-level GAE advantages from the learner's critic, clipped surrogate, value loss,
+  and optionally a dense reward from the learned ORM (Havrilla et al. 2024);
+- dpo (iterative_dpo): DPO on the (chosen, rejected) pairs the queue serves together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dashrl.actors.advantages import SFT_ALGOS
+from dashrl.learner import critic as C
+from dashrl.learner.batch import MicroBatch, token_logprobs
+from dashrl.learner.loss import clipped_surrogate, dpo_loss, sequence_logprobs, weighted_nll
+
+if TYPE_CHECKING:
+    from dashrl.learner.learner import Learner
+
+
+@dataclass
+class Inputs:
+    """What every objective receives for one micro-batch.
+
+    Attributes:
+        batch: the collated micro-batch.
+        hidden: [B, T, H] policy hidden states s_t at the completion positions.
+        logprobs: [B, T] log pi_theta of the completion tokens (with grad).
+        lag: int64 [B] version lag of each sample.
+    """
+
+    batch: MicroBatch
+    hidden: torch.Tensor
+    logprobs: torch.Tensor
+    lag: torch.Tensor
+
+
+def _agg(learner: Learner) -> tuple[str, float]:
+    lc, cfg = learner.cfg.learner, learner.cfg
+    agg = lc.loss_agg or ("seq_sum_const" if cfg.algo == "dr_grpo" else "token_mean")
+    return agg, float(cfg.actor.max_new_tokens)
+
+
+def _surrogate(learner: Learner, x: Inputs, advantages: torch.Tensor):
+    lc = learner.cfg.learner
+    agg, const_len = _agg(learner)
+    return clipped_surrogate(
+        x.logprobs, x.batch.behaviour_logprobs, advantages, x.batch.mask, x.lag,
+        lc.clip_eps_low, lc.clip_eps_high, lc.staleness_clip_decay, agg=agg, const_len=const_len,
+    )  # fmt: skip
+
+
+def _diagnostics(out) -> dict[str, float]:
+    return {
+        "learner/clip_frac": float(out.clip_frac),
+        "learner/approx_kl_behaviour": float(out.approx_kl),
+        "learner/ratio_mean": float(out.ratio_mean),
+    }
+
+
+def surrogate_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate with the actor's per-sequence advantages (GRPO and relatives)."""
+    out = _surrogate(learner, x, x.batch.advantages)
+    return out.loss, _diagnostics(out)
+
+
+def sft_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted NLL on the selected samples (RAFT, Expert Iteration, RCRL, SFT).
+
+    The surrogate's clip fraction and ratio are still reported as off-policyness
+    diagnostics; they do not enter the loss."""
+    agg, const_len = _agg(learner)
+    loss = weighted_nll(x.logprobs, x.batch.advantages, x.batch.mask, agg, const_len)
+    with torch.no_grad():
+        diag = _diagnostics(_surrogate(learner, x, x.batch.advantages))
+    return loss, diag
+
+
+def ppo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO with a critic (Havrilla et al. 2024; Schulman et al. 2017): token rewards (sparse
+    verifier reward on the last token, plus ORM potential shaping when reward.dense is
+    "orm"), GAE with the current critic, whitened advantages in the clipped surrogate, and
+    vf_coef * value loss (+ the ORM's own BCE loss)."""
+    pc, rc = learner.cfg.ppo, learner.cfg.reward
+    b, mask = x.batch, x.batch.mask
+    h = x.hidden.detach() if pc.detach_critic else x.hidden
+    values = learner.critic(h)  # [B, T]
+    token_rewards = C.sparse_token_rewards(b.rewards, mask)
+    metrics: dict[str, float] = {}
+    loss = torch.zeros(())
+    if learner.orm is not None:
+        orm_logits = learner.orm(x.hidden.detach())
+        correct = (b.rewards >= 1).float()
+        orm = C.orm_loss(orm_logits, correct, mask)
+        loss = loss + orm
+        with torch.no_grad():
+            phi = torch.sigmoid(orm_logits)
+            token_rewards = token_rewards + rc.dense_coef * C.potential_shaping(phi, mask, pc.gamma)
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            p_end = phi[torch.arange(len(last)), last]
+            metrics["learner/orm_loss"] = float(orm.detach())
+            metrics["learner/orm_acc"] = float(((p_end > 0.5).float() == correct).float().mean())
+    adv, returns = C.gae(token_rewards, values.detach(), mask, pc.gamma, pc.lam)
+    out = _surrogate(learner, x, C.whiten(adv, mask))
+    vloss = C.value_loss(values, returns, mask)
+    loss = loss + out.loss + pc.vf_coef * vloss
+    n = mask.sum()
+    metrics.update(_diagnostics(out))
+    metrics.update({
+        "learner/policy_loss": float(out.loss.detach()),
+        "learner/value_loss": float(vloss.detach()),
+        "learner/value_mean": float((values.detach() * mask).sum() / n),
+        "learner/explained_var": C.explained_variance(values.detach(), returns, mask),
+        "learner/gae_adv_mean": float((adv * mask).sum() / n),
+    })  # fmt: skip
+    return loss, metrics
+
+
+def dpo_pairs(prompt_ids: list[str], advantages: list[float]) -> list[tuple[int, int]]:
+    """(chosen, rejected) index pairs of a DPO micro-batch: the queue serves each pair as
+    adjacent samples of the same prompt with advantages of opposite sign. Anything else
+    (e.g. half a pair dropped by the learner's vocabulary check) is left unpaired."""
+    pairs, i = [], 0
+    while i + 1 < len(advantages):
+        a, b = advantages[i], advantages[i + 1]
+        if prompt_ids[i] == prompt_ids[i + 1] and a * b < 0:
+            pairs.append((i, i + 1) if a > 0 else (i + 1, i))
+            i += 2
+        else:
+            i += 1
+    return pairs
+
+
+def dpo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO (Rafailov et al. 2023, Eq. 7) on the micro-batch's pairs against the reference
+    model (iterative/online DPO: Xiong et al. 2025's baseline). A micro-batch without a
+    complete pair contributes a zero loss (and ``learner/dpo_pairs`` 0) instead of failing."""
+    b = x.batch
+    pairs = dpo_pairs(b.prompt_keys, b.advantages.tolist())
+    if not pairs:
+        return x.logprobs.sum() * 0.0, {"learner/dpo_pairs": 0.0}
+    w, lo = (torch.tensor(i) for i in zip(*pairs, strict=True))
+    seq = sequence_logprobs(x.logprobs, b.mask)
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(learner.ref_model, b, learner.cfg.actor.temperature)
+        ref = sequence_logprobs(ref_logp, b.mask)
+    out = dpo_loss(seq[w], seq[lo], ref[w], ref[lo], learner.cfg.learner.dpo_beta)
+    return out.loss, {
+        "learner/dpo_margin": float(out.margin),
+        "learner/dpo_acc": float(out.accuracy),
+        "learner/dpo_pairs": float(len(pairs)),
+    }
+
+
+def objective_for(algo: str):
+    """The objective function of ``--algo``."""
+    if algo == "ppo":
+        return ppo_objective
+    if algo == "iterative_dpo":
+        return dpo_objective
+    if algo in SFT_ALGOS:
+        return sft_objective
+    return surrogate_objective
