@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from dashrl.actors.advantages import ESTIMATORS, Estimator, dedupe_advantages, grpo_advantages
+from dashrl.actors.advantages import Estimator, dedupe_advantages, estimator_for, grpo_advantages
 from dashrl.actors.engine import Generation, GenerationEngine, HFEngine
 from dashrl.actors.tasks import (
     Problem,
@@ -96,6 +96,7 @@ class Actor:
             rank=1 + index,
             timeout_s=cfg.learner.weight_sync_timeout_s,
         )
+        self.estimator = estimator_for(cfg.algo, cfg.actor.reinforce_baseline)
         self._prompt_cache: dict[tuple[str, bool | None], list[int]] = {}
         self.groups_sent = 0
         self.tokens_generated = 0
@@ -132,7 +133,7 @@ class Actor:
             t0 = time.perf_counter()
             texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
             rewards, adv = score_group(
-                self.task, problem, texts, a.advantage_eps, ESTIMATORS[self.cfg.algo],
+                self.task, problem, texts, a.advantage_eps, self.estimator,
                 [g.finish_reason == "stop" for g in gens], self.cfg.reward.format_coef,
             )  # fmt: skip
             if self.cfg.algo == "expert_iteration":

@@ -8,6 +8,7 @@ keeps only its best samples without a special path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -52,19 +53,42 @@ def dr_grpo_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
     return (r - r.mean()).astype(np.float32)
 
 
-def reinforce_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
-    """Reinforce (Minimal-RL, Xiong et al. 2025, "Reinforce"): A_i = r_i, no baseline."""
-    return _check(rewards).astype(np.float32)
+def reinforce_advantages(
+    rewards: np.ndarray, eps: float = 0.0, baseline: str = "none"
+) -> np.ndarray:
+    """Reinforce (Minimal-RL, Xiong et al. 2025, "Reinforce"; Williams 1992): A_i = r_i - b_i.
+
+    Baselines: "none" (b = 0, the paper's vanilla Reinforce), "group_mean" (b = mean(r)),
+    "leave_one_out" (b_i = mean of the other G - 1 rewards, RLOO; Ahmadian et al. 2024).
+
+    Raises:
+        ValueError: bad rewards or an unknown baseline.
+    """
+    r = _check(rewards)
+    if baseline == "none":
+        b = np.zeros_like(r)
+    elif baseline == "group_mean":
+        b = np.full_like(r, r.mean())
+    elif baseline == "leave_one_out":
+        b = (r.sum() - r) / max(r.size - 1, 1)
+    else:
+        raise ValueError(f"unknown Reinforce baseline {baseline!r}; known: {REINFORCE_BASELINES}")
+    return (r - b).astype(np.float32)
 
 
-def reinforce_rej_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
-    """Reinforce-Rej (Minimal-RL, Xiong et al. 2025): A_i = r_i where 0 < #correct < G,
-    else the whole group is dropped (returns None). Correct means reward 1."""
+REINFORCE_BASELINES = ("none", "group_mean", "leave_one_out")
+
+
+def reinforce_rej_advantages(
+    rewards: np.ndarray, eps: float = 0.0, baseline: str = "none"
+) -> np.ndarray | None:
+    """Reinforce-Rej (Minimal-RL, Xiong et al. 2025): Reinforce where 0 < #correct < G, else
+    the whole group is dropped (returns None). Correct means reward >= 1."""
     r = _check(rewards)
     correct = int((r >= 1.0).sum())
     if correct == 0 or correct == r.size:
         return None
-    return r.astype(np.float32)
+    return reinforce_advantages(r, eps, baseline)
 
 
 def raft_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
@@ -132,6 +156,14 @@ def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
 
 
 Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
+
+
+def estimator_for(algo: str, reinforce_baseline: str = "none") -> Estimator:
+    """The estimator of ``--algo`` with its options bound (the Reinforce baseline)."""
+    if algo in ("reinforce", "reinforce_rej"):
+        return functools.partial(ESTIMATORS[algo], baseline=reinforce_baseline)
+    return ESTIMATORS[algo]
+
 
 ESTIMATORS: dict[str, Estimator] = {
     "grpo": grpo_advantages,

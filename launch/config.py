@@ -65,6 +65,9 @@ class ActorConfig(_Strict):
     oversubscription (measured in README)."""
     advantage_eps: float = 1e-6
     """eps in the GRPO advantage (r - mean) / (std + eps)."""
+    reinforce_baseline: Literal["none", "group_mean", "leave_one_out"] = "none"
+    """Baseline of reinforce / reinforce_rej: none (A = r, Minimal-RL's Reinforce), the group
+    mean, or leave-one-out (RLOO)."""
 
 
 class QueueConfig(_Strict):

@@ -25,6 +25,15 @@ def test_estimators_by_hand() -> None:
     np.testing.assert_allclose(dr_grpo_advantages(r), [0.5, -0.5, -0.5, 0.5])
     np.testing.assert_allclose(reinforce_advantages(r), r)
     np.testing.assert_allclose(reinforce_rej_advantages(r), r)
+    np.testing.assert_allclose(reinforce_advantages(r, baseline="group_mean"), r - 0.5)
+    np.testing.assert_allclose(  # RLOO: b_i = mean of the other three
+        reinforce_advantages(r, baseline="leave_one_out"), [1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]
+    )
+    np.testing.assert_allclose(
+        reinforce_rej_advantages(r, baseline="leave_one_out"), [2 / 3, -2 / 3, -2 / 3, 2 / 3]
+    )
+    with pytest.raises(ValueError, match="baseline"):
+        reinforce_advantages(r, baseline="median")
     assert reinforce_rej_advantages(np.ones(4)) is None  # all correct: dropped
     assert reinforce_rej_advantages(np.array([0.0, 0.5])) is None  # none fully correct
     np.testing.assert_allclose(raft_advantages(np.array([0.0, 1.0, 0.5, 1.0])), [0, 1, 0, 1])
