@@ -122,6 +122,17 @@ class LearnerConfig(_Strict):
     """iterative_dpo: inverse temperature beta of DPO's implicit reward."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
+    backend: Literal["auto", "deepspeed", "torch"] = "auto"
+    """How the policy is stepped: DeepSpeed (deepspeed.initialize, ZeRO) or plain torch, with
+    the same AdamW update (learner/backend.py). auto: DeepSpeed when it imports."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+
+    gradients), 3 (+ parameters; gathered one at a time for the weight broadcast)."""
+    bf16: bool = False
+    """DeepSpeed bf16 training (on GPU). On this CPU, fp32 is faster (README)."""
+    num_ranks: int = Field(1, ge=1)
+    """Learner processes (data parallel through DeepSpeed; started with torchrun). Only rank 0
+    talks to the queue and the actors; each micro-batch is split across ranks."""
     torch_threads: int = Field(1, ge=1)
     """Torch/OpenMP threads of the learner process."""
     checkpoint_every: int = Field(0, ge=0)
@@ -183,6 +194,8 @@ class TransportConfig(_Strict):
     """Queue ROUTER port for micro-batch requests (0: pick a free port)."""
     dist_port: int = 0
     """torch.distributed rendezvous port for the weight broadcast (0: pick a free port)."""
+    learner_port: int = 0
+    """Rendezvous port of the learner's own ranks (torchrun; 0: pick a free port)."""
     send_hwm: int = 64
     """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
     falls behind, sends block (backpressure) instead of dropping."""
@@ -236,6 +249,8 @@ class Config(_Strict):
         if self.reward.dense != "none" and self.algo != "ppo":
             raise ValueError("reward.dense needs token-level advantages: use it with --algo ppo")
         lc = self.learner
+        if lc.num_ranks > 1 and lc.backend == "torch":
+            raise ValueError("learner.num_ranks > 1 needs the DeepSpeed backend")
         if self.algo == "iterative_dpo" and lc.micro_batch_unit == "sequences":
             if lc.micro_batch_size % 2:
                 raise ValueError("iterative_dpo serves (chosen, rejected) pairs: "

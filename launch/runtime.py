@@ -24,7 +24,7 @@ def setup_logging(role: str, level: int = logging.INFO) -> logging.Logger:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for noisy in ("transformers", "urllib3", "httpx", "filelock"):
+    for noisy in ("transformers", "urllib3", "httpx", "filelock", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(f"dashrl.{role}")
 

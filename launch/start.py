@@ -59,6 +59,7 @@ def resolve(cfg: Config) -> Config:
             "rollout_port": t.rollout_port or free_port(t.host),
             "request_port": t.request_port or free_port(t.host),
             "dist_port": t.dist_port or free_port(t.host),
+            "learner_port": t.learner_port or free_port(t.host),
         }
     )
     model = cfg.model.model_copy(
@@ -78,13 +79,17 @@ class Children:
         self.logs.mkdir(exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, role: str, module: str, *args: str) -> subprocess.Popen:
+    def spawn(
+        self, role: str, module: str, *args: str, launcher: list[str] | None = None
+    ) -> subprocess.Popen:
+        """Start ``python -m module args`` (or ``python -m <launcher...> module args``, e.g.
+        torchrun) in its own session, logging to logs/<role>.log."""
         out = (self.logs / f"{role}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
         # stops the learner first (so it checkpoints) and the others after.
         p = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [sys.executable, "-m", *(launcher or []), module, *args],
             stdout=out,
             stderr=out,
             env=env,
@@ -194,7 +199,11 @@ def run(cfg: Config) -> dict:
         children.spawn("queue", "dashrl.queue.server", config_path)
         for i in range(cfg.actor.num_actors):
             children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i))
-        children.spawn("learner", "dashrl.learner.learner", config_path)
+        ranks, t = cfg.learner.num_ranks, cfg.transport
+        torchrun = ["torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-addr={t.host}",
+                    f"--master-port={t.learner_port}", "--module"]  # fmt: skip
+        children.spawn("learner", "dashrl.learner.learner", config_path,
+                       launcher=torchrun if ranks > 1 else None)  # fmt: skip
         follow(cfg, children, interrupted)
     finally:
         children.stop_all()

@@ -130,3 +130,31 @@ def token_logprobs(
     """
     h = completion_hidden(model, batch)
     return logprobs_from_hidden(model, h, batch.targets, temperature, with_entropy)
+
+
+class PolicyForward(torch.nn.Module):
+    """The learner's forward pass as one module: hidden states at the completion positions,
+    their token logprobs and (optionally) entropies.
+
+    It exists so a DeepSpeed engine can run the forward itself (``engine(batch, ...)``):
+    ZeRO-3 gathers parameters and counts micro-steps in the engine's forward, and a
+    forward that bypassed it would silently drop all but the last micro-batch's gradient
+    (measured). The torch backend calls the same module directly.
+
+    Args:
+        model: an HF causal LM (``get_decoder`` / ``get_output_embeddings``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: MicroBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (hidden [B, T, H], logprobs [B, T] float32, entropy [B, T] or None)."""
+        h = completion_hidden(self.model, batch)
+        logp, entropy = logprobs_from_hidden(
+            self.model, h, batch.targets, temperature, with_entropy
+        )
+        return h, logp, entropy

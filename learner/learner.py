@@ -6,12 +6,16 @@ backprops small ones):
      highest-|A| samples, recompute their logprobs under the current policy, and
      backprop the staleness-aware clipped surrogate, scaled by 1/micro_batches_per_step
      so the accumulated gradient is the mean over micro-batches;
-  2. clip the gradient norm and take an AdamW step (skipped, and counted, if the loss or
-     gradient is not finite: the last good weights stay and the version does not move);
+  2. clip the gradient norm and take an AdamW step through the backend (DeepSpeed ZeRO or
+     plain torch, learner/backend.py; skipped, and counted, if the loss or gradient is not
+     finite: the last good weights stay and the version does not move);
   3. bump the policy version and broadcast the weights to every actor;
   4. write one metrics row to ``metrics.jsonl``.
 SIGTERM/SIGINT or the time limit ends the loop after the current step; the final
 weights are saved as an HF checkpoint either way.
+
+With several learner ranks (``learner.num_ranks``, started by torchrun) only rank 0 talks to
+the queue, the actors and the metrics file; learner/ranks.py shares each micro-batch.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import torch
 
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
-from dashrl.learner.batch import collate, completion_hidden, logprobs_from_hidden, token_logprobs
+from dashrl.learner.backend import init_ranks, make_backend
+from dashrl.learner.batch import PolicyForward, collate, token_logprobs
 from dashrl.learner.critic import ScalarHead
 from dashrl.learner.loss import k3_kl
 from dashrl.learner.objectives import Inputs, objective_for
+from dashrl.learner.ranks import shard, share_micro_batch
 from dashrl.learner.weights import WeightSender
 from dashrl.protocol import Sample
 from dashrl.queue.client import QueueClient
@@ -38,17 +44,21 @@ from dashrl.queue.client import QueueClient
 log = logging.getLogger("dashrl.learner")
 
 
-def save_checkpoint(
-    model, tokenizer, out: Path, version: int, step: int, heads: dict | None = None
-) -> Path:
-    """Save an HF-format checkpoint (``save_pretrained``) with the policy version next to it,
-    and the critic/ORM heads (PPO) in ``heads.pt`` (a dict of state dicts)."""
+def save_checkpoint(learner: Learner, out: Path, step: int) -> Path:
+    """Save an HF-format checkpoint (``save_pretrained``) of the full policy with the policy
+    version next to it (``dashrl_state.json``), the critic/ORM heads (PPO) in ``heads.pt``,
+    and the backend's optimizer state. Every rank must call it (ZeRO-3 gathers); rank 0
+    writes the HF files."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if heads:
-        torch.save({k: h.state_dict() for k, h in heads.items()}, out / "heads.pt")
-    (out / "dashrl_state.json").write_text(json.dumps({"version": version, "step": step}))
+    state = learner.backend.full_state_dict()
+    if learner.rank == 0:
+        learner.model.save_pretrained(out, state_dict=state)
+        learner.tokenizer.save_pretrained(out)
+        if learner.heads:
+            torch.save({k: h.state_dict() for k, h in learner.heads.items()}, out / "heads.pt")
+        info = {"version": learner.version, "step": step, "backend": learner.backend.name}
+        (out / "dashrl_state.json").write_text(json.dumps(info))
+    learner.backend.save_state(out)
     return out
 
 
@@ -59,6 +69,9 @@ class Learner:
         cfg: the resolved run config.
         connect: when False, skip the queue and weight group (unit tests drive
             :meth:`train_micro_batch` directly).
+
+    Raises:
+        ImportError: ``learner.backend`` is "deepspeed" and DeepSpeed does not import.
     """
 
     def __init__(self, cfg: Config, connect: bool = True):
@@ -67,12 +80,16 @@ class Learner:
         self.cfg = cfg
         lc = cfg.learner
         torch.manual_seed(cfg.seed)
+        self.rank, self.world = init_ranks()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.model = load_causal_lm(cfg.model.path, train=True)
+        self.backend = make_backend(PolicyForward(load_causal_lm(cfg.model.path, train=True)), lc)
+        self.model = self.backend.module.model  # the HF model (eval, checkpoints)
         needs_ref = lc.kl_coef > 0 or cfg.algo == "iterative_dpo"
         self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None
-        # PPO's critic and the dense-reward ORM: small heads on the policy's hidden states
+        # PPO's critic and the dense-reward ORM: small heads on the policy's hidden states,
+        # with their own AdamW and clipping (a fresh critic's large gradient must not shrink
+        # the policy's step through a shared global norm; they are never sharded).
         hidden, pc = self.model.config.hidden_size, cfg.ppo
         self.heads: dict[str, ScalarHead] = {}
         if cfg.algo == "ppo":
@@ -80,26 +97,35 @@ class Learner:
         if cfg.reward.dense == "orm":
             self.heads["orm"] = ScalarHead(hidden, pc.head_hidden)
         self.critic, self.orm = self.heads.get("critic"), self.heads.get("orm")
-        groups = [{"params": list(self.model.parameters()), "lr": lc.lr}]
-        if self.heads:
-            head_params = [p for h in self.heads.values() for p in h.parameters()]
-            groups.append({"params": head_params, "lr": pc.head_lr})
-        self.optimizer = torch.optim.AdamW(groups, betas=lc.betas, weight_decay=lc.weight_decay)
+        head_params = [p for h in self.heads.values() for p in h.parameters()]
+        self.head_optimizer = (
+            torch.optim.AdamW(head_params, lr=pc.head_lr, betas=lc.betas) if head_params else None
+        )
         self.objective = objective_for(cfg.algo)
         self.version = 0
         self.skipped_steps = 0
         self.rejected_samples = 0
         self.queue = self.sender = None
-        if connect:
+        if connect and self.rank == 0:
             t = cfg.transport
             self.queue = QueueClient(f"tcp://{t.host}:{t.request_port}")
             log.info("waiting for %d actor(s) to join the weight group", cfg.actor.num_actors)
             self.sender = WeightSender(
-                list(self.model.parameters()),
+                self.backend.parameter_shapes(),
                 init_method=f"tcp://{t.host}:{t.dist_port}",
                 world_size=1 + cfg.actor.num_actors,
                 timeout_s=lc.weight_sync_timeout_s,
             )
+
+    def broadcast_weights(self) -> float:
+        """Send the full weights to the actors as the current version (all ranks call it:
+        ZeRO-3 gathers parameter by parameter; rank 0 sends). Returns seconds taken."""
+        params = self.backend.iter_full_parameters()
+        if self.sender is None:
+            for _ in params:  # other ranks take part in the gathers only
+                pass
+            return 0.0
+        return self.sender.send(self.version, params)
 
     def next_micro_batch(
         self, stop: StopFlag, deadline: float = math.inf
@@ -134,8 +160,11 @@ class Learner:
                         len(samples) - len(ok), vocab, self.rejected_samples)  # fmt: skip
         return ok
 
-    def train_micro_batch(self, samples: list[Sample], scale: float) -> dict[str, float]:
-        """Forward + backward of one micro-batch with its loss multiplied by ``scale``.
+    def train_micro_batch(
+        self, samples: list[Sample], scale: float, last: bool = True
+    ) -> dict[str, float]:
+        """Forward + backward of one micro-batch with its loss multiplied by ``scale``;
+        ``last`` marks the micro-batch that ends the gradient accumulation.
 
         The loss is the algorithm's objective (learner/objectives.py), plus the k3 KL to
         the reference model when ``learner.kl_coef`` > 0. Returns the micro-batch's metrics
@@ -144,10 +173,7 @@ class Learner:
         lc, ac = self.cfg.learner, self.cfg.actor
         batch = collate(samples, self.pad_id)
         lag = self.version - batch.policy_versions
-        h = completion_hidden(self.model, batch)
-        logp, entropy = logprobs_from_hidden(
-            self.model, h, batch.targets, ac.temperature, with_entropy=True
-        )
+        h, logp, entropy = self.backend.forward(batch, ac.temperature, with_entropy=True)
         loss, metrics = self.objective(self, Inputs(batch, h, logp, lag))
         m = batch.mask
         n = m.sum()
@@ -157,7 +183,7 @@ class Learner:
             kl = k3_kl(logp, ref_logp, m)
             loss = loss + lc.kl_coef * kl
             metrics["learner/kl_ref"] = float(kl.detach())
-        (loss * scale).backward()
+        self.backend.backward(loss * scale, last)
         with torch.no_grad():
             mismatch = ((logp - batch.behaviour_logprobs).abs() * m).sum() / n
         metrics.update(
@@ -203,22 +229,33 @@ class Learner:
         }
 
     def optimizer_step(self) -> tuple[float, bool]:
-        """Clip gradients and step; returns (grad norm, whether the step was taken)."""
-        # Policy and heads are clipped separately: a fresh critic's large gradient must not
-        # shrink the policy's step through a shared global norm. The policy's norm is reported.
-        norms = [
-            float(torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.learner.max_grad_norm))
-            for g in self.optimizer.param_groups
-        ]
-        norm = norms[0]
-        ok = all(math.isfinite(x) for x in norms)
-        if ok:
-            self.optimizer.step()
+        """Clip gradients and step the policy (through the backend) and the heads; returns
+        (policy grad norm, whether the step was taken). A non-finite gradient anywhere skips
+        both and keeps the last good weights."""
+        head_ok = True
+        if self.head_optimizer is not None:
+            params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
+            hn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.max_grad_norm))
+            head_ok = math.isfinite(hn)
+        if head_ok:
+            norm, ok = self.backend.step()
         else:
+            self.backend.zero_grad()
+            norm, ok = float("nan"), False
+        if self.head_optimizer is not None:
+            if ok:
+                self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+        if not ok:
             self.skipped_steps += 1
             log.warning("non-finite gradient norm: step skipped (%d so far)", self.skipped_steps)
-        self.optimizer.zero_grad(set_to_none=True)
         return norm, ok
+
+    def zero_grad(self) -> None:
+        """Abandon the accumulated gradients (a partial or non-finite step)."""
+        self.backend.zero_grad()
+        if self.head_optimizer is not None:
+            self.head_optimizer.zero_grad(set_to_none=True)
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -233,47 +270,72 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _any_rank(flag: bool, world: int) -> bool:
+    """True if ``flag`` holds on any learner rank (all ranks must agree to skip a step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
     """The learner's main loop (see module docstring). Returns the last metrics row."""
     run_dir = Path(cfg.run_dir)
     lc = cfg.learner
     learner = Learner(cfg)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    learner.sender.send(learner.version)  # actors start from exactly the learner's weights
+    rank, world = learner.rank, learner.world
+    unit = 2 if cfg.algo == "iterative_dpo" else 1  # DPO pairs stay on one rank
+    metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    learner.broadcast_weights()  # actors start from exactly the learner's weights
     start = time.monotonic()
+    deadline = start + cfg.time_limit_s
     row: dict[str, float] = {}
     step = 0
     try:
-        while step < lc.steps and not stop:
-            if time.monotonic() - start > cfg.time_limit_s:
-                log.info("time limit of %.0f s reached after %d steps", cfg.time_limit_s, step)
-                break
+        while True:
+            if rank == 0:  # rank 0 decides when training ends; the others follow
+                if step >= lc.steps or stop:
+                    break
+                if time.monotonic() > deadline:
+                    log.info("time limit of %.0f s reached after %d steps", cfg.time_limit_s, step)
+                    break
             t_step = time.perf_counter()
             mb_rows, wait_s, queue_stats = [], 0.0, {}
-            for _ in range(lc.micro_batches_per_step):
-                samples, stats, waited = learner.next_micro_batch(stop, start + cfg.time_limit_s)
+            n = lc.micro_batches_per_step
+            for i in range(n):
+                samples: list[Sample] = []
+                if rank == 0:
+                    samples, stats, waited = learner.next_micro_batch(stop, deadline)
+                    wait_s += waited
+                    queue_stats.update(stats)
+                if world > 1:
+                    samples = share_micro_batch(samples, rank)
                 if not samples:
                     break
-                wait_s += waited
-                queue_stats.update(stats)
-                mb_rows.append(learner.train_micro_batch(samples, 1.0 / lc.micro_batches_per_step))
+                mine, weight = shard(samples, rank, world, unit)
+                mb_rows.append(learner.train_micro_batch(mine, weight / n, last=i == n - 1))
             # Stopped or out of time while waiting for data: drop the partial step.
-            if len(mb_rows) < lc.micro_batches_per_step:
-                learner.optimizer.zero_grad(set_to_none=True)
+            if len(mb_rows) < n:
+                learner.zero_grad()
                 break
-            if all(math.isfinite(r["learner/loss"]) for r in mb_rows):
-                grad_norm, took = learner.optimizer_step()
-            else:  # a NaN/inf loss: skip the step, keep the last good weights
-                learner.optimizer.zero_grad(set_to_none=True)
+            if _any_rank(not all(math.isfinite(r["learner/loss"]) for r in mb_rows), world):
+                learner.zero_grad()  # a NaN/inf loss: skip the step, keep the last good weights
                 learner.skipped_steps += 1
                 grad_norm, took = float("nan"), False
+            else:
+                grad_norm, took = learner.optimizer_step()
             step += 1
             broadcast_s = 0.0
             if took:  # a skipped step changes no weight: no new version to send
                 learner.version += 1
-                broadcast_s = learner.sender.send(learner.version)
+                broadcast_s = learner.broadcast_weights()
                 learner.update_reference(step)
             step_s = time.perf_counter() - t_step
+            if lc.checkpoint_every and step % lc.checkpoint_every == 0:
+                save_checkpoint(learner, run_dir / "checkpoints" / f"step_{step}", step)
+            if rank != 0:
+                continue
             row = {
                 "step": step,
                 "version": learner.version,
@@ -286,44 +348,33 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
                 "learner/rejected_replies": float(learner.queue.rejected_replies),
                 "learner/rejected_samples": float(learner.rejected_samples),
                 "learner/micro_batches_per_step": float(len(mb_rows)),
+                "learner/ranks": float(world),
                 "learner/step_s": step_s,
                 "learner/queue_wait_s": wait_s,
                 "learner/broadcast_s": broadcast_s,
             }
-            row["learner/tokens_per_s"] = row["learner/tokens"] / max(step_s - wait_s, 1e-9)
+            row["learner/tokens_per_s"] = row["learner/tokens"] * world / max(step_s - wait_s, 1e-9)
             every = cfg.eval.every_steps
             if every and step % every == 0 and step < lc.steps:
                 row.update(learner.evaluate_heldout())
             metrics.write(row)
-            if lc.checkpoint_every and step % lc.checkpoint_every == 0:
-                save_checkpoint(
-                    learner.model,
-                    learner.tokenizer,
-                    run_dir / "checkpoints" / f"step_{step}",
-                    learner.version,
-                    step,
-                    learner.heads,
-                )
     finally:
-        save_checkpoint(
-            learner.model,
-            learner.tokenizer,
-            run_dir / "checkpoints" / "final",
-            learner.version,
-            step,
-            learner.heads,
-        )
+        if rank == 0 and world > 1:
+            share_micro_batch([], rank)  # tell the other ranks to stop
+        save_checkpoint(learner, run_dir / "checkpoints" / "final", step)
         log.info("saved final checkpoint at step %d (version %d)", step, learner.version)
-        metrics.close()
-        learner.queue.close()
-        learner.sender.close()
+        if rank == 0:
+            metrics.close()
+            learner.queue.close()
+            learner.sender.close()
     return row
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m dashrl.learner.learner <config.json>``."""
     argv = argv if argv is not None else sys.argv[1:]
-    setup_logging("learner")
+    rank, _ = init_ranks()
+    setup_logging("learner" if rank == 0 else f"learner{rank}")
     cfg = load_config(Path(argv[0]))
     set_thread_budget(cfg.learner.torch_threads)
     train(cfg, StopFlag())

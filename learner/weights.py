@@ -3,8 +3,13 @@
 Each update is two broadcasts: a fixed-size header tensor holding an encoded
 :class:`~dashrl.protocol.WeightsVersion` frame, then one flat buffer with every
 parameter in ``model.parameters()`` order (tied weights appear once, so SmolLM2's tied
-embedding/LM head stays tied on the receiving side). gloo on CPU; the same calls run on
-NCCL when the tensors live on a GPU.
+embedding/LM head stays tied on the receiving side). gloo on CPU; NCCL when the tensors
+live on a GPU.
+
+The group is *stateless*: a process group built directly on its own TCPStore, not
+torch.distributed's default group. The default group belongs to the learner's own ranks
+(DeepSpeed ZeRO data parallelism), and the learner-to-actors group is a second, separate
+world (as TRL, OpenRLHF and prime-rl do for their vLLM weight sync).
 
 Receivers never make the learner wait for a generation to finish: each actor runs a
 thread that sits in the broadcast, lands the weights in a staging buffer and swaps it
@@ -19,6 +24,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 
 import torch
@@ -40,17 +46,49 @@ def layout_hash(params: list[torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _init_group(
-    init_method: str, world_size: int, rank: int, timeout_s: float, device: torch.device
-) -> None:
-    backend = "nccl" if device.type == "cuda" else "gloo"  # NCCL moves CUDA tensors only
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        world_size=world_size,
-        rank=rank,
-        timeout=timedelta(seconds=timeout_s),
-    )
+class StatelessGroup:
+    """A broadcast-only process group on its own TCPStore, independent of the default group.
+
+    Args:
+        init_method: "tcp://HOST:PORT"; rank 0 hosts the store there.
+        world_size, rank: this group's size and this process's rank in it.
+        timeout_s: rendezvous and collective timeout, in seconds.
+        device: where the broadcast tensors live (cuda: NCCL, else gloo).
+
+    Raises:
+        ValueError: init_method is not tcp://HOST:PORT.
+        RuntimeError / DistNetworkError: the rendezvous failed or timed out.
+    """
+
+    def __init__(
+        self, init_method: str, world_size: int, rank: int, timeout_s: float, device: torch.device
+    ):
+        if not init_method.startswith("tcp://") or ":" not in init_method[6:]:
+            raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
+        host, port = init_method[6:].rsplit(":", 1)
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
+                                   timeout=timeout)  # fmt: skip
+        if device.type == "cuda":  # NCCL moves CUDA tensors only
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+        else:
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        self.rank, self.world_size = rank, world_size
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """In-place broadcast of ``tensor`` from rank ``src`` (blocking)."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.pg.broadcast([tensor], opts).wait()
+
+    def close(self) -> None:
+        """Release the group (NCCL communicators are aborted; gloo needs nothing)."""
+        shutdown = getattr(self.pg, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except RuntimeError:
+                pass
 
 
 def _pack_header(msg: WeightsVersion) -> torch.Tensor:
@@ -88,31 +126,45 @@ class WeightSender:
         self.layout = layout_hash(params)
         self.world_size = world_size
         device = params[0].device
-        _init_group(init_method, world_size, 0, timeout_s, device)
+        if device.type == "meta":  # shapes only (a sharded backend): send from the compute device
+            cuda = torch.cuda.is_available()
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            )
+        self.group = StatelessGroup(init_method, world_size, 0, timeout_s, device)
         self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=device)
         self._header_device = device
 
-    def send(self, version: int) -> float:
-        """Broadcast the current parameters as ``version``; returns the seconds it took."""
+    def send(self, version: int, tensors: Iterable[torch.Tensor] | None = None) -> float:
+        """Broadcast the parameters as ``version``; returns the seconds it took.
+
+        Args:
+            version: the policy version to announce.
+            tensors: the full parameters in order, possibly produced one at a time (a ZeRO-3
+                backend gathers each only while it is copied); default: the ``params``
+                given at construction.
+        """
         t0 = time.perf_counter()
         offset = 0
         with torch.no_grad():
-            for p in self.params:
+            for p in self.params if tensors is None else tensors:
                 n = p.numel()
                 self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
                 offset += n
+        if offset != self.flat.numel():
+            raise ValueError(f"sent {offset} parameter values, the layout has {self.flat.numel()}")
         header = WeightsVersion(version, self.flat.numel() * 4, "float32", self.layout, time.time())
-        dist.broadcast(_pack_header(header).to(self._header_device), src=0)
-        dist.broadcast(self.flat, src=0)
+        self.group.broadcast(_pack_header(header).to(self._header_device))
+        self.group.broadcast(self.flat)
         return time.perf_counter() - t0
 
     def close(self) -> None:
         """Tell receivers to stop, then leave the process group."""
         try:
             stop = _pack_header(WeightsVersion(STOP_VERSION, 0, "float32", self.layout))
-            dist.broadcast(stop.to(self._header_device), 0)
+            self.group.broadcast(stop.to(self._header_device))
         finally:
-            dist.destroy_process_group()
+            self.group.close()
 
 
 class WeightReceiver:
@@ -144,7 +196,7 @@ class WeightReceiver:
         self.rejected = 0
         self.error: BaseException | None = None
         self.stopped = threading.Event()
-        _init_group(init_method, world_size, rank, timeout_s, self.device)
+        self.group = StatelessGroup(init_method, world_size, rank, timeout_s, self.device)
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
         self._thread.start()
 
@@ -152,7 +204,7 @@ class WeightReceiver:
         header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
         try:
             while True:
-                dist.broadcast(header, src=0)
+                self.group.broadcast(header)
                 msg = _unpack_header(header)
                 if msg.version == STOP_VERSION:
                     break
@@ -162,7 +214,7 @@ class WeightReceiver:
                     if ok
                     else torch.empty(msg.num_bytes // 4, dtype=torch.float32, device=self.device)
                 )
-                dist.broadcast(target, src=0)  # always receive, to stay in step with rank 0
+                self.group.broadcast(target)  # always receive, to stay in step with rank 0
                 if not ok:
                     self.rejected += 1
                     log.error(

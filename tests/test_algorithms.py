@@ -180,7 +180,7 @@ def test_iterative_dpo_starts_at_log2_and_raises_the_margin(tiny_cfg) -> None:
     learner.optimizer_step()
     m = learner.train_micro_batch(batch, 1.0)
     assert m["learner/dpo_margin"] > 0 and m["learner/loss"] < math.log(2)
-    learner.optimizer.zero_grad()
+    learner.zero_grad()
     cfg.learner.ref_update_every = 1
     assert learner.update_reference(step=1)  # the reference becomes the current policy
     assert learner.train_micro_batch(batch, 1.0)["learner/loss"] == pytest.approx(math.log(2))

@@ -41,7 +41,7 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
     for name in ("config.json", "summary.json", "plot.png", "logs/learner.log"):
         assert (run_dir / name).exists(), name
     state = json.loads((run_dir / "checkpoints" / "final" / "dashrl_state.json").read_text())
-    assert state == {"version": 3, "step": 3}
+    assert state == {"version": 3, "step": 3, "backend": "deepspeed"}
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["transport"]["rollout_port"] > 0 and saved["model"]["path"]
@@ -88,3 +88,26 @@ def test_sft_baseline_streams_reference_solutions(tiny_cfg) -> None:
             whole += 1
             assert c.reward == 1.0  # a whole solution ends with its answer
     assert whole > 0
+
+
+@pytest.mark.slow
+def test_two_rank_deepspeed_learner(tiny_cfg) -> None:
+    """torchrun starts 2 learner ranks (ZeRO-2 over gloo): rank 0 serves the queue and the
+    actors, rank 1 trains on its share of every micro-batch, both stop together."""
+    pytest.importorskip("deepspeed")
+    from dashrl.launch.start import run
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.learner.num_ranks, cfg.learner.backend, cfg.learner.zero_stage = 2, "deepspeed", 2
+    summary = run(cfg)
+    assert summary["learner_steps"] == 3 and summary["final_version"] == 3, summary
+    assert summary["exit_codes"]["learner"] == 0
+    rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
+    assert [r["learner/ranks"] for r in rows] == [2.0, 2.0, 2.0]
+    log_text = (cfg.run_dir / "logs" / "learner.log").read_text()
+    assert "[learner1]" in log_text and "saved final checkpoint" in log_text
+    groups = read_rollout_log(cfg.run_dir / ROLLOUT_LOG)
+    assert max(c.policy_version for g in groups for c in g.completions) >= 1
+    state = json.loads((cfg.run_dir / "checkpoints" / "final" / "dashrl_state.json").read_text())
+    assert state["version"] == 3 and state["backend"] == "deepspeed"
+    assert (cfg.run_dir / "checkpoints" / "final" / "deepspeed").is_dir()

@@ -58,7 +58,7 @@ def test_kl_penalty_to_the_reference_model(tiny_cfg) -> None:
     m0 = learner.train_micro_batch(batch, scale=1.0)
     assert m0["learner/kl_ref"] == pytest.approx(0.0, abs=1e-6)  # identical weights: KL 0
     learner.optimizer_step()
-    learner.optimizer.zero_grad()
+    learner.zero_grad()
     m1 = learner.train_micro_batch(batch, scale=1.0)
     assert m1["learner/kl_ref"] > 0  # the policy moved away from the reference
     no_kl = Learner(tiny_cfg, connect=False)

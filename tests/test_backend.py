@@ -1,0 +1,89 @@
+"""The DeepSpeed learner path against the plain torch path: same loss, same parameters.
+
+DeepSpeed runs here on its CPU accelerator (gloo), in this process's default group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dashrl.learner.learner import Learner
+from dashrl.protocol import Sample
+
+pytest.importorskip("deepspeed")
+
+
+def _sample(adv: float, completion: list[int], reward: float = 1.0) -> Sample:
+    c = np.array(completion, np.int32)
+    return Sample("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
+                  reward, adv, 0)  # fmt: skip
+
+
+MICRO_BATCHES = [
+    [_sample(1.0, [5, 6, 7]), _sample(-1.0, [8, 9], 0.0)],
+    [_sample(0.5, [10, 11, 12, 13])],
+]
+
+
+def _learner(tiny_cfg, backend: str, stage: int = 0, algo: str = "grpo") -> Learner:
+    cfg = tiny_cfg.model_copy(update={"algo": algo}, deep=True)
+    cfg.learner.backend, cfg.learner.zero_stage = backend, stage
+    cfg.learner.lr = 1e-3  # large enough that a wrong update would show
+    return Learner(cfg, connect=False)
+
+
+def _two_steps(learner: Learner, nan_first: bool = False) -> tuple[list[float], list[bool]]:
+    losses, took = [], []
+    for step in range(2):
+        for i, mb in enumerate(MICRO_BATCHES):
+            if nan_first and step == 0 and i == 0:  # a corrupted sample: NaN loss and gradient
+                mb = [_sample(float("nan"), [5, 6])]
+            m = learner.train_micro_batch(mb, 0.5, last=i == len(MICRO_BATCHES) - 1)
+            losses.append(m["learner/loss"])
+        took.append(learner.optimizer_step()[1])  # the backend's own non-finite check
+    return losses, took
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_step_matches_the_torch_step(tiny_cfg, stage: int) -> None:
+    ref = _learner(tiny_cfg, "torch")
+    ds = _learner(tiny_cfg, "deepspeed", stage)
+    assert ds.backend.name == "deepspeed" and ref.backend.name == "torch"
+    ref_losses, _ = _two_steps(ref)
+    ds_losses, _ = _two_steps(ds)
+    np.testing.assert_allclose(ds_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    want = ref.backend.full_state_dict()
+    got = ds.backend.full_state_dict()
+    assert want.keys() == got.keys()
+    init = _learner(tiny_cfg, "torch").backend.full_state_dict()
+    moved = max(float((want[k] - init[k]).abs().max()) for k in want)
+    assert moved > 1e-4  # the two steps really changed the weights
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_non_finite_gradient_is_skipped_on_both_paths(tiny_cfg, stage: int) -> None:
+    ref = _learner(tiny_cfg, "torch")
+    ds = _learner(tiny_cfg, "deepspeed", stage)
+    init = ref.backend.full_state_dict()
+    _, took_ref = _two_steps(ref, nan_first=True)
+    _, took_ds = _two_steps(ds, nan_first=True)
+    assert took_ref == took_ds == [False, True]
+    want, got = ref.backend.full_state_dict(), ds.backend.full_state_dict()
+    assert max(float((want[k] - init[k]).abs().max()) for k in want) > 1e-4  # step 2 applied
+    for k in want:
+        assert torch.isfinite(got[k]).all()
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ppo_heads_step_with_the_deepspeed_policy(tiny_cfg) -> None:
+    ds = _learner(tiny_cfg, "deepspeed", 2, algo="ppo")
+    ref = _learner(tiny_cfg, "torch", algo="ppo")
+    for learner in (ds, ref):
+        learner.train_micro_batch(MICRO_BATCHES[0], 1.0)
+        assert learner.optimizer_step()[1]
+    for a, b in zip(ds.critic.parameters(), ref.critic.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
