@@ -71,6 +71,11 @@ def resolve(cfg: Config) -> Config:
     return resolved
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+"""torch.distributed variables a child must not inherit from whoever started the launcher."""
+
+
 class Children:
     """The run's child processes, started with their own sessions and stopped by pid."""
 
@@ -85,7 +90,8 @@ class Children:
         """Start ``python -m module args`` (or ``python -m <launcher...> module args``, e.g.
         torchrun) in its own session, logging to logs/<role>.log."""
         out = (self.logs / f"{role}.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # torchrun sets its own
+        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
         # stops the learner first (so it checkpoints) and the others after.
         p = subprocess.Popen(

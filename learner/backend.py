@@ -132,17 +132,18 @@ class DeepSpeedBackend(TorchBackend):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        rank, world = init_ranks()
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            from dashrl.launch.runtime import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if "WORLD_SIZE" in os.environ:  # started by torchrun / the DeepSpeed launcher
+                deepspeed.init_distributed(dist_backend=backend)
+            else:  # a lone rank: a private rendezvous (DeepSpeed insists on LOCAL_RANK)
+                from dashrl.launch.runtime import free_port
+
+                os.environ.setdefault("LOCAL_RANK", "0")
+                deepspeed.init_distributed(
+                    dist_backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                    rank=0, world_size=1, auto_mpi_discovery=False,
+                )  # fmt: skip
         self.lc = lc
         self.stage = lc.zero_stage
         config = {
