@@ -113,6 +113,17 @@ class TorchBackend:
         """Optimizer state for a later resume (``optimizer.pt``)."""
         torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
 
+    def load_state(self, ckpt: Path) -> None:
+        """Restore what :meth:`save_state` wrote (the weights come from the HF checkpoint).
+
+        Raises:
+            FileNotFoundError: the checkpoint has no optimizer state of this backend.
+        """
+        path = ckpt / "optimizer.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no torch optimizer state to resume from")
+        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+
 
 class DeepSpeedBackend(TorchBackend):
     """The policy wrapped by ``deepspeed.initialize`` (see module docstring).
@@ -215,6 +226,19 @@ class DeepSpeedBackend(TorchBackend):
         """DeepSpeed's own checkpoint (sharded optimizer state) under ``out/deepspeed``;
         every rank must call it."""
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+
+    def load_state(self, ckpt: Path) -> None:
+        """Restore DeepSpeed's checkpoint (module and sharded optimizer state).
+
+        Raises:
+            FileNotFoundError: the checkpoint has no DeepSpeed state.
+        """
+        path = ckpt / "deepspeed"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no DeepSpeed state to resume from")
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="state")
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint with tag 'state'")
 
 
 def make_backend(model: torch.nn.Module, lc: LearnerConfig) -> TorchBackend:

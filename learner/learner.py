@@ -55,7 +55,9 @@ def save_checkpoint(learner: Learner, out: Path, step: int) -> Path:
         learner.model.save_pretrained(out, state_dict=state)
         learner.tokenizer.save_pretrained(out)
         if learner.heads:
-            torch.save({k: h.state_dict() for k, h in learner.heads.items()}, out / "heads.pt")
+            heads = {k: h.state_dict() for k, h in learner.heads.items()}
+            heads["optimizer"] = learner.head_optimizer.state_dict()
+            torch.save(heads, out / "heads.pt")
         info = {"version": learner.version, "step": step, "backend": learner.backend.name}
         (out / "dashrl_state.json").write_text(json.dumps(info))
     learner.backend.save_state(out)
@@ -116,6 +118,24 @@ class Learner:
                 world_size=1 + cfg.actor.num_actors,
                 timeout_s=lc.weight_sync_timeout_s,
             )
+
+    def load_state(self, ckpt: Path) -> int:
+        """Continue from a checkpoint written by :func:`save_checkpoint` (the policy weights
+        were loaded from it when ``model.path`` points there): optimizer state, heads and
+        policy version. Returns the step it was saved at.
+
+        Raises:
+            FileNotFoundError: a part of the checkpoint is missing.
+        """
+        self.backend.load_state(ckpt)
+        if self.heads:
+            saved = torch.load(ckpt / "heads.pt", weights_only=True)
+            for k, h in self.heads.items():
+                h.load_state_dict(saved[k])
+            self.head_optimizer.load_state_dict(saved["optimizer"])
+        info = json.loads((ckpt / "dashrl_state.json").read_text())
+        self.version = int(info["version"])
+        return int(info["step"])
 
     def broadcast_weights(self) -> float:
         """Send the full weights to the actors as the current version (all ranks call it:

@@ -87,3 +87,34 @@ def test_ppo_heads_step_with_the_deepspeed_policy(tiny_cfg) -> None:
         assert learner.optimizer_step()[1]
     for a, b in zip(ds.critic.parameters(), ref.critic.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("backend", "stage", "algo"), [("torch", 0, "ppo"), ("deepspeed", 2, "grpo")]
+)
+def test_a_checkpoint_resumes_the_same_optimizer_trajectory(
+    tiny_cfg, tmp_path, backend: str, stage: int, algo: str
+) -> None:
+    from dashrl.learner.learner import save_checkpoint
+
+    first = _learner(tiny_cfg, backend, stage, algo)
+    first.train_micro_batch(MICRO_BATCHES[0], 1.0)
+    first.optimizer_step()
+    first.version = 1
+    save_checkpoint(first, tmp_path / "ckpt", step=1)
+    first.train_micro_batch(MICRO_BATCHES[1], 1.0)  # the step the resumed learner must repeat
+    first.optimizer_step()
+
+    cfg = tiny_cfg.model_copy(update={"algo": algo}, deep=True)
+    cfg.learner.backend, cfg.learner.zero_stage, cfg.learner.lr = backend, stage, 1e-3
+    cfg.model.path = tmp_path / "ckpt"
+    resumed = Learner(cfg, connect=False)
+    assert resumed.load_state(tmp_path / "ckpt") == 1 and resumed.version == 1
+    resumed.train_micro_batch(MICRO_BATCHES[1], 1.0)
+    resumed.optimizer_step()
+    want, got = first.backend.full_state_dict(), resumed.backend.full_state_dict()
+    for k in want:  # Adam's moments came back too: same second step, not a fresh one
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(first.heads.values(), resumed.heads.values(), strict=True):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p, q)
