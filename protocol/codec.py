@@ -18,6 +18,7 @@ from dashrl.protocol.messages import (
     FINISH_REASONS,
     LOGPROB_DTYPE,
     MICRO_BATCH_UNITS,
+    QUEUE_EVENT_KINDS,
     SCHEMA_VERSION,
     TOKEN_DTYPE,
     Completion,
@@ -26,6 +27,7 @@ from dashrl.protocol.messages import (
     MicroBatchReply,
     MicroBatchRequest,
     ProtocolError,
+    QueueEvent,
     RolloutGroup,
     Sample,
     WeightsVersion,
@@ -92,6 +94,13 @@ def _body(msg: Message) -> tuple[str, dict[str, Any]]:
             "dtype": msg.dtype,
             "layout_hash": msg.layout_hash,
             "sent_at": float(msg.sent_at),
+        }
+    if isinstance(msg, QueueEvent):
+        return "queue_event", {
+            "kind": msg.kind,
+            "refs": _arr(np.asarray(msg.refs).reshape(-1), TOKEN_DTYPE),
+            "learner_version": int(msg.learner_version),
+            "request_id": int(msg.request_id),
         }
     raise TypeError(f"not a dashrl message: {type(msg).__name__}")
 
@@ -272,6 +281,17 @@ def _decode_body(kind: str, body: Any, lim: DecodeLimits) -> Message:
             dtype=f.str("dtype", max_len=32),
             layout_hash=f.str("layout_hash", max_len=128),
             sent_at=f.float("sent_at"),
+        )
+    if kind == "queue_event":
+        f = _Fields(body, kind, ("kind", "refs", "learner_version", "request_id"))
+        refs = f.array("refs", TOKEN_DTYPE, 2 * lim.max_samples, min_len=0)
+        if refs.size % 2 or (refs.size and refs.min() < 0):
+            raise ProtocolError("queue_event.refs: need non-negative (log index, completion) pairs")
+        return QueueEvent(
+            kind=f.str("kind", QUEUE_EVENT_KINDS),
+            refs=refs.reshape(-1, 2),
+            learner_version=f.int("learner_version", lo=0),
+            request_id=f.int("request_id", lo=0),
         )
     raise ProtocolError(f"unknown message type {kind!r}")
 

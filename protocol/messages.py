@@ -180,7 +180,34 @@ class WeightsVersion:
     sent_at: float = 0.0
 
 
-Message = RolloutGroup | MicroBatchRequest | MicroBatchReply | WeightsVersion
+QUEUE_EVENT_KINDS = ("served", "evicted_stale", "evicted_capacity")
+
+
+@dataclass
+class QueueEvent:
+    """A record of the queue's log (never sent on a socket): what happened to logged samples.
+
+    The log holds every accepted group as a RolloutGroup frame; the k-th group frame in the
+    file has *log index* k, and a sample is referred to by (log index, completion index).
+    With these records the log says, in order, which samples each micro-batch held and
+    which were evicted, so a run can be replayed exactly and a restarted queue can reload
+    what was never consumed.
+
+    Attributes:
+        kind: "served" (one micro-batch, in the order it was sent), "evicted_stale" or
+            "evicted_capacity".
+        refs: int32 array [N, 2] of (log index, completion index).
+        learner_version: the learner version the queue knew when it happened.
+        request_id: the request a "served" micro-batch answered (0 for evictions).
+    """
+
+    kind: str
+    refs: np.ndarray
+    learner_version: int
+    request_id: int = 0
+
+
+Message = RolloutGroup | MicroBatchRequest | MicroBatchReply | WeightsVersion | QueueEvent
 
 
 def group_to_samples(group: RolloutGroup) -> list[Sample]:

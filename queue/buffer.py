@@ -15,7 +15,7 @@ newest sample, which has the smallest version lag.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
@@ -123,6 +123,8 @@ class AddResult:
     filtered: int = 0
     stale: int = 0
     evicted: int = 0
+    evicted_samples: list[Sample] = field(default_factory=list)
+    """The samples evicted for capacity (possibly some of this group's own)."""
 
 
 @dataclass
@@ -215,7 +217,9 @@ class ReplayBuffer:
                 self._insert(_Entry(unit, next(self._seq)))
                 result.accepted += list(u)
         while self._samples > self.capacity:
-            result.evicted += len(self._remove_at(-1).samples)
+            gone = self._remove_at(-1).samples
+            result.evicted += len(gone)
+            result.evicted_samples += gone
         result.accepted.sort()
         c = self.counters
         c.accepted += len(result.accepted)
@@ -224,20 +228,20 @@ class ReplayBuffer:
         c.evicted_capacity += result.evicted
         return result
 
-    def set_learner_version(self, version: int) -> int:
-        """Advance the learner version and evict samples that became stale; returns how many."""
+    def set_learner_version(self, version: int) -> list[Sample]:
+        """Advance the learner version and evict samples that became stale; returns them."""
         self.learner_version = max(self.learner_version, version)
         stale = [
             e
             for e in self._items
             if is_stale(e.oldest_version, self.learner_version, self.max_staleness)
         ]
-        n = 0
+        out: list[Sample] = []
         for e in stale:
             self._remove_at(self._items.index(e))
-            n += len(e.samples)
-        self.counters.evicted_stale += n
-        return n
+            out += e.samples
+        self.counters.evicted_stale += len(out)
+        return out
 
     def pop_micro_batch(self, size: int, unit: str = "sequences") -> list[Sample]:
         """Remove and return the highest-priority micro-batch, or [] if too few samples are held.

@@ -14,9 +14,10 @@ Sockets (all bound on the configured loopback host):
   MicroBatchReply (empty when fewer samples than a micro-batch are held).
 
 Every accepted group (only its accepted completions) is appended to
-``<run_dir>/queue/rollouts.msgpack`` as protocol frames, one after another, so a run can
-be replayed. Under ``--algo iterative_dpo`` each group's (chosen, rejected) pair is one
-unit of the buffer, so a micro-batch never splits a pair. A bad frame is counted
+``<run_dir>/queue/rollouts.msgpack``, with a record of every micro-batch served and every
+eviction (queue/log.py), so a run can be replayed exactly. Under ``--algo iterative_dpo``
+each group's (chosen, rejected) pair is one unit of the buffer, so a micro-batch never
+splits a pair. A bad frame is counted
 (``queue/rejected_frames``), logged in one line, and the loop goes on.
 """
 
@@ -39,43 +40,13 @@ from dashrl.protocol import (
     RolloutGroup,
     Sample,
     decode,
-    decode_object,
     encode,
     group_to_samples,
 )
 from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units, singleton_units, version_lag
+from dashrl.queue.log import ROLLOUT_LOG, RolloutLog
 
 log = logging.getLogger("dashrl.queue")
-
-ROLLOUT_LOG = "queue/rollouts.msgpack"
-
-
-class RolloutLog:
-    """Append-only log of accepted rollout groups (protocol frames back to back)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("ab")
-
-    def append(self, group: RolloutGroup) -> None:
-        self._f.write(encode(group))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def read_rollout_log(path: Path) -> list[RolloutGroup]:
-    """Decode every group of a rollout log, in the order the queue accepted them.
-
-    Raises:
-        ProtocolError: a frame in the log does not decode.
-    """
-    import msgpack
-
-    with Path(path).open("rb") as f:
-        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=True, max_buffer_size=1 << 30)
-        return [decode_object(obj, expect=RolloutGroup) for obj in unpacker]
 
 
 class QueueServer:
@@ -95,6 +66,7 @@ class QueueServer:
             max_group_size=q.max_group_size,
         )
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
+        self._refs: dict[int, tuple[int, int]] = {}  # id(held sample) -> its name in the log
         # iterative DPO trains on (chosen, rejected) pairs: store and serve them as units
         self.units = dpo_pair_units if cfg.algo == "iterative_dpo" else singleton_units
         self.rejected_frames = 0
@@ -141,7 +113,17 @@ class QueueServer:
         result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
             group.completions = [group.completions[i] for i in result.accepted]
-            self.log.append(group)
+            g = self.log.append_group(group)
+            for c, i in enumerate(result.accepted):
+                self._refs[id(samples[i])] = (g, c)
+            self._log_event("evicted_capacity", result.evicted_samples)
+
+    def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
+        """Record samples leaving the queue (served or evicted) in the log."""
+        if self.log is None or not samples:
+            return
+        refs = [self._refs.pop(id(s)) for s in samples if id(s) in self._refs]
+        self.log.append_event(kind, refs, self.buffer.learner_version, request_id)
 
     def on_request_frame(self, frame: bytes) -> bytes | None:
         """Answer one micro-batch request frame; returns the reply frame, or None if rejected."""
@@ -151,9 +133,11 @@ class QueueServer:
             self._reject("request", e)
             return None
         try:
-            self.buffer.set_learner_version(req.learner_version)
+            self._log_event("evicted_stale", self.buffer.set_learner_version(req.learner_version))
             samples = self.buffer.pop_micro_batch(req.size, req.unit)
-            return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+            reply = encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+            self._log_event("served", samples, req.request_id)
+            return reply
         except Exception:
             self.handler_errors += 1
             log.exception("error answering a request (%d so far)", self.handler_errors)

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO
 from dashrl.launch.config import Config
 from dashrl.launch.runtime import read_jsonl
-from dashrl.queue.server import ROLLOUT_LOG, read_rollout_log
+from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 START = str(REPO / "launch" / "start.py")
 ALGOS = list(get_args(Config.model_fields["algo"].annotation))

@@ -71,10 +71,10 @@ def test_stale_samples_refused_on_arrival_and_evicted_when_version_moves() -> No
     buf.set_learner_version(5)
     res = buf.add([sample(1.0, version=2), sample(1.0, version=3), sample(2.0, version=5)])
     assert res.accepted == [1, 2] and res.stale == 1
-    assert buf.set_learner_version(6) == 1  # version 3 now lags 3 > 2
+    assert len(buf.set_learner_version(6)) == 1  # version 3 now lags 3 > 2
     assert [s.policy_version for s in buf.pop_micro_batch(1)] == [5]
     assert buf.counters.evicted_stale == 2 and len(buf) == 0
-    assert buf.set_learner_version(4) == 0 and buf.learner_version == 6  # never goes back
+    assert buf.set_learner_version(4) == [] and buf.learner_version == 6  # never goes back
 
 
 def test_capacity_evicts_lowest_priority_first() -> None:

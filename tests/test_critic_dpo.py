@@ -153,7 +153,7 @@ def test_buffer_keeps_dpo_pairs_together() -> None:
     assert buf.pop_micro_batch(2) == []
     g = [_s("q", 1.0, version=0), _s("q", -1.0, version=3)]
     buf.add(g, [(0, 1)])
-    assert buf.set_learner_version(2) == 2  # one stale half evicts the whole pair
+    assert len(buf.set_learner_version(2)) == 2  # one stale half evicts the whole pair
     assert len(buf) == 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from dashrl.launch.runtime import read_jsonl
-from dashrl.queue.server import ROLLOUT_LOG, read_rollout_log
+from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 

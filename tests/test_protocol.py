@@ -255,3 +255,21 @@ def test_bit_flips_of_a_valid_frame_decode_or_raise_protocol_error(data) -> None
     for c in msg.completions:
         assert len(c.token_ids) == len(c.logprobs) and np.isfinite(c.logprobs).all()
         assert math.isfinite(c.reward) and math.isfinite(c.advantage)
+
+
+def test_queue_event_round_trip_and_validation() -> None:
+    from dashrl.protocol import QueueEvent
+
+    ev = QueueEvent("served", np.array([[0, 1], [3, 2]], np.int32), 7, 42)
+    back = decode(encode(ev))
+    assert isinstance(back, QueueEvent) and back.kind == "served"
+    assert back.refs.tolist() == [[0, 1], [3, 2]] and (back.learner_version, back.request_id) == (
+        7,
+        42,
+    )
+    empty = decode(encode(QueueEvent("evicted_stale", np.zeros((0, 2), np.int32), 0)))
+    assert empty.refs.shape == (0, 2)
+    for bad in (QueueEvent("lost", ev.refs, 0), QueueEvent("served", np.array([[-1, 0]]), 0),
+                QueueEvent("served", np.array([1, 2, 3]), 0)):  # fmt: skip
+        with pytest.raises(ProtocolError):
+            decode(encode(bad))

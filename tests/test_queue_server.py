@@ -22,7 +22,7 @@ from dashrl.protocol import (
     decode,
     encode,
 )
-from dashrl.queue.server import ROLLOUT_LOG, read_rollout_log
+from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 
 def group(i: int, rewards: list[float]) -> RolloutGroup:
@@ -115,10 +115,52 @@ def test_a_handler_error_is_counted_and_the_queue_goes_on(tmp_path: Path) -> Non
 
     server = QueueServer(Config(), tmp_path)
     real_add = server.buffer.add
-    server.buffer.add = lambda samples: 1 / 0  # a bug while handling one group
+    server.buffer.add = lambda *args: 1 / 0  # a bug while handling one group
     server.on_rollout_frame(encode(group(0, [1, 0])))
     assert server.handler_errors == 1
     server.buffer.add = real_add
     server.on_rollout_frame(encode(group(1, [1, 0])))
     assert len(server.buffer) == 2 and server.stats()["queue/handler_errors"] == 1
     server.close()
+
+
+def _req(server, rid: int, version: int, size: int) -> MicroBatchReply:
+    frame = server.on_request_frame(encode(MicroBatchRequest(rid, version, size, "sequences")))
+    return decode(frame)
+
+
+def test_the_log_names_every_served_and_evicted_sample(tmp_path: Path) -> None:
+    from dashrl.queue.log import read_queue_log
+    from dashrl.queue.server import QueueServer
+
+    cfg = Config.model_validate({"queue": {"capacity": 6, "max_staleness": 1}})
+    server = QueueServer(cfg, tmp_path)
+    server.on_rollout_frame(encode(group(0, [1, 0, 0, 0])))  # 4 accepted
+    server.on_rollout_frame(encode(group(1, [1, 1, 0, 0])))  # 4 more: 2 evicted for capacity
+    served = [_req(server, 1, 0, 3).samples, _req(server, 2, 0, 2).samples]
+    old = group(2, [1, 0])
+    for c in old.completions:
+        c.policy_version = 1
+    server.on_rollout_frame(encode(old))
+    late = group(3, [0, 1])
+    for c in late.completions:
+        c.policy_version = 2
+    server.on_rollout_frame(encode(late))  # held, never served: pending at the end
+    assert _req(server, 3, 3, 8).samples == []  # version 3: group 2 (lag 2) is stale now
+    server.close()
+
+    log = read_queue_log(tmp_path / ROLLOUT_LOG)
+    assert [g.prompt_id for g in log.groups] == ["p0", "p1", "p2", "p3"]
+    kinds = [e.kind for e in log.events]
+    assert kinds == ["evicted_capacity", "served", "served", "evicted_stale"]
+    replayed = [samples for _, samples in log.served()]
+    assert [[(s.prompt_id, s.completion_ids.tolist()) for s in mb] for mb in replayed] == [
+        [(s.prompt_id, s.completion_ids.tolist()) for s in mb] for mb in served
+    ]
+    assert [e.request_id for e, _ in log.served()] == [1, 2]
+    everything = {(g, c) for g, grp in enumerate(log.groups) for c in range(len(grp.completions))}
+    gone = [tuple(r) for e in log.events for r in e.refs.tolist()]
+    # 2 evicted for capacity, 5 served, 3 stale (p2 and the last v0 sample); none twice
+    assert len(gone) == len(set(gone)) == 2 + 5 + 3
+    assert set(log.pending_refs()) == everything - set(gone)
+    assert [log.sample(r).prompt_id for r in log.pending_refs()] == ["p3", "p3"]
