@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tyro.conf import Positional
 
 
 class _Strict(BaseModel):
@@ -300,3 +301,22 @@ class EvalCommand(_Strict):
     """Problems per generate call (each with k samples)."""
     cache_dir: Path = Path("~/.cache/dashrl/models")
     """Model cache, as in the training config."""
+
+
+class ReplayCommand(_Strict):
+    """dashrl replay: re-run a run's learner on its logged micro-batches (no actors, no queue)
+    and report whether its metrics match the original step by step; or inspect the log."""
+
+    run_dir: Positional[Path]
+    """The run directory (with config.json, metrics.jsonl and queue/rollouts.msgpack), or,
+    with --inspect/--show, a log file."""
+    out: Path | None = None
+    """Where the replay writes its metrics and replay.json (default RUN_DIR/replay)."""
+    overwrite: bool = False
+    """Reuse an existing output directory."""
+    steps: int | None = None
+    """Replay only the first N steps (default: as many as the original run took)."""
+    inspect: bool = False
+    """Print a summary of the log (counts, versions, staleness, |advantage|, reward per task)."""
+    show: int = 0
+    """Print the first N logged rollouts as text."""

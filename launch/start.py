@@ -270,6 +270,20 @@ def main() -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         return
+    if sys.argv[1:2] == ["replay"]:
+        from dashrl.launch.config import ReplayCommand
+        from dashrl.launch.replay import run_replay_command
+
+        cmd = tyro.cli(ReplayCommand, args=sys.argv[2:], prog="start.py replay")
+        setup_logging("replay")
+        try:
+            result = run_replay_command(cmd)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if result is not None and not result["identical"]:
+            sys.exit(1)
+        return
     cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
     try:
         run(cfg)

@@ -299,11 +299,18 @@ def _any_rank(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
-    """The learner's main loop (see module docstring). Returns the last metrics row."""
+def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[str, float]:
+    """The learner's main loop (see module docstring). Returns the last metrics row.
+
+    Args:
+        cfg: the resolved run config.
+        stop: set by SIGTERM/SIGINT (or by a replayed log running out).
+        learner: a prepared learner (replay passes one whose queue is the log); default:
+            a connected learner built from ``cfg``.
+    """
     run_dir = Path(cfg.run_dir)
     lc = cfg.learner
-    learner = Learner(cfg)
+    learner = learner or Learner(cfg)
     rank, world = learner.rank, learner.world
     unit = 2 if cfg.algo == "iterative_dpo" else 1  # DPO pairs stay on one rank
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
@@ -386,7 +393,8 @@ def train(cfg: Config, stop: StopFlag) -> dict[str, float]:
         if rank == 0:
             metrics.close()
             learner.queue.close()
-            learner.sender.close()
+            if learner.sender is not None:
+                learner.sender.close()
     return row
 
 
