@@ -231,6 +231,10 @@ class Config(_Strict):
     """Run directory; default runs/<timestamp> under the current directory."""
     seed: int = 0
     """Seed of the whole run (each actor adds its index)."""
+    resume: bool = False
+    """Set by ``start.py --resume RUN_DIR``: continue the run in run_dir from its newest
+    checkpoint (weights, optimizer, version, RNG) and its queue log (pending samples reload;
+    micro-batches served after the checkpoint are trained on again, in their logged order)."""
     time_limit_s: float = 900.0
     """Wall-clock budget of training, in seconds; the learner stops cleanly when it runs out."""
     model: ModelConfig = Field(default_factory=ModelConfig)

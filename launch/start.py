@@ -50,7 +50,7 @@ def resolve(cfg: Config) -> Config:
 
     run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir.resolve()
-    if (run_dir / "metrics.jsonl").exists():  # metrics and the rollout log only append
+    if (run_dir / "metrics.jsonl").exists() and not cfg.resume:  # logs only append
         raise FileExistsError(f"{run_dir} already holds a run; choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.transport
@@ -176,7 +176,7 @@ def run(cfg: Config) -> dict:
     log.info("run directory: %s", run_dir)
     summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
 
-    if cfg.eval.heldout:
+    if cfg.eval.heldout and not cfg.resume:
         from dashrl.actors.engine import HFEngine
         from dashrl.launch.evaluate import heldout_reward
         from dashrl.launch.runtime import set_thread_budget
@@ -256,6 +256,24 @@ def run(cfg: Config) -> dict:
     return summary
 
 
+def resume_config(run_dir: Path) -> Config:
+    """The saved config of ``run_dir`` marked for resuming, with fresh ports.
+
+    Raises:
+        SystemExit: no config.json there (printed as one error line).
+    """
+    from dashrl.launch.config import load_config
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        print(f"error: {path} not found: nothing to resume", file=sys.stderr)
+        sys.exit(2)
+    cfg = load_config(path)
+    ports = {"rollout_port": 0, "request_port": 0, "dist_port": 0, "learner_port": 0}
+    return cfg.model_copy(update={"resume": True, "run_dir": run_dir.resolve(),
+                                  "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
+
+
 def main() -> None:
     if sys.argv[1:2] == ["eval"]:
         from dashrl.launch.config import EvalCommand
@@ -284,7 +302,16 @@ def main() -> None:
         if result is not None and not result["identical"]:
             sys.exit(1)
         return
-    cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
+    if sys.argv[1:2] == ["--resume"]:
+        if len(sys.argv) < 3:
+            print("usage: start.py --resume RUN_DIR [--field value ...]", file=sys.stderr)
+            sys.exit(2)
+        # the saved config, with any further flags (e.g. --learner.steps) applied on top
+        cfg = tyro.cli(Config, default=resume_config(Path(sys.argv[2])), args=sys.argv[3:],
+                       prog="start.py --resume RUN_DIR",
+                       config=(tyro.conf.FlagConversionOff,))  # fmt: skip
+    else:
+        cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
     try:
         run(cfg)
     except (FileExistsError, FileNotFoundError) as e:  # bad run dir or model: one clear line

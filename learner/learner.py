@@ -33,6 +33,12 @@ from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
 from dashrl.learner.backend import init_ranks, make_backend
 from dashrl.learner.batch import PolicyForward, collate, token_logprobs
+from dashrl.learner.checkpoint import (
+    ResumeQueue,
+    latest_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from dashrl.learner.critic import ScalarHead
 from dashrl.learner.loss import k3_kl
 from dashrl.learner.objectives import Inputs, objective_for
@@ -42,26 +48,6 @@ from dashrl.protocol import Sample
 from dashrl.queue.client import QueueClient
 
 log = logging.getLogger("dashrl.learner")
-
-
-def save_checkpoint(learner: Learner, out: Path, step: int) -> Path:
-    """Save an HF-format checkpoint (``save_pretrained``) of the full policy with the policy
-    version next to it (``dashrl_state.json``), the critic/ORM heads (PPO) in ``heads.pt``,
-    and the backend's optimizer state. Every rank must call it (ZeRO-3 gathers); rank 0
-    writes the HF files."""
-    out.mkdir(parents=True, exist_ok=True)
-    state = learner.backend.full_state_dict()
-    if learner.rank == 0:
-        learner.model.save_pretrained(out, state_dict=state)
-        learner.tokenizer.save_pretrained(out)
-        if learner.heads:
-            heads = {k: h.state_dict() for k, h in learner.heads.items()}
-            heads["optimizer"] = learner.head_optimizer.state_dict()
-            torch.save(heads, out / "heads.pt")
-        info = {"version": learner.version, "step": step, "backend": learner.backend.name}
-        (out / "dashrl_state.json").write_text(json.dumps(info))
-    learner.backend.save_state(out)
-    return out
 
 
 class Learner:
@@ -85,7 +71,10 @@ class Learner:
         self.rank, self.world = init_ranks()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.backend = make_backend(PolicyForward(load_causal_lm(cfg.model.path, train=True)), lc)
+        # a resumed run starts from its newest checkpoint's weights (optimizer state below)
+        self.resume_from = latest_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
+        weights = self.resume_from or cfg.model.path
+        self.backend = make_backend(PolicyForward(load_causal_lm(weights, train=True)), lc)
         self.model = self.backend.module.model  # the HF model (eval, checkpoints)
         needs_ref = lc.kl_coef > 0 or cfg.algo == "iterative_dpo"
         self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None
@@ -105,12 +94,26 @@ class Learner:
         )
         self.objective = objective_for(cfg.algo)
         self.version = 0
+        self.start_step = 0
         self.skipped_steps = 0
         self.rejected_samples = 0
+        if self.resume_from is not None:
+            self.start_step = self.load_state(self.resume_from)
+            log.info("resumed from %s: step %d, version %d", self.resume_from, self.start_step,
+                     self.version)  # fmt: skip
         self.queue = self.sender = None
         if connect and self.rank == 0:
             t = cfg.transport
             self.queue = QueueClient(f"tcp://{t.host}:{t.request_port}")
+            if cfg.resume:  # micro-batches served after the checkpoint come back from the log
+                from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
+
+                path = Path(cfg.run_dir) / ROLLOUT_LOG
+                served = read_queue_log(path).served() if path.exists() else []
+                done = self.start_step * lc.micro_batches_per_step
+                self.queue = ResumeQueue([mb for _, mb in served[done:]], self.queue)
+                log.info("re-training on %d logged micro-batches served after step %d",
+                         max(len(served) - done, 0), self.start_step)  # fmt: skip
             log.info("waiting for %d actor(s) to join the weight group", cfg.actor.num_actors)
             self.sender = WeightSender(
                 self.backend.parameter_shapes(),
@@ -133,6 +136,8 @@ class Learner:
             for k, h in self.heads.items():
                 h.load_state_dict(saved[k])
             self.head_optimizer.load_state_dict(saved["optimizer"])
+        if (ckpt / "rng.pt").exists():
+            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
         info = json.loads((ckpt / "dashrl_state.json").read_text())
         self.version = int(info["version"])
         return int(info["step"])
@@ -313,12 +318,14 @@ def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[s
     learner = learner or Learner(cfg)
     rank, world = learner.rank, learner.world
     unit = 2 if cfg.algo == "iterative_dpo" else 1  # DPO pairs stay on one rank
+    step = learner.start_step
+    if rank == 0 and cfg.resume:  # rows the dead learner wrote after its checkpoint go
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
     learner.broadcast_weights()  # actors start from exactly the learner's weights
     start = time.monotonic()
     deadline = start + cfg.time_limit_s
     row: dict[str, float] = {}
-    step = 0
     try:
         while True:
             if rank == 0:  # rank 0 decides when training ends; the others follow

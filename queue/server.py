@@ -44,7 +44,7 @@ from dashrl.protocol import (
     group_to_samples,
 )
 from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units, singleton_units, version_lag
-from dashrl.queue.log import ROLLOUT_LOG, RolloutLog
+from dashrl.queue.log import ROLLOUT_LOG, RolloutLog, read_queue_log
 
 log = logging.getLogger("dashrl.queue")
 
@@ -65,8 +65,9 @@ class QueueServer:
             max_seq_len=q.max_seq_len,
             max_group_size=q.max_group_size,
         )
-        self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
         self._refs: dict[int, tuple[int, int]] = {}  # id(held sample) -> its name in the log
+        self.reloaded = 0
+        self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
         # iterative DPO trains on (chosen, rejected) pairs: store and serve them as units
         self.units = dpo_pair_units if cfg.algo == "iterative_dpo" else singleton_units
         self.rejected_frames = 0
@@ -74,6 +75,8 @@ class QueueServer:
         self.groups_received = 0
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
+        if cfg.resume and self.log is not None:  # a restarted queue holds what it held
+            self.reload(run_dir / ROLLOUT_LOG)
 
     def _reset_window(self) -> None:
         self._window = {"reward_sum": 0.0, "n": 0.0, "tokens": 0.0, "length": 0.0}
@@ -117,6 +120,24 @@ class QueueServer:
             for c, i in enumerate(result.accepted):
                 self._refs[id(samples[i])] = (g, c)
             self._log_event("evicted_capacity", result.evicted_samples)
+
+    def reload(self, path: Path) -> int:
+        """Put back every logged sample that was accepted but neither served nor evicted (a
+        restarted queue's state), with its log name; returns how many. Filters and the
+        staleness rule apply again when the learner's version arrives."""
+        qlog = read_queue_log(path)
+        by_group: dict[int, list[int]] = {}
+        for g, c in qlog.pending_refs():
+            by_group.setdefault(g, []).append(c)
+        for g, cs in by_group.items():
+            samples = [group_to_samples(qlog.groups[g])[c] for c in cs]
+            result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
+            for i in result.accepted:
+                self._refs[id(samples[i])] = (g, cs[i])
+            self.reloaded += len(result.accepted)
+            self._log_event("evicted_capacity", result.evicted_samples)
+        log.info("reloaded %d pending samples from %s", self.reloaded, path)
+        return self.reloaded
 
     def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
         """Record samples leaving the queue (served or evicted) in the log."""
