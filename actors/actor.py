@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +81,35 @@ class Actor:
         engine: a generation engine (default: HFEngine on the resolved model).
     """
 
-    def __init__(self, cfg: Config, index: int, engine: GenerationEngine | None = None):
-        from dashrl.learner.weights import WeightReceiver
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        engine: GenerationEngine | None = None,
+        node: str | None = None,
+        weights_endpoint: str | None = None,
+    ):
+        from dashrl.learner.weights import WeightReceiver, ZmqWeightReceiver
 
         self.cfg, self.index = cfg, index
-        self.actor_id = f"actor{index}"
-        self.rng = random.Random(cfg.seed * 1000 + index)
+        self.actor_id = f"{node}/actor{index}" if node else f"actor{index}"
+        # an attached node's actors sample other prompts and noise than the job's own
+        salt = zlib.crc32(node.encode()) * 1_000_003 if node else 0
+        seed = cfg.seed * 1000 + index + salt
+        self.rng = random.Random(seed)
         self.task = load_task(cfg.data, cfg.seed)
-        self.engine = engine or HFEngine(cfg.model.path, seed=cfg.seed * 1000 + index)
+        self.engine = engine or HFEngine(cfg.model.path, seed=seed % 2**32)
         self.tokenizer = self.engine.tokenizer
-        self.receiver = WeightReceiver(
-            self.engine.sync_parameters(),
-            init_method=f"tcp://{cfg.transport.host}:{cfg.transport.dist_port}",
-            world_size=1 + cfg.actor.num_actors,
-            rank=1 + index,
-            timeout_s=cfg.learner.weight_sync_timeout_s,
-        )
+        if weights_endpoint:  # an attached node: weights from the learner's publisher
+            self.receiver = ZmqWeightReceiver(self.engine.sync_parameters(), weights_endpoint)
+        else:  # started with the job: the launch-time process group (local actors only)
+            self.receiver = WeightReceiver(
+                self.engine.sync_parameters(),
+                init_method=f"tcp://127.0.0.1:{cfg.transport.dist_port}",
+                world_size=1 + cfg.actor.num_actors,
+                rank=1 + index,
+                timeout_s=cfg.learner.weight_sync_timeout_s,
+            )
         self.estimator = estimator_for(cfg.algo, cfg.actor.reinforce_baseline)
         self._prompt_cache: dict[tuple[str, bool | None], list[int]] = {}
         self.groups_sent = 0
@@ -174,6 +188,8 @@ class Actor:
         sock.connect(f"tcp://{t.host}:{t.rollout_port}")
         started = time.perf_counter()
         try:
+            while not stop and self.receiver.apply() < 0:  # attached: wait for first weights
+                await asyncio.sleep(0.2)
             while not stop:
                 version = self.receiver.apply()
                 problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
@@ -205,14 +221,16 @@ class Actor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m dashrl.actors.actor <config.json> <index>``."""
+    """Entry point: ``python -m dashrl.actors.actor <config.json> <index> [<node> <weights
+    endpoint>]`` (the last two for actors of an attached node, see launch/attach.py)."""
     argv = argv if argv is not None else sys.argv[1:]
     cfg = load_config(Path(argv[0]))
     index = int(argv[1])
-    setup_logging(f"actor{index}")
+    node, endpoint = (argv[2], argv[3]) if len(argv) == 4 else (None, None)
+    setup_logging(f"{node}/actor{index}" if node else f"actor{index}")
     set_thread_budget(cfg.actor.torch_threads)
     stop = StopFlag()
-    actor = Actor(cfg, index)
+    actor = Actor(cfg, index, node=node, weights_endpoint=endpoint)
     import uvloop
 
     uvloop.run(actor.run(stop))

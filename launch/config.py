@@ -197,6 +197,15 @@ class TransportConfig(_Strict):
     """torch.distributed rendezvous port for the weight broadcast (0: pick a free port)."""
     learner_port: int = 0
     """Rendezvous port of the learner's own ranks (torchrun; 0: pick a free port)."""
+    control_port: int = 0
+    """The learner's control socket, where attached generator nodes register and send
+    heartbeats (``start.py attach --connect HOST:PORT``; 0: pick a free port)."""
+    weights_port: int = 0
+    """ZeroMQ PUB port on which the learner publishes each new version to attached nodes."""
+    heartbeat_s: float = Field(1.0, gt=0)
+    """Seconds between an attached node's heartbeats."""
+    node_timeout_s: float = Field(6.0, gt=0)
+    """An attached node silent for this long is dropped from the weight broadcast."""
     send_hwm: int = 64
     """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
     falls behind, sends block (backpressure) instead of dropping."""
@@ -324,3 +333,19 @@ class ReplayCommand(_Strict):
     """Print a summary of the log (counts, versions, staleness, |advantage|, reward per task)."""
     show: int = 0
     """Print the first N logged rollouts as text."""
+
+
+class AttachCommand(_Strict):
+    """dashrl attach: start generator processes on this machine that join a running job."""
+
+    connect: str
+    """The learner's control socket, HOST:PORT (transport.control_port in the job's
+    config.json, also printed by the launcher)."""
+    actors: int = Field(1, ge=1)
+    """Actor processes to start on this node."""
+    node_id: str | None = None
+    """Name of this node in the job (default: node-<random>)."""
+    work_dir: Path | None = None
+    """Where the node keeps its config copy and logs (default: a new temporary directory)."""
+    timeout_s: float = 60.0
+    """How long to wait for the learner's welcome, in seconds."""

@@ -60,6 +60,8 @@ def resolve(cfg: Config) -> Config:
             "request_port": t.request_port or free_port(t.host),
             "dist_port": t.dist_port or free_port(t.host),
             "learner_port": t.learner_port or free_port(t.host),
+            "control_port": t.control_port or free_port(t.host),
+            "weights_port": t.weights_port or free_port(t.host),
         }
     )
     model = cfg.model.model_copy(
@@ -202,6 +204,9 @@ def run(cfg: Config) -> dict:
     config_path = str(run_dir / "config.json")
     t_train = time.monotonic()
     try:
+        t = cfg.transport
+        log.info("nodes can attach with: python launch/start.py attach --connect %s:%d",
+                 t.host, t.control_port)  # fmt: skip
         children.spawn("queue", "dashrl.queue.server", config_path)
         for i in range(cfg.actor.num_actors):
             children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i))
@@ -236,15 +241,20 @@ def run(cfg: Config) -> dict:
         summary.get("heldout_reward_before"),
         summary.get("heldout_reward_after"),
     )
+    from dashrl.queue.server import FINAL_STATS
+
+    q = dict(last)  # the queue's final counters when it wrote them, else the last step's
+    if (run_dir / FINAL_STATS).exists():
+        q.update(json.loads((run_dir / FINAL_STATS).read_text()))
     summary.update(
         {
             "learner_steps": int(last.get("step", 0)),
             "final_version": int(last.get("version", 0)),
-            "rollouts_received": int(last.get("queue/received", 0)),
-            "rollouts_accepted": int(last.get("queue/accepted", 0)),
-            "rollouts_filtered": int(last.get("queue/filtered", 0)),
-            "rollouts_evicted_stale": int(last.get("queue/evicted_stale", 0)),
-            "rejected_frames": int(last.get("queue/rejected_frames", 0)),
+            "rollouts_received": int(q.get("queue/received", 0)),
+            "rollouts_accepted": int(q.get("queue/accepted", 0)),
+            "rollouts_filtered": int(q.get("queue/filtered", 0)),
+            "rollouts_evicted_stale": int(q.get("queue/evicted_stale", 0)),
+            "rejected_frames": int(q.get("queue/rejected_frames", 0)),
             "interrupted": interrupted[0],
             "wall_s": time.monotonic() - t_start,
         }
@@ -269,7 +279,8 @@ def resume_config(run_dir: Path) -> Config:
         print(f"error: {path} not found: nothing to resume", file=sys.stderr)
         sys.exit(2)
     cfg = load_config(path)
-    ports = {"rollout_port": 0, "request_port": 0, "dist_port": 0, "learner_port": 0}
+    ports = {k: 0 for k in ("rollout_port", "request_port", "dist_port", "learner_port",
+                            "control_port", "weights_port")}  # fmt: skip
     return cfg.model_copy(update={"resume": True, "run_dir": run_dir.resolve(),
                                   "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
 
@@ -285,6 +296,18 @@ def main() -> None:
         try:
             run_eval(cmd)
         except (ValueError, FileNotFoundError) as e:  # bad name, file or row: one clear line
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
+    if sys.argv[1:2] == ["attach"]:
+        from dashrl.launch.attach import attach
+        from dashrl.launch.config import AttachCommand
+
+        cmd = tyro.cli(AttachCommand, args=sys.argv[2:], prog="start.py attach")
+        setup_logging("attach")
+        try:
+            print(attach(cmd))
+        except (ValueError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         return

@@ -44,7 +44,7 @@ from dashrl.learner.loss import k3_kl
 from dashrl.learner.objectives import Inputs, objective_for
 from dashrl.learner.ranks import shard, share_micro_batch
 from dashrl.learner.weights import WeightSender
-from dashrl.protocol import Sample
+from dashrl.protocol import NodeWelcome, Sample
 from dashrl.queue.client import QueueClient
 
 log = logging.getLogger("dashrl.learner")
@@ -101,7 +101,7 @@ class Learner:
             self.start_step = self.load_state(self.resume_from)
             log.info("resumed from %s: step %d, version %d", self.resume_from, self.start_step,
                      self.version)  # fmt: skip
-        self.queue = self.sender = None
+        self.queue = self.sender = self.publisher = self.nodes = None
         if connect and self.rank == 0:
             t = cfg.transport
             self.queue = QueueClient(f"tcp://{t.host}:{t.request_port}")
@@ -117,9 +117,19 @@ class Learner:
             log.info("waiting for %d actor(s) to join the weight group", cfg.actor.num_actors)
             self.sender = WeightSender(
                 self.backend.parameter_shapes(),
-                init_method=f"tcp://{t.host}:{t.dist_port}",
+                init_method=f"tcp://127.0.0.1:{t.dist_port}",  # launch-time actors are local
                 world_size=1 + cfg.actor.num_actors,
                 timeout_s=lc.weight_sync_timeout_s,
+            )
+            # nodes attached later: control socket + ZeroMQ weight publisher (learner/nodes.py)
+            from dashrl.learner.nodes import NodeRegistry, WeightPublisher
+
+            weights_at = f"tcp://{t.host}:{t.weights_port}"
+            self.publisher = WeightPublisher(weights_at, self.sender.layout)
+            self.nodes = NodeRegistry(
+                f"tcp://{t.host}:{t.control_port}",
+                lambda node: NodeWelcome(node, self.version, cfg.model_dump_json(), weights_at),
+                t.node_timeout_s,
             )
 
     def load_state(self, ckpt: Path) -> int:
@@ -150,7 +160,10 @@ class Learner:
             for _ in params:  # other ranks take part in the gathers only
                 pass
             return 0.0
-        return self.sender.send(self.version, params)
+        seconds = self.sender.send(self.version, params)
+        if self.nodes is not None and self.nodes.alive():
+            seconds += self.publisher.publish(self.version, self.sender.flat)
+        return seconds
 
     def next_micro_batch(
         self, stop: StopFlag, deadline: float = math.inf
@@ -383,6 +396,7 @@ def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[s
                 "learner/rejected_samples": float(learner.rejected_samples),
                 "learner/micro_batches_per_step": float(len(mb_rows)),
                 "learner/ranks": float(world),
+                "learner/attached_nodes": float(len(learner.nodes.alive()) if learner.nodes else 0),
                 "learner/step_s": step_s,
                 "learner/queue_wait_s": wait_s,
                 "learner/broadcast_s": broadcast_s,
@@ -402,6 +416,8 @@ def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[s
             learner.queue.close()
             if learner.sender is not None:
                 learner.sender.close()
+                learner.nodes.close()
+                learner.publisher.close()
     return row
 
 

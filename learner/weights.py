@@ -247,3 +247,74 @@ class WeightReceiver:
                     offset += n
             self.version, self._ready_version = self._ready_version, None
         return self.version
+
+
+class ZmqWeightReceiver(WeightReceiver):
+    """Attached node side: the same staging/apply logic as :class:`WeightReceiver`, fed by
+    the learner's ZeroMQ weight publisher (learner/nodes.py) instead of a process group.
+
+    Args:
+        params: the engine's parameters, same layout as the learner's.
+        endpoint: the learner's weights endpoint (NodeWelcome.weights_endpoint).
+        configure: applied to the SUB socket before connecting (CurveZMQ client keys).
+
+    ``version`` stays -1 until the first weights arrive; an attached actor waits for them
+    rather than generate with weights the learner never had.
+    """
+
+    def __init__(self, params: list[torch.Tensor], endpoint: str, configure=None):
+        import zmq
+
+        self.params = params
+        self.layout = layout_hash(params)
+        self.numel = sum(p.numel() for p in params)
+        self.device = params[0].device
+        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self._ready_version: int | None = None
+        self._lock = threading.Lock()
+        self.version = -1
+        self.received = self.rejected = 0
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, 2)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if configure:
+            configure(self._sock)
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, name="weight-sub", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                if not self._sock.poll(500):
+                    continue
+                parts = self._sock.recv_multipart(copy=False)
+                try:
+                    if len(parts) != 2:
+                        raise ProtocolError(f"weights message of {len(parts)} parts")
+                    msg = decode(parts[0].bytes, expect=WeightsVersion)
+                    if msg.layout_hash != self.layout or msg.num_bytes != self.numel * 4:
+                        raise ProtocolError(f"layout {msg.layout_hash} != {self.layout}")
+                    data = torch.frombuffer(parts[1].buffer, dtype=torch.float32)
+                    if data.numel() != self.numel:
+                        raise ProtocolError(f"{data.numel()} weights, expected {self.numel}")
+                except ProtocolError as e:
+                    self.rejected += 1
+                    log.error("refused published weights: %s", e)
+                    continue
+                with self._lock:
+                    self._ready.copy_(data)
+                    self._ready_version = msg.version
+                self.received += 1
+        except BaseException as e:
+            self.error = e
+            log.warning("weight subscriber stopped: %s", e)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._thread.join(timeout=2)
+        self._sock.close(0)
+        self._ctx.term()

@@ -18,6 +18,7 @@ from dashrl.protocol.messages import (
     FINISH_REASONS,
     LOGPROB_DTYPE,
     MICRO_BATCH_UNITS,
+    NODE_HELLO_KINDS,
     QUEUE_EVENT_KINDS,
     SCHEMA_VERSION,
     TOKEN_DTYPE,
@@ -26,6 +27,8 @@ from dashrl.protocol.messages import (
     Message,
     MicroBatchReply,
     MicroBatchRequest,
+    NodeHello,
+    NodeWelcome,
     ProtocolError,
     QueueEvent,
     RolloutGroup,
@@ -101,6 +104,15 @@ def _body(msg: Message) -> tuple[str, dict[str, Any]]:
             "refs": _arr(np.asarray(msg.refs).reshape(-1), TOKEN_DTYPE),
             "learner_version": int(msg.learner_version),
             "request_id": int(msg.request_id),
+        }
+    if isinstance(msg, NodeHello):
+        return "node_hello", {"node_id": msg.node_id, "kind": msg.kind, "actors": int(msg.actors)}
+    if isinstance(msg, NodeWelcome):
+        return "node_welcome", {
+            "node_id": msg.node_id,
+            "version": int(msg.version),
+            "config_json": msg.config_json,
+            "weights_endpoint": msg.weights_endpoint,
         }
     raise TypeError(f"not a dashrl message: {type(msg).__name__}")
 
@@ -292,6 +304,21 @@ def _decode_body(kind: str, body: Any, lim: DecodeLimits) -> Message:
             refs=refs.reshape(-1, 2),
             learner_version=f.int("learner_version", lo=0),
             request_id=f.int("request_id", lo=0),
+        )
+    if kind == "node_hello":
+        f = _Fields(body, kind, ("node_id", "kind", "actors"))
+        return NodeHello(
+            node_id=f.str("node_id", max_len=128),
+            kind=f.str("kind", NODE_HELLO_KINDS),
+            actors=f.int("actors", lo=0, hi=4096),
+        )
+    if kind == "node_welcome":
+        f = _Fields(body, kind, ("node_id", "version", "config_json", "weights_endpoint"))
+        return NodeWelcome(
+            node_id=f.str("node_id", max_len=128),
+            version=f.int("version", lo=0),
+            config_json=f.str("config_json", max_len=1 << 20),
+            weights_endpoint=f.str("weights_endpoint", max_len=256),
         )
     raise ProtocolError(f"unknown message type {kind!r}")
 

@@ -180,6 +180,43 @@ class WeightsVersion:
     sent_at: float = 0.0
 
 
+NODE_HELLO_KINDS = ("register", "heartbeat", "leave")
+
+
+@dataclass
+class NodeHello:
+    """A generator node talking to the learner's control socket (``start.py attach``).
+
+    Attributes:
+        node_id: the node's name, unique in the job (e.g. "node-3f2a").
+        kind: "register" (first contact; answered with a NodeWelcome), "heartbeat" (every
+            ``transport.heartbeat_s``; a node silent for ``transport.node_timeout_s`` is
+            dropped) or "leave" (clean detach).
+        actors: how many actor processes the node runs.
+    """
+
+    node_id: str
+    kind: str
+    actors: int = 1
+
+
+@dataclass
+class NodeWelcome:
+    """The learner's answer to a register: everything a node needs to join the job.
+
+    Attributes:
+        node_id: the node it answers.
+        version: the learner's current policy version.
+        config_json: the job's resolved config (the node's actors run with it).
+        weights_endpoint: ZeroMQ address where the learner publishes every new version.
+    """
+
+    node_id: str
+    version: int
+    config_json: str
+    weights_endpoint: str
+
+
 QUEUE_EVENT_KINDS = ("served", "evicted_stale", "evicted_capacity")
 
 
@@ -207,7 +244,15 @@ class QueueEvent:
     request_id: int = 0
 
 
-Message = RolloutGroup | MicroBatchRequest | MicroBatchReply | WeightsVersion | QueueEvent
+Message = (
+    RolloutGroup
+    | MicroBatchRequest
+    | MicroBatchReply
+    | WeightsVersion
+    | QueueEvent
+    | NodeHello
+    | NodeWelcome
+)
 
 
 def group_to_samples(group: RolloutGroup) -> list[Sample]:

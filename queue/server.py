@@ -23,6 +23,7 @@ splits a pair. A bad frame is counted
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -47,6 +48,9 @@ from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units, singleton_units, v
 from dashrl.queue.log import ROLLOUT_LOG, RolloutLog, read_queue_log
 
 log = logging.getLogger("dashrl.queue")
+
+FINAL_STATS = "queue/final_stats.json"
+"""The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
 
 
 class QueueServer:
@@ -247,7 +251,11 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
         pull.close(linger=0)
         router.close(linger=0)
         ctx.term()
-        log.info("stopped: %s", server.stats())
+        final = server.stats()
+        if run_dir is not None:  # the launcher's summary reads the queue's last word
+            (run_dir / FINAL_STATS).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / FINAL_STATS).write_text(json.dumps(final))
+        log.info("stopped: %s", final)
 
 
 def main(argv: list[str] | None = None) -> None:

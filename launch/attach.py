@@ -1,0 +1,94 @@
+"""``start.py attach --connect HOST:PORT``: join a running job with more generator processes.
+
+The node registers on the learner's control socket (learner/nodes.py), receives the job's
+resolved config and the weights endpoint, starts ``--actors`` actor processes that stream
+rollouts to the job's queue and take weights from the learner's publisher, and sends a
+heartbeat every ``transport.heartbeat_s`` until it is stopped (Ctrl-C / SIGTERM: it says
+"leave" and stops its actors by pid). If the node dies without a word, the learner drops
+it after ``transport.node_timeout_s``; nothing the queue already accepted is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from dashrl.launch.config import AttachCommand, Config
+from dashrl.launch.runtime import StopFlag
+from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, decode, encode
+
+log = logging.getLogger("dashrl.attach")
+
+
+def register(sock: zmq.Socket, node_id: str, actors: int, timeout_s: float) -> NodeWelcome:
+    """Send a register and wait for the learner's welcome.
+
+    Raises:
+        TimeoutError: no valid welcome within ``timeout_s``.
+    """
+    sock.send(encode(NodeHello(node_id, "register", actors)))
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000)):
+            break
+        try:
+            msg = decode(sock.recv(), expect=NodeWelcome)
+        except ProtocolError as e:
+            log.warning("ignored a bad reply: %s", e)
+            continue
+        if msg.node_id == node_id:
+            return msg
+    raise TimeoutError(f"no welcome from the learner within {timeout_s:.0f} s")
+
+
+def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
+    """Run a node until ``stop`` (SIGTERM/SIGINT); returns a summary.
+
+    Raises:
+        TimeoutError: the learner did not answer.
+        ValueError: ``--connect`` is not HOST:PORT.
+    """
+    from dashrl.launch.start import Children
+
+    host, _, port = cmd.connect.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--connect must be HOST:PORT, got {cmd.connect!r}")
+    stop = stop or StopFlag()
+    node_id = cmd.node_id or f"node-{secrets.token_hex(3)}"
+    work = Path(cmd.work_dir or tempfile.mkdtemp(prefix=f"dashrl-{node_id}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(f"tcp://{host}:{port}")
+    children = None
+    try:
+        welcome = register(sock, node_id, cmd.actors, cmd.timeout_s)
+        cfg = Config.model_validate_json(welcome.config_json)
+        (work / "config.json").write_text(welcome.config_json)
+        log.info("attached as %s at version %d; logs in %s", node_id, welcome.version, work)
+        children = Children(work)
+        for i in range(cmd.actors):
+            children.spawn(f"{node_id}-actor{i}", "dashrl.actors.actor", str(work / "config.json"),
+                           str(i), node_id, welcome.weights_endpoint)  # fmt: skip
+        beats = 0
+        while not stop:
+            sock.send(encode(NodeHello(node_id, "heartbeat", cmd.actors)))
+            beats += 1
+            for role, p in children.procs.items():
+                if p.poll() is not None:
+                    log.error("%s exited with code %s", role, p.returncode)
+                    stop.stop = True
+            time.sleep(cfg.transport.heartbeat_s)
+        sock.send(encode(NodeHello(node_id, "leave", cmd.actors)))
+        return {"node_id": node_id, "work_dir": str(work), "heartbeats": beats}
+    finally:
+        if children is not None:
+            children.stop_all()
+        sock.close()
+        ctx.term()
