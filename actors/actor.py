@@ -36,6 +36,7 @@ from dashrl.actors.tasks import (
 )
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
+from dashrl.launch.security import client_setup
 from dashrl.protocol import Completion, RolloutGroup, encode
 
 log = logging.getLogger("dashrl.actor")
@@ -101,7 +102,11 @@ class Actor:
         self.engine = engine or HFEngine(cfg.model.path, seed=seed % 2**32)
         self.tokenizer = self.engine.tokenizer
         if weights_endpoint:  # an attached node: weights from the learner's publisher
-            self.receiver = ZmqWeightReceiver(self.engine.sync_parameters(), weights_endpoint)
+            self.receiver = ZmqWeightReceiver(
+                self.engine.sync_parameters(),
+                weights_endpoint,
+                client_setup(cfg.transport.curve_dir),
+            )
         else:  # started with the job: the launch-time process group (local actors only)
             self.receiver = WeightReceiver(
                 self.engine.sync_parameters(),
@@ -183,6 +188,9 @@ class Actor:
         a, t = self.cfg.actor, self.cfg.transport
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.PUSH)
+        secure = client_setup(t.curve_dir)
+        if secure:  # CurveZMQ client of a job bound beyond the loopback
+            secure(sock)
         sock.setsockopt(zmq.SNDHWM, t.send_hwm)
         sock.setsockopt(zmq.LINGER, 5000)  # on shutdown, give queued groups 5 s to leave
         sock.connect(f"tcp://{t.host}:{t.rollout_port}")

@@ -20,6 +20,7 @@ import zmq
 
 from dashrl.launch.config import AttachCommand, Config
 from dashrl.launch.runtime import StopFlag
+from dashrl.launch.security import client_setup
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, decode, encode
 
 log = logging.getLogger("dashrl.attach")
@@ -65,12 +66,18 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
+    secure = client_setup(cmd.curve_dir)
+    if secure:  # a job bound beyond the loopback only admits holders of its client key
+        secure(sock)
     sock.connect(f"tcp://{host}:{port}")
     children = None
     try:
         welcome = register(sock, node_id, cmd.actors, cmd.timeout_s)
         cfg = Config.model_validate_json(welcome.config_json)
-        (work / "config.json").write_text(welcome.config_json)
+        # this machine's copy of the keys, not the learner machine's path
+        transport = cfg.transport.model_copy(update={"curve_dir": cmd.curve_dir})
+        cfg = cfg.model_copy(update={"transport": transport})
+        (work / "config.json").write_text(cfg.model_dump_json())
         log.info("attached as %s at version %d; logs in %s", node_id, welcome.version, work)
         children = Children(work)
         for i in range(cmd.actors):

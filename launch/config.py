@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tyro.conf import Positional
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Hosts a job may bind without CurveZMQ keys."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -188,7 +191,10 @@ class EvalConfig(_Strict):
 
 class TransportConfig(_Strict):
     host: str = "127.0.0.1"
-    """Address every socket binds to. Only loopback is supported without CurveZMQ keys."""
+    """Address the ZeroMQ sockets bind to. Anything but loopback needs curve_dir."""
+    curve_dir: Path | None = None
+    """CurveZMQ keys folder from ``start.py keys DIR``: every socket then authenticates
+    with it and refuses clients without the authorised key (launch/security.py)."""
     rollout_port: int = 0
     """Queue PULL port for rollouts (0: pick a free port)."""
     request_port: int = 0
@@ -269,8 +275,11 @@ class Config(_Strict):
             if lc.micro_batch_size % 2:
                 raise ValueError("iterative_dpo serves (chosen, rejected) pairs: "
                                  "learner.micro_batch_size must be even")  # fmt: skip
-        if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("transport.host: only loopback binds are supported in this version")
+        if self.transport.host not in LOOPBACK and self.transport.curve_dir is None:
+            raise ValueError(
+                f"transport.host {self.transport.host!r} is not loopback: binding there needs "
+                "CurveZMQ keys (start.py keys DIR, then --transport.curve-dir DIR)"
+            )
         return self
 
 
@@ -349,3 +358,6 @@ class AttachCommand(_Strict):
     """Where the node keeps its config copy and logs (default: a new temporary directory)."""
     timeout_s: float = 60.0
     """How long to wait for the learner's welcome, in seconds."""
+    curve_dir: Path | None = None
+    """CurveZMQ keys folder (a copy of the job's ``start.py keys`` folder) when the job binds
+    beyond the loopback."""

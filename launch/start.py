@@ -299,6 +299,20 @@ def main() -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         return
+    if sys.argv[1:2] == ["keys"]:
+        if len(sys.argv) != 3:
+            print("usage: start.py keys DIR", file=sys.stderr)
+            sys.exit(2)
+        from dashrl.launch.security import generate_keys
+
+        try:
+            out = generate_keys(Path(sys.argv[2]))
+            print(f"CurveZMQ keys written to {out}; use --transport.curve-dir {out} "
+                  "(and copy the folder to attaching nodes)")  # fmt: skip
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     if sys.argv[1:2] == ["attach"]:
         from dashrl.launch.attach import attach
         from dashrl.launch.config import AttachCommand

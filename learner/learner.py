@@ -104,7 +104,11 @@ class Learner:
         self.queue = self.sender = self.publisher = self.nodes = None
         if connect and self.rank == 0:
             t = cfg.transport
-            self.queue = QueueClient(f"tcp://{t.host}:{t.request_port}")
+            from dashrl.launch.security import client_setup
+
+            self.queue = QueueClient(
+                f"tcp://{t.host}:{t.request_port}", configure=client_setup(t.curve_dir)
+            )
             if cfg.resume:  # micro-batches served after the checkpoint come back from the log
                 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
@@ -125,11 +129,12 @@ class Learner:
             from dashrl.learner.nodes import NodeRegistry, WeightPublisher
 
             weights_at = f"tcp://{t.host}:{t.weights_port}"
-            self.publisher = WeightPublisher(weights_at, self.sender.layout)
+            self.publisher = WeightPublisher(weights_at, self.sender.layout, t.curve_dir)
             self.nodes = NodeRegistry(
                 f"tcp://{t.host}:{t.control_port}",
                 lambda node: NodeWelcome(node, self.version, cfg.model_dump_json(), weights_at),
                 t.node_timeout_s,
+                t.curve_dir,
             )
 
     def load_state(self, ckpt: Path) -> int:

@@ -25,10 +25,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import zmq
 
+from dashrl.launch.security import server_setup
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, WeightsVersion, decode, encode
 
 log = logging.getLogger("dashrl.learner")
@@ -41,17 +43,18 @@ class NodeRegistry:
         bind: ZeroMQ address to bind, e.g. "tcp://127.0.0.1:5560".
         welcome: returns the NodeWelcome for a registering node id.
         timeout_s: drop a node after this many seconds without a heartbeat.
-        configure: applied to the socket before binding (CurveZMQ server keys).
+        curve_dir: CurveZMQ keys folder (launch/security.py), None on the loopback.
     """
 
     def __init__(self, bind: str, welcome: Callable[[str], NodeWelcome], timeout_s: float,
-                 configure: Callable[[zmq.Socket], None] | None = None):  # fmt: skip
+                 curve_dir: Path | None = None):  # fmt: skip
         self.welcome, self.timeout_s = welcome, timeout_s
         self.nodes: dict[str, float] = {}  # node id -> last time heard (monotonic)
         self.rejected_frames = 0
         self.joined = self.left = self.timed_out = 0
         self._lock = threading.Lock()
         self._ctx = zmq.Context()
+        configure, self.gate = server_setup(self._ctx, curve_dir, "learner control")
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         if configure:
@@ -116,6 +119,8 @@ class NodeRegistry:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close(0)
+        if self.gate is not None:
+            self.gate.close()
         self._ctx.term()
 
 
@@ -125,13 +130,13 @@ class WeightPublisher:
     Args:
         bind: address to bind.
         layout_hash: the weights' layout hash (learner/weights.py ``layout_hash``).
-        configure: applied to the socket before binding (CurveZMQ server keys).
+        curve_dir: CurveZMQ keys folder (launch/security.py), None on the loopback.
     """
 
-    def __init__(self, bind: str, layout_hash: str,
-                 configure: Callable[[zmq.Socket], None] | None = None):  # fmt: skip
+    def __init__(self, bind: str, layout_hash: str, curve_dir: Path | None = None):
         self.layout = layout_hash
         self._ctx = zmq.Context()
+        configure, self.gate = server_setup(self._ctx, curve_dir, "weight publisher")
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 1)  # a slow node gets the newest version, not a backlog
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -152,4 +157,6 @@ class WeightPublisher:
 
     def close(self) -> None:
         self._sock.close(0)
+        if self.gate is not None:
+            self.gate.close()
         self._ctx.term()

@@ -30,12 +30,15 @@ class QueueClient:
     Args:
         endpoint: the queue's ROUTER address, e.g. "tcp://127.0.0.1:5556".
         limits: decode limits for replies.
+        configure: applied to the socket before connecting (CurveZMQ client keys).
     """
 
-    def __init__(self, endpoint: str, limits: DecodeLimits | None = None):
+    def __init__(self, endpoint: str, limits: DecodeLimits | None = None, configure=None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if configure is not None:  # CurveZMQ client keys (launch/security.py)
+            configure(self.sock)
         self.sock.connect(endpoint)
         self.limits = limits or DecodeLimits()
         self._ids = itertools.count()

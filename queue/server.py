@@ -33,6 +33,7 @@ import zmq
 
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, setup_logging
+from dashrl.launch.security import server_setup
 from dashrl.protocol import (
     DecodeLimits,
     MicroBatchReply,
@@ -77,6 +78,7 @@ class QueueServer:
         self.rejected_frames = 0
         self.handler_errors = 0
         self.groups_received = 0
+        self.gate = None  # CurveZMQ refusals (launch/security.py), when keys are in use
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
         if cfg.resume and self.log is not None:  # a restarted queue holds what it held
@@ -183,6 +185,7 @@ class QueueServer:
             "queue/rejected_frames": float(self.rejected_frames),
             "queue/handler_errors": float(self.handler_errors),
             "queue/groups_received": float(self.groups_received),
+            "queue/refused_clients": float(self.gate.refused if self.gate else 0),
         }
         if served:
             lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]
@@ -205,10 +208,13 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
     stop = stop or StopFlag()
     server = QueueServer(cfg, run_dir)
     ctx = zmq.Context()
+    secure, server.gate = server_setup(ctx, cfg.transport.curve_dir, "queue")
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 1000)
-    pull.bind(f"tcp://{cfg.transport.host}:{cfg.transport.rollout_port}")
     router = ctx.socket(zmq.ROUTER)
+    for sock in (pull, router) if secure else ():
+        secure(sock)  # CURVE server: only clients with the job's key get through
+    pull.bind(f"tcp://{cfg.transport.host}:{cfg.transport.rollout_port}")
     router.bind(f"tcp://{cfg.transport.host}:{cfg.transport.request_port}")
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
@@ -250,6 +256,8 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
         server.close()
         pull.close(linger=0)
         router.close(linger=0)
+        if server.gate is not None:
+            server.gate.close()
         ctx.term()
         final = server.stats()
         if run_dir is not None:  # the launcher's summary reads the queue's last word
