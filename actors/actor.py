@@ -29,10 +29,12 @@ from dashrl.actors.engine import Generation, GenerationEngine, HFEngine
 from dashrl.actors.tasks import (
     Problem,
     Task,
+    VerifierTimeout,
     chat_prompt_ids,
     format_reward,
     load_task,
     rcrl_question,
+    time_limit,
 )
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
@@ -50,20 +52,32 @@ def score_group(
     estimator: Estimator = grpo_advantages,
     finished: list[bool] | None = None,
     format_coef: float = 0.0,
+    timeout_s: float = 0.0,
+    stats: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rewards [G] and advantages [G] (float32) of one group's decoded completions.
 
     reward = verifier + format_coef * format_reward (``finished``: the completion ended
-    with EOS). A verifier that raises scores 0 for that completion (logged), so one bad
-    answer cannot stop the actor. A group the estimator discards gets A = 0 everywhere: it
-    is still sent (its rewards count in the metrics) and the queue's filter drops it.
+    with EOS). A verifier that raises or runs past ``timeout_s`` scores 0 for that
+    completion (logged, and counted in ``stats`` as verifier_errors / verifier_timeouts),
+    so one bad answer cannot stop the actor. A group the estimator discards gets A = 0
+    everywhere: it is still sent (its rewards count in the metrics) and the queue's filter
+    drops it.
     """
     rewards = []
     for i, text in enumerate(texts):
         try:
-            r = task.score(problem, text)
+            with time_limit(timeout_s):
+                r = task.score(problem, text)
+        except VerifierTimeout as e:
+            log.warning("verifier timed out on %s: %s", problem.id, e)
+            if stats is not None:
+                stats["verifier_timeouts"] = stats.get("verifier_timeouts", 0.0) + 1
+            r = 0.0
         except Exception as e:  # a verifier bug must not kill a long-running actor
             log.warning("verifier failed on %s: %s", problem.id, e)
+            if stats is not None:
+                stats["verifier_errors"] = stats.get("verifier_errors", 0.0) + 1
             r = 0.0
         if format_coef:
             r += format_coef * format_reward(text, True if finished is None else finished[i])
@@ -151,9 +165,11 @@ class Actor:
         for problem, gens in zip(problems, generations, strict=True):
             t0 = time.perf_counter()
             texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+            faults: dict[str, float] = {}
             rewards, adv = score_group(
                 self.task, problem, texts, a.advantage_eps, self.estimator,
                 [g.finish_reason == "stop" for g in gens], self.cfg.reward.format_coef,
+                a.verifier_timeout_s, faults,
             )  # fmt: skip
             if self.cfg.algo == "expert_iteration":
                 adv = dedupe_advantages(adv, [tuple(g.token_ids.tolist()) for g in gens])
@@ -161,7 +177,8 @@ class Actor:
                 Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
                 for g, r, x in zip(gens, rewards, adv, strict=True)
             ]
-            timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0}
+            timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0,
+                       **faults}  # fmt: skip
             if self.cfg.algo == "rcrl":  # relabel: each sample under the tag of its own return
                 parts = [(f"{problem.id}#{tag}", [c for c in comps if (c.reward >= 1) == good],
                           self.prompt_ids(problem, good))

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -155,6 +159,32 @@ def load_task(cfg: DataConfig, seed: int) -> Task:
     if cfg.source == "gsm8k":
         return GSM8KTask(cfg, seed)
     raise ValueError(f"unknown data source {cfg.source!r}")
+
+
+class VerifierTimeout(TimeoutError):
+    """A verifier call ran past its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`VerifierTimeout` in the block after ``seconds`` (SIGALRM; main thread
+    only, elsewhere or with seconds <= 0 no limit). A verifier stuck in Python code (e.g. a
+    pathological expression handed to a symbolic checker) is interrupted; the actor scores
+    that completion 0 and goes on."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise VerifierTimeout(f"verifier exceeded {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 RCRL_GOOD, RCRL_BAD = "[GOOD]", "[BAD]"

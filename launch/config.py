@@ -69,6 +69,9 @@ class ActorConfig(_Strict):
     oversubscription (measured in README)."""
     advantage_eps: float = 1e-6
     """eps in the GRPO advantage (r - mean) / (std + eps)."""
+    verifier_timeout_s: float = Field(5.0, ge=0)
+    """Time limit of one verifier call, in seconds (0: none); a completion whose verifier
+    runs past it scores 0 and is counted in actor/verifier_timeouts."""
     reinforce_baseline: Literal["none", "group_mean", "leave_one_out"] = "none"
     """Baseline of reinforce / reinforce_rej: none (A = r, Minimal-RL's Reinforce), the group
     mean, or leave-one-out (RLOO)."""

@@ -78,6 +78,7 @@ class QueueServer:
         self.rejected_frames = 0
         self.handler_errors = 0
         self.groups_received = 0
+        self.faults: dict[str, float] = {}  # actor-side verifier faults, cumulative
         self.gate = None  # CurveZMQ refusals (launch/security.py), when keys are in use
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
@@ -118,6 +119,8 @@ class QueueServer:
             w["n"] += 1
             w["tokens"] += len(c.token_ids)
             w["length"] += c.finish_reason == "length"
+        for k in ("verifier_timeouts", "verifier_errors"):
+            self.faults[k] = self.faults.get(k, 0.0) + group.timings.get(k, 0.0)
         samples = group_to_samples(group)
         result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
@@ -186,6 +189,7 @@ class QueueServer:
             "queue/handler_errors": float(self.handler_errors),
             "queue/groups_received": float(self.groups_received),
             "queue/refused_clients": float(self.gate.refused if self.gate else 0),
+            **{f"actor/{k}": v for k, v in self.faults.items()},
         }
         if served:
             lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]

@@ -186,3 +186,26 @@ def test_iterative_dpo_starts_at_log2_and_raises_the_margin(tiny_cfg) -> None:
     assert learner.train_micro_batch(batch, 1.0)["learner/loss"] == pytest.approx(math.log(2))
     unpaired = learner.train_micro_batch(batch[:1], 1.0)  # half a pair: no loss, no crash
     assert unpaired["learner/dpo_pairs"] == 0 and unpaired["learner/loss"] == 0.0
+
+
+def test_a_hung_verifier_times_out_scores_zero_and_is_counted() -> None:
+    import time
+
+    from dashrl.actors.actor import score_group
+    from dashrl.actors.tasks import Problem, Task
+
+    class Hangs(Task):
+        def score(self, problem: Problem, completion: str) -> float:
+            if completion == "hang":
+                time.sleep(30)  # a verifier stuck on one input
+            if completion == "boom":
+                raise RuntimeError("verifier bug")
+            return 1.0
+
+    stats: dict[str, float] = {}
+    t0 = time.perf_counter()
+    rewards, _ = score_group(Hangs(), Problem("x", "q", "7"), ["ok", "hang", "boom", "ok"], 0.0,
+                             reinforce_advantages, timeout_s=0.3, stats=stats)  # fmt: skip
+    assert time.perf_counter() - t0 < 5
+    assert rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert stats == {"verifier_timeouts": 1.0, "verifier_errors": 1.0}
