@@ -43,6 +43,9 @@ from dashrl.protocol import Completion, RolloutGroup, encode
 
 log = logging.getLogger("dashrl.actor")
 
+SFT_BATCH_PAUSE_S = 0.05
+"""Pause after each batch of reference solutions (algo sft), in seconds."""
+
 
 def score_group(
     task: Task,
@@ -134,6 +137,22 @@ class Actor:
         self.groups_sent = 0
         self.tokens_generated = 0
 
+    def _fallback_if_group_broke(self) -> None:
+        """If the launch-time weight group broke (another actor died, so the learner now
+        publishes over ZeroMQ), subscribe to the learner's publisher instead."""
+        from dashrl.learner.weights import ZmqWeightReceiver
+
+        r = self.receiver
+        if isinstance(r, ZmqWeightReceiver) or not r.stopped.is_set() or r.error is None:
+            return
+        t = self.cfg.transport
+        log.warning("weight group gone (%s): subscribing to the learner's publisher", r.error)
+        self.receiver = ZmqWeightReceiver(
+            self.engine.sync_parameters(), f"tcp://{t.host}:{t.weights_port}",
+            client_setup(t.curve_dir),
+        )  # fmt: skip
+        self.receiver.version = r.version  # keep generating with the weights it has
+
     def prompt_ids(self, problem: Problem, good: bool | None = None) -> list[int]:
         """Chat prompt token ids; ``good`` adds the RCRL return tag (None: no tag, or the good
         tag when the algorithm is rcrl, which always generates conditioned on it)."""
@@ -200,6 +219,18 @@ class Actor:
             ]
         return groups
 
+    @staticmethod
+    async def _send(sock, frame: bytes, stop: StopFlag) -> bool:
+        """Send one frame, waiting while the queue applies backpressure (high-water mark),
+        but giving up when ``stop`` is set (the queue may already be gone at shutdown)."""
+        while True:
+            try:
+                await asyncio.wait_for(sock.send(frame), timeout=1.0)
+                return True
+            except TimeoutError:
+                if stop:
+                    return False
+
     async def run(self, stop: StopFlag) -> None:
         """Generate and stream until ``stop`` is set."""
         a, t = self.cfg.actor, self.cfg.transport
@@ -216,12 +247,16 @@ class Actor:
             while not stop and self.receiver.apply() < 0:  # attached: wait for first weights
                 await asyncio.sleep(0.2)
             while not stop:
+                self._fallback_if_group_broke()
                 version = self.receiver.apply()
                 problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
                 prompts = [self.prompt_ids(p) for p in problems]
                 t0 = time.perf_counter()
                 if self.cfg.algo == "sft":
                     gens = [[self.reference_generation(p)] for p in problems]
+                    # reference solutions cost nothing: without a pause the actor would
+                    # flood the queue (and its log) with thousands of groups per second
+                    await asyncio.sleep(SFT_BATCH_PAUSE_S)
                 else:
                     gens = await asyncio.to_thread(
                         self.engine.generate, prompts, a.group_size, a.max_new_tokens,
@@ -229,7 +264,8 @@ class Actor:
                     )  # fmt: skip
                 gen_s = time.perf_counter() - t0
                 for group in self.build_groups(problems, gens, version, gen_s):
-                    await sock.send(encode(group))
+                    if not await self._send(sock, encode(group), stop):
+                        break
                     self.groups_sent += 1
                     self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
                 if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:

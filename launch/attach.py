@@ -47,6 +47,49 @@ def register(sock: zmq.Socket, node_id: str, actors: int, timeout_s: float) -> N
     raise TimeoutError(f"no welcome from the learner within {timeout_s:.0f} s")
 
 
+class NodeClient:
+    """A node's line to the learner's control socket: register, heartbeat, leave.
+
+    Args:
+        connect: "HOST:PORT" of the learner's control socket.
+        node_id: the node's name.
+        actors: how many actors it runs.
+        curve_dir: CurveZMQ keys folder, for jobs bound beyond the loopback.
+
+    Raises:
+        ValueError: ``connect`` is not HOST:PORT.
+    """
+
+    def __init__(self, connect: str, node_id: str, actors: int, curve_dir: Path | None = None):
+        host, _, port = connect.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--connect must be HOST:PORT, got {connect!r}")
+        self.node_id, self.actors = node_id, actors
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        secure = client_setup(curve_dir)
+        if secure:  # a job bound beyond the loopback only admits holders of its client key
+            secure(self._sock)
+        self._sock.connect(f"tcp://{host}:{port}")
+        self.heartbeats = 0
+
+    def register(self, timeout_s: float) -> NodeWelcome:
+        """Register and wait for the welcome (raises TimeoutError)."""
+        return register(self._sock, self.node_id, self.actors, timeout_s)
+
+    def heartbeat(self) -> None:
+        self._sock.send(encode(NodeHello(self.node_id, "heartbeat", self.actors)))
+        self.heartbeats += 1
+
+    def leave(self) -> None:
+        self._sock.send(encode(NodeHello(self.node_id, "leave", self.actors)))
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+
 def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
     """Run a node until ``stop`` (SIGTERM/SIGINT); returns a summary.
 
@@ -56,23 +99,14 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
     """
     from dashrl.launch.start import Children
 
-    host, _, port = cmd.connect.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--connect must be HOST:PORT, got {cmd.connect!r}")
     stop = stop or StopFlag()
     node_id = cmd.node_id or f"node-{secrets.token_hex(3)}"
+    client = NodeClient(cmd.connect, node_id, cmd.actors, cmd.curve_dir)
     work = Path(cmd.work_dir or tempfile.mkdtemp(prefix=f"dashrl-{node_id}-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    secure = client_setup(cmd.curve_dir)
-    if secure:  # a job bound beyond the loopback only admits holders of its client key
-        secure(sock)
-    sock.connect(f"tcp://{host}:{port}")
     children = None
     try:
-        welcome = register(sock, node_id, cmd.actors, cmd.timeout_s)
+        welcome = client.register(cmd.timeout_s)
         cfg = Config.model_validate_json(welcome.config_json)
         # this machine's copy of the keys, not the learner machine's path
         transport = cfg.transport.model_copy(update={"curve_dir": cmd.curve_dir})
@@ -83,19 +117,16 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
         for i in range(cmd.actors):
             children.spawn(f"{node_id}-actor{i}", "dashrl.actors.actor", str(work / "config.json"),
                            str(i), node_id, welcome.weights_endpoint)  # fmt: skip
-        beats = 0
         while not stop:
-            sock.send(encode(NodeHello(node_id, "heartbeat", cmd.actors)))
-            beats += 1
+            client.heartbeat()
             for role, p in children.procs.items():
                 if p.poll() is not None:
                     log.error("%s exited with code %s", role, p.returncode)
                     stop.stop = True
             time.sleep(cfg.transport.heartbeat_s)
-        sock.send(encode(NodeHello(node_id, "leave", cmd.actors)))
-        return {"node_id": node_id, "work_dir": str(work), "heartbeats": beats}
+        client.leave()
+        return {"node_id": node_id, "work_dir": str(work), "heartbeats": client.heartbeats}
     finally:
         if children is not None:
             children.stop_all()
-        sock.close()
-        ctx.term()
+        client.close()

@@ -144,6 +144,9 @@ class LearnerConfig(_Strict):
     """Torch/OpenMP threads of the learner process."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every N steps (0: only at the end)."""
+    queue_timeout_s: float = Field(10.0, gt=0)
+    """How long the learner waits for the queue's answer before asking again, in seconds
+    (a restarted queue answers the next request)."""
     queue_poll_s: float = 0.2
     """How long to wait before asking an empty queue again, in seconds."""
     weight_sync_timeout_s: float = 3600.0

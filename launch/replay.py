@@ -57,7 +57,9 @@ class LogQueue:
         self.rejected_replies = 0
         self.version_mismatches = 0
 
-    def request(self, learner_version: int, size: int, unit: str) -> MicroBatchReply:
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 0.0
+    ) -> MicroBatchReply:
         """The next logged micro-batch (empty, and ``stop`` set, after the last)."""
         if self._next >= len(self._served):
             self.stop.stop = True

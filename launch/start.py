@@ -24,6 +24,7 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -123,8 +124,68 @@ class Children:
         return p.returncode
 
     def stop_all(self) -> None:
-        for role in sorted(self.procs, key=lambda r: r != "learner"):  # learner first
+        """Stop the learner first (it checkpoints), then the actors, the queue last (so
+        actors blocked on a full socket can still hand over their last groups)."""
+        order = {"learner": 0, "queue": 2}
+        for role in sorted(self.procs, key=lambda r: order.get(r, 1)):
             self.stop(role)
+
+
+class Supervisor:
+    """Restarts a dead queue or actor while the learner runs (up to MAX_RESTARTS per role).
+
+    - The queue comes back on the same ports and reloads from its log every sample it had
+      accepted but not yet served or evicted; ZeroMQ peers reconnect by themselves.
+    - An actor comes back as a generator of node "launcher" (weights from the learner's
+      ZeroMQ publisher, since the launch-time weight group cannot take a new member); the
+      launcher registers that node and sends its heartbeats.
+    """
+
+    MAX_RESTARTS = 5
+
+    def __init__(self, cfg: Config, children: Children):
+        self.cfg, self.children = cfg, children
+        self.restarts: dict[str, int] = {}
+        self.node = None
+        self.config_path = str(cfg.run_dir / "config.json")
+
+    def restart(self, role: str) -> bool:
+        """Restart ``role`` if allowed; returns whether it did."""
+        n = self.restarts.get(role, 0)
+        if n >= self.MAX_RESTARTS or not (role == "queue" or role.startswith("actor")):
+            return False
+        self.restarts[role] = n + 1
+        if role == "queue":
+            self.children.spawn("queue", "dashrl.queue.server", self.config_path, "--reload")
+        else:
+            t = self.cfg.transport
+            if self.node is None:
+                from dashrl.launch.attach import NodeClient
+
+                self.node = NodeClient(f"{t.host}:{t.control_port}", "launcher", 1, t.curve_dir)
+                self.node.register(timeout_s=60)
+            self.children.spawn(role, "dashrl.actors.actor", self.config_path,
+                                role.removeprefix("actor"), "launcher",
+                                f"tcp://{t.host}:{t.weights_port}")  # fmt: skip
+        log.warning("restarted %s (restart %d of %d)", role, n + 1, self.MAX_RESTARTS)
+        return True
+
+    def heartbeat(self) -> None:
+        if self.node is not None:
+            self.node.heartbeat()
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.leave()
+            self.node.close()
+
+
+@contextlib.contextmanager
+def supervisor_closed(supervisor: Supervisor):
+    try:
+        yield supervisor
+    finally:
+        supervisor.close()
 
 
 def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
@@ -132,25 +193,25 @@ def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
     from tqdm import tqdm
 
     learner = children.procs["learner"]
+    supervisor = Supervisor(cfg, children)
     deadline = time.monotonic() + cfg.time_limit_s + 600  # the learner stops itself earlier
     seen = 0
-    with tqdm(
-        total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True
-    ) as bar:
+    with (
+        supervisor_closed(supervisor),
+        tqdm(total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True) as bar,
+    ):
         while learner.poll() is None:
             if interrupted[0] or time.monotonic() > deadline:
                 log.info("stopping the learner (it saves a checkpoint first)")
                 children.stop("learner", timeout_s=300)
                 break
-            for role, p in children.procs.items():
+            for role, p in list(children.procs.items()):
                 if role != "learner" and p.poll() is not None:
-                    log.error(
-                        "%s exited with code %s: see %s",
-                        role,
-                        p.returncode,
-                        children.logs / f"{role}.log",
-                    )
-                    interrupted[0] = True
+                    log.error("%s exited with code %s: see %s", role, p.returncode,
+                              children.logs / f"{role}.log")  # fmt: skip
+                    if not supervisor.restart(role):
+                        interrupted[0] = True
+            supervisor.heartbeat()
             rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
             if len(rows) > seen:
                 r = rows[-1]

@@ -72,11 +72,13 @@ class ResumeQueue:
     def rejected_replies(self) -> int:
         return self.live.rejected_replies
 
-    def request(self, learner_version: int, size: int, unit: str) -> MicroBatchReply:
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
+    ) -> MicroBatchReply:
         """The next logged micro-batch while any is left, then the live queue's answer."""
         if self._logged:
             return MicroBatchReply(0, self._logged.pop(0), {})
-        return self.live.request(learner_version, size, unit)
+        return self.live.request(learner_version, size, unit, timeout_s)
 
     def close(self) -> None:
         self.live.close()

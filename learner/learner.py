@@ -102,6 +102,7 @@ class Learner:
             log.info("resumed from %s: step %d, version %d", self.resume_from, self.start_step,
                      self.version)  # fmt: skip
         self.queue = self.sender = self.publisher = self.nodes = None
+        self._published_at = 0.0
         if connect and self.rank == 0:
             t = cfg.transport
             from dashrl.launch.security import client_setup
@@ -166,9 +167,20 @@ class Learner:
                 pass
             return 0.0
         seconds = self.sender.send(self.version, params)
-        if self.nodes is not None and self.nodes.alive():
+        if self.nodes is not None and (self.nodes.alive() or self.sender.broken):
             seconds += self.publisher.publish(self.version, self.sender.flat)
+            self._published_at = time.monotonic()
         return seconds
+
+    def republish_if_idle(self, every_s: float = 3.0) -> None:
+        """While waiting for data, re-send the current weights to subscribers every
+        ``every_s``: a node that (re)joined after the last step must not wait for a step
+        that needs its rollouts to happen."""
+        if self.nodes is None or time.monotonic() - self._published_at < every_s:
+            return
+        if self.nodes.alive() or self.sender.broken:
+            self.publisher.publish(self.version, self.sender.flat)
+            self._published_at = time.monotonic()
 
     def next_micro_batch(
         self, stop: StopFlag, deadline: float = math.inf
@@ -179,13 +191,16 @@ class Learner:
         t0 = time.perf_counter()
         while not stop and time.monotonic() < deadline:
             try:
-                reply = self.queue.request(self.version, lc.micro_batch_size, lc.micro_batch_unit)
-            except TimeoutError as e:
+                reply = self.queue.request(self.version, lc.micro_batch_size, lc.micro_batch_unit,
+                                           timeout_s=lc.queue_timeout_s)  # fmt: skip
+            except TimeoutError as e:  # the queue died or is restarting: ask again
                 log.warning("%s; asking again", e)
+                self.republish_if_idle()
                 continue
             samples = self.valid_samples(reply.samples)
             if samples:
                 return samples, reply.stats, time.perf_counter() - t0
+            self.republish_if_idle()
             time.sleep(lc.queue_poll_s)
         return [], {}, time.perf_counter() - t0
 

@@ -134,6 +134,7 @@ class WeightSender:
         self.group = StatelessGroup(init_method, world_size, 0, timeout_s, device)
         self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=device)
         self._header_device = device
+        self.broken = False
 
     def send(self, version: int, tensors: Iterable[torch.Tensor] | None = None) -> float:
         """Broadcast the parameters as ``version``; returns the seconds it took.
@@ -153,13 +154,22 @@ class WeightSender:
                 offset += n
         if offset != self.flat.numel():
             raise ValueError(f"sent {offset} parameter values, the layout has {self.flat.numel()}")
+        if self.broken:
+            return time.perf_counter() - t0
         header = WeightsVersion(version, self.flat.numel() * 4, "float32", self.layout, time.time())
-        self.group.broadcast(_pack_header(header).to(self._header_device))
-        self.group.broadcast(self.flat)
+        try:
+            self.group.broadcast(_pack_header(header).to(self._header_device))
+            self.group.broadcast(self.flat)
+        except (RuntimeError, dist.DistError) as e:  # a launch-time actor died: its peers
+            self.broken = True  # and restarts get weights from the publisher from now on
+            log.error("weight group broken (%s): later versions go out over ZeroMQ only", e)
         return time.perf_counter() - t0
 
     def close(self) -> None:
         """Tell receivers to stop, then leave the process group."""
+        if self.broken:
+            self.group.close()
+            return
         try:
             stop = _pack_header(WeightsVersion(STOP_VERSION, 0, "float32", self.layout))
             self.group.broadcast(stop.to(self._header_device))

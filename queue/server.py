@@ -60,9 +60,10 @@ class QueueServer:
     Args:
         cfg: the run config (queue section and run_dir are used).
         run_dir: where the rollout log goes; None disables the log.
+        reload: a restarted queue: reload the log's pending samples (also when cfg.resume).
     """
 
-    def __init__(self, cfg: Config, run_dir: Path | None):
+    def __init__(self, cfg: Config, run_dir: Path | None, reload: bool = False):
         q = cfg.queue
         self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness)
         self.limits = DecodeLimits(
@@ -82,7 +83,7 @@ class QueueServer:
         self.gate = None  # CurveZMQ refusals (launch/security.py), when keys are in use
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
-        if cfg.resume and self.log is not None:  # a restarted queue holds what it held
+        if (cfg.resume or reload) and self.log is not None:  # a restart holds what it held
             self.reload(run_dir / ROLLOUT_LOG)
 
     def _reset_window(self) -> None:
@@ -207,10 +208,13 @@ class QueueServer:
             self.log.close()
 
 
-def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> None:
-    """Run the queue's socket loop until SIGTERM/SIGINT (or ``stop`` is set)."""
+def serve(
+    cfg: Config, run_dir: Path | None, stop: StopFlag | None = None, reload: bool = False
+) -> None:
+    """Run the queue's socket loop until SIGTERM/SIGINT (or ``stop`` is set); ``reload``:
+    this queue replaces one that died, so it reloads pending samples from the log."""
     stop = stop or StopFlag()
-    server = QueueServer(cfg, run_dir)
+    server = QueueServer(cfg, run_dir, reload)
     ctx = zmq.Context()
     secure, server.gate = server_setup(ctx, cfg.transport.curve_dir, "queue")
     pull = ctx.socket(zmq.PULL)
@@ -271,11 +275,11 @@ def serve(cfg: Config, run_dir: Path | None, stop: StopFlag | None = None) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m dashrl.queue.server <run_dir>/config.json``."""
+    """Entry point: ``python -m dashrl.queue.server <run_dir>/config.json [--reload]``."""
     argv = argv if argv is not None else sys.argv[1:]
     setup_logging("queue")
     cfg = load_config(Path(argv[0]))
-    serve(cfg, cfg.run_dir)
+    serve(cfg, cfg.run_dir, reload="--reload" in argv[1:])
 
 
 if __name__ == "__main__":
