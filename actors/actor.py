@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from dashrl.actors.advantages import Estimator, dedupe_advantages, estimator_for, grpo_advantages
-from dashrl.actors.engine import Generation, GenerationEngine, HFEngine
+from dashrl.actors.engine import FakeEngine, Generation, GenerationEngine, HFEngine
 from dashrl.actors.tasks import (
     Problem,
     Task,
@@ -116,6 +116,8 @@ class Actor:
         seed = cfg.seed * 1000 + index + salt
         self.rng = random.Random(seed)
         self.task = load_task(cfg.data, cfg.seed)
+        if engine is None and cfg.actor.engine == "fake":
+            engine = FakeEngine(cfg.model.path, seed=seed % 2**32)
         self.engine = engine or HFEngine(cfg.model.path, seed=seed % 2**32)
         self.tokenizer = self.engine.tokenizer
         if weights_endpoint:  # an attached node: weights from the learner's publisher

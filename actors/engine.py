@@ -137,3 +137,44 @@ class HFEngine:
                 )
             results.append(group)
         return results
+
+
+class FakeEngine:
+    """Random completions as fast as the CPU allows, for load tests of the queue and learner.
+
+    It holds the real model's parameters (so weight updates arrive and apply exactly as in
+    a real actor) and its tokenizer (so verifiers run on real text), but never runs the
+    model: each completion is 1..max_new_tokens random token ids with random behaviour
+    logprobs in [-3, -0.01).
+
+    Args:
+        model_path: HF model directory (tokenizer and parameters).
+        seed: seed of the random generator.
+    """
+
+    def __init__(self, model_path: Path, seed: int = 0):
+        from dashrl.launch.model import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path)
+        self.vocab = int(self.model.get_input_embeddings().num_embeddings)
+        self.rng = np.random.default_rng(seed)
+
+    def sync_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def generate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
+    ) -> list[list[Generation]]:
+        out = []
+        for _ in prompts:
+            group = []
+            for _ in range(n):
+                length = int(self.rng.integers(1, max_new_tokens + 1))
+                ids = self.rng.integers(0, self.vocab, length).astype(np.int32)
+                logp = self.rng.uniform(-3.0, -0.01, length).astype(np.float32)
+                group.append(
+                    Generation(ids, logp, "length" if length == max_new_tokens else "stop")
+                )
+            out.append(group)
+        return out

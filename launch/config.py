@@ -56,6 +56,9 @@ class DataConfig(_Strict):
 class ActorConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     """Number of generator processes."""
+    engine: Literal["hf", "fake"] = "hf"
+    """Generation engine: "hf" (transformers generate) or "fake" (random tokens as fast as
+    possible, no model compute: for load tests of the queue and learner)."""
     group_size: int = Field(8, ge=2)
     """G: completions sampled per prompt (a group). GRPO needs at least 2."""
     prompts_per_batch: int = Field(8, ge=1)

@@ -50,6 +50,9 @@ from dashrl.queue.log import ROLLOUT_LOG, RolloutLog, read_queue_log
 
 log = logging.getLogger("dashrl.queue")
 
+DRAIN_BATCH = 256
+"""Most rollout frames taken in before pending learner requests are answered."""
+
 FINAL_STATS = "queue/final_stats.json"
 """The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
 
@@ -236,13 +239,15 @@ def serve(
     try:
         while not stop:
             events = dict(poller.poll(timeout=200))
-            # Drain rollouts first so a waiting learner sees every group that has arrived.
-            while pull in events:
-                try:
-                    server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-            if router in events:
+            # Take in what has arrived, but at most DRAIN_BATCH frames: with many actors
+            # the PULL socket never runs dry, and a learner request must not wait for it.
+            if pull in events:
+                for _ in range(DRAIN_BATCH):
+                    try:
+                        server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            while router.poll(0):  # then answer every waiting request
                 parts = router.recv_multipart()
                 if len(parts) != 2:
                     server._reject("request", ProtocolError(f"{len(parts)}-part message"))
