@@ -346,57 +346,53 @@ def resume_config(run_dir: Path) -> Config:
                                   "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
 
 
+def _or_exit(fn, *errors: type[Exception]):
+    """``fn()``, or one "error: ..." line on stderr and exit status 2 for the expected
+    errors (a bad name, file, address or value: no traceback for the user)."""
+    try:
+        return fn()
+    except (ValueError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["eval"]:
+    sub = sys.argv[1:2]
+    if sub == ["eval"]:
         from dashrl.launch.config import EvalCommand
         from dashrl.launch.eval_command import run_eval
 
         cmd = tyro.cli(EvalCommand, args=sys.argv[2:], prog="start.py eval",
                        config=(tyro.conf.FlagConversionOff,))  # fmt: skip
         setup_logging("eval")
-        try:
-            run_eval(cmd)
-        except (ValueError, FileNotFoundError) as e:  # bad name, file or row: one clear line
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        _or_exit(lambda: run_eval(cmd), ValueError, FileNotFoundError)
         return
-    if sys.argv[1:2] == ["keys"]:
+    if sub == ["keys"]:
         if len(sys.argv) != 3:
             print("usage: start.py keys DIR", file=sys.stderr)
             sys.exit(2)
         from dashrl.launch.security import generate_keys
 
-        try:
-            out = generate_keys(Path(sys.argv[2]))
-            print(f"CurveZMQ keys written to {out}; use --transport.curve-dir {out} "
-                  "(and copy the folder to attaching nodes)")  # fmt: skip
-        except FileExistsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        out = _or_exit(lambda: generate_keys(Path(sys.argv[2])), FileExistsError)
+        print(f"CurveZMQ keys written to {out}; use --transport.curve-dir {out} "
+              "(and copy the folder to attaching nodes)")  # fmt: skip
         return
-    if sys.argv[1:2] == ["attach"]:
+    if sub == ["attach"]:
         from dashrl.launch.attach import attach
         from dashrl.launch.config import AttachCommand
 
         cmd = tyro.cli(AttachCommand, args=sys.argv[2:], prog="start.py attach")
         setup_logging("attach")
-        try:
-            print(attach(cmd))
-        except (ValueError, TimeoutError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        print(_or_exit(lambda: attach(cmd), ValueError, TimeoutError))
         return
-    if sys.argv[1:2] == ["replay"]:
+    if sub == ["replay"]:
         from dashrl.launch.config import ReplayCommand
         from dashrl.launch.replay import run_replay_command
 
         cmd = tyro.cli(ReplayCommand, args=sys.argv[2:], prog="start.py replay")
         setup_logging("replay")
-        try:
-            result = run_replay_command(cmd)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        result = _or_exit(lambda: run_replay_command(cmd), ValueError, FileNotFoundError,
+                          FileExistsError)  # fmt: skip
         if result is not None and not result["identical"]:
             sys.exit(1)
         return
@@ -410,11 +406,7 @@ def main() -> None:
                        config=(tyro.conf.FlagConversionOff,))  # fmt: skip
     else:
         cfg = tyro.cli(Config, config=(tyro.conf.FlagConversionOff,))
-    try:
-        run(cfg)
-    except (FileExistsError, FileNotFoundError) as e:  # bad run dir or model: one clear line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _or_exit(lambda: run(cfg), FileExistsError, FileNotFoundError)  # bad run dir or model
 
 
 if __name__ == "__main__":

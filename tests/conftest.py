@@ -36,3 +36,26 @@ def tiny_cfg(tiny_model_path: Path, tmp_path: Path) -> Config:
         }
     )
     return cfg
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live child processes of ``pid`` (from ``ps``)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout  # fmt: skip
+    return [(int(line.split(maxsplit=1)[0]), line.split(maxsplit=1)[1])
+            for line in out.splitlines() if line.strip()]  # fmt: skip
+
+
+def tiny_job_args(run_dir: Path, **fields: object) -> list[str]:
+    """Command-line flags of a small launcher job on the tiny model (the tests that start,
+    kill, attach to or flood a whole job); ``fields`` ("learner.steps": 12, ...) override."""
+    flags: dict[str, object] = {
+        "run-dir": run_dir, "model.name": "tiny-random", "data.train-size": 200,
+        "data.heldout-size": 8, "actor.group-size": 4, "actor.prompts-per-batch": 4,
+        "actor.max-new-tokens": 8, "queue.filter-threshold": None,
+        "learner.micro-batch-size": 4, "eval.heldout": False, "eval.every-steps": 0,
+    }  # fmt: skip
+    flags.update({k.replace("_", "-"): v for k, v in fields.items()})
+    return [f"--{k}={v}" for k, v in flags.items()]

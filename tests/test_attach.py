@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, children_of, tiny_job_args
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
@@ -39,11 +39,7 @@ def _node_groups(run_dir, node: str):
 @pytest.mark.slow
 def test_attach_then_sigkill_a_node_while_the_job_goes_on(tiny_cfg, tmp_path) -> None:
     run_dir = tiny_cfg.run_dir
-    args = [f"--run-dir={run_dir}", "--model.name=tiny-random", "--data.train-size=200",
-            "--data.heldout-size=8", "--actor.group-size=4", "--actor.prompts-per-batch=4",
-            "--actor.max-new-tokens=8", "--queue.filter-threshold=None", "--learner.steps=400",
-            "--learner.micro-batch-size=4", "--eval.heldout=False", "--eval.every-steps=0",
-            "--time-limit-s=600"]  # fmt: skip
+    args = tiny_job_args(run_dir, **{"learner.steps": 400, "time-limit-s": 600})
     job = subprocess.Popen([sys.executable, START, *args], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)  # fmt: skip
     node = None
@@ -67,9 +63,7 @@ def test_attach_then_sigkill_a_node_while_the_job_goes_on(tiny_cfg, tmp_path) ->
             assert all(0 <= c.policy_version <= rows[-1]["version"] + 1 for c in g.completions)
 
         # kill -9 the whole node: its actor first, then its supervisor (no "leave" is sent)
-        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.pid)], capture_output=True,
-                              text=True).stdout.split()  # fmt: skip
-        for pid in [int(k) for k in kids] + [node.pid]:
+        for pid in [p for p, _ in children_of(node.pid)] + [node.pid]:
             os.kill(pid, signal.SIGKILL)
         node.wait(timeout=10)
         killed_at = time.monotonic()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, children_of, tiny_job_args
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
@@ -31,22 +31,17 @@ def _wait(pred, timeout_s: float, what: str) -> None:
 
 
 def _child(launcher_pid: int, module: str) -> int:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher_pid)],
-                         capture_output=True, text=True).stdout  # fmt: skip
-    pids = [int(line.split()[0]) for line in out.splitlines() if module in line]
-    assert pids, out
+    pids = [p for p, args in children_of(launcher_pid) if module in args]
+    assert pids, children_of(launcher_pid)
     return pids[-1]
 
 
 @pytest.mark.slow
 def test_actor_and_queue_are_killed_and_restarted_while_training_goes_on(tiny_cfg) -> None:
     run_dir = tiny_cfg.run_dir
-    args = [f"--run-dir={run_dir}", "--model.name=tiny-random", "--data.train-size=200",
-            "--data.heldout-size=8", "--actor.group-size=4", "--actor.prompts-per-batch=4",
-            "--actor.max-new-tokens=8", "--queue.filter-threshold=None", "--queue.capacity=64",
-            f"--learner.steps={STEPS}", "--learner.micro-batch-size=4",
-            f"--learner.micro-batches-per-step={MICRO}", "--learner.queue-timeout-s=2",
-            "--eval.heldout=False", "--eval.every-steps=0", "--time-limit-s=400"]  # fmt: skip
+    args = tiny_job_args(run_dir, **{
+        "queue.capacity": 64, "learner.steps": STEPS, "learner.micro-batches-per-step": MICRO,
+        "learner.queue-timeout-s": 2, "time-limit-s": 400})  # fmt: skip
     log_file = (run_dir.parent / "launcher.log").open("w")
     job = subprocess.Popen([sys.executable, START, *args], stdout=log_file,
                            stderr=subprocess.STDOUT)  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, children_of, tiny_job_args
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
@@ -33,29 +33,17 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _children(pid: int) -> dict[str, int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
-                         text=True).stdout  # fmt: skip
-    roles = {}
-    for line in out.splitlines():
-        p, args = line.split(maxsplit=1)
-        for module, role in (
-            ("dashrl.queue.server", "queue"),
-            ("dashrl.learner.learner", "learner"),
-        ):
-            if module in args:
-                roles[role] = int(p)
-    return roles
+    roles = {"dashrl.queue.server": "queue", "dashrl.learner.learner": "learner"}
+    return {role: p for p, args in children_of(pid) for m, role in roles.items() if m in args}
 
 
 @pytest.mark.slow
 def test_sixteen_fake_actors_keep_queue_and_learner_memory_bounded(tiny_cfg) -> None:
     run_dir = tiny_cfg.run_dir
-    args = [f"--run-dir={run_dir}", "--model.name=tiny-random", "--data.train-size=200",
-            "--data.heldout-size=8", f"--actor.num-actors={ACTORS}", "--actor.engine=fake",
-            "--actor.group-size=4", "--actor.prompts-per-batch=4", "--actor.max-new-tokens=32",
-            "--queue.filter-threshold=None", "--queue.capacity=512", "--learner.steps=100000",
-            "--learner.micro-batch-size=16", "--eval.heldout=False", "--eval.every-steps=0",
-            "--time-limit-s=45"]  # fmt: skip
+    args = tiny_job_args(run_dir, **{
+        "actor.num-actors": ACTORS, "actor.engine": "fake", "actor.max-new-tokens": 32,
+        "queue.capacity": 512, "learner.steps": 100000, "learner.micro-batch-size": 16,
+        "time-limit-s": 45})  # fmt: skip
     job = subprocess.Popen([sys.executable, START, *args], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)  # fmt: skip
     peak = {"queue": 0.0, "learner": 0.0}

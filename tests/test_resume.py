@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, children_of, tiny_job_args
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
@@ -25,12 +25,9 @@ def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(tiny_cfg
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.learner.steps, cfg.learner.checkpoint_every, cfg.learner.lr = 12, 2, 1e-3
     cfg.queue.capacity = 64  # capacity evictions happen too
-    args = [f"--run-dir={cfg.run_dir}", "--model.name=tiny-random", "--data.train-size=200",
-            "--data.heldout-size=8", "--actor.group-size=4", "--actor.prompts-per-batch=4",
-            "--actor.max-new-tokens=8", "--queue.filter-threshold=None", "--queue.capacity=64",
-            "--learner.steps=12", "--learner.micro-batch-size=4", "--learner.checkpoint-every=2",
-            "--learner.micro-batches-per-step=2", "--eval.heldout=False",
-            "--eval.every-steps=0"]  # fmt: skip
+    args = tiny_job_args(cfg.run_dir, **{
+        "queue.capacity": 64, "learner.steps": 12, "learner.checkpoint-every": 2,
+        "learner.micro-batches-per-step": 2})  # fmt: skip
     first = subprocess.Popen([sys.executable, START, *args], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -43,12 +40,10 @@ def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(tiny_cfg
             break
         time.sleep(0.05)
     # the learner's pid, from the process table of the launcher's children
-    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(first.pid)],
-                              capture_output=True, text=True).stdout  # fmt: skip
-    for line in children.splitlines():
-        if "dashrl.learner.learner" in line:
-            pid = int(line.split()[0])
-    assert pid is not None, children
+    for p, args in children_of(first.pid):
+        if "dashrl.learner.learner" in args:
+            pid = p
+    assert pid is not None, children_of(first.pid)
     os.kill(pid, signal.SIGKILL)
     out = first.communicate(timeout=120)[0]
     killed_at = len(read_jsonl(metrics))
