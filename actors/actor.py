@@ -39,6 +39,7 @@ from dashrl.actors.tasks import (
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
 from dashrl.launch.security import client_setup
+from dashrl.learner.weights import WeightReceiver, ZmqWeightReceiver
 from dashrl.protocol import Completion, RolloutGroup, encode
 
 log = logging.getLogger("dashrl.actor")
@@ -107,8 +108,6 @@ class Actor:
         node: str | None = None,
         weights_endpoint: str | None = None,
     ):
-        from dashrl.learner.weights import WeightReceiver, ZmqWeightReceiver
-
         self.cfg, self.index = cfg, index
         self.actor_id = f"{node}/actor{index}" if node else f"actor{index}"
         # an attached node's actors sample other prompts and noise than the job's own
@@ -142,8 +141,6 @@ class Actor:
     def _fallback_if_group_broke(self) -> None:
         """If the launch-time weight group broke (another actor died, so the learner now
         publishes over ZeroMQ), subscribe to the learner's publisher instead."""
-        from dashrl.learner.weights import ZmqWeightReceiver
-
         r = self.receiver
         if isinstance(r, ZmqWeightReceiver) or not r.stopped.is_set() or r.error is None:
             return

@@ -166,21 +166,22 @@ class Learner:
             for _ in params:  # other ranks take part in the gathers only
                 pass
             return 0.0
-        seconds = self.sender.send(self.version, params)
-        if self.nodes is not None and (self.nodes.alive() or self.sender.broken):
-            seconds += self.publisher.publish(self.version, self.sender.flat)
-            self._published_at = time.monotonic()
-        return seconds
+        return self.sender.send(self.version, params) + self._publish()
+
+    def _publish(self) -> float:
+        """Publish the weights the sender just packed to ZeroMQ subscribers, when anyone
+        needs them (attached nodes, or actors cut off by a broken launch-time group)."""
+        if self.nodes is None or not (self.nodes.alive() or self.sender.broken):
+            return 0.0
+        self._published_at = time.monotonic()
+        return self.publisher.publish(self.version, self.sender.flat)
 
     def republish_if_idle(self, every_s: float = 3.0) -> None:
         """While waiting for data, re-send the current weights to subscribers every
         ``every_s``: a node that (re)joined after the last step must not wait for a step
         that needs its rollouts to happen."""
-        if self.nodes is None or time.monotonic() - self._published_at < every_s:
-            return
-        if self.nodes.alive() or self.sender.broken:
-            self.publisher.publish(self.version, self.sender.flat)
-            self._published_at = time.monotonic()
+        if time.monotonic() - self._published_at >= every_s:
+            self._publish()
 
     def next_micro_batch(
         self, stop: StopFlag, deadline: float = math.inf

@@ -177,7 +177,45 @@ class WeightSender:
             self.group.close()
 
 
-class WeightReceiver:
+class _StagedWeights:
+    """What both receivers share: a staging buffer filled by a background thread, and
+    :meth:`apply`, which swaps the newest staged weights into the engine between generate
+    calls (so one generate call never mixes two versions).
+
+    Args:
+        params: the engine's parameters, same layout as the learner's.
+        version: the version of the weights the engine holds now (-1: none the learner made).
+    """
+
+    def __init__(self, params: list[torch.Tensor], version: int):
+        self.params = params
+        self.layout = layout_hash(params)
+        self.numel = sum(p.numel() for p in params)
+        self.device = params[0].device
+        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self._ready_version: int | None = None
+        self._lock = threading.Lock()
+        self.version = version
+        self.received = self.rejected = 0
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+
+    def apply(self) -> int:
+        """Copy the newest received weights into the engine, if any; returns the current version."""
+        with self._lock:
+            if self._ready_version is None:
+                return self.version
+            offset = 0
+            with torch.no_grad():
+                for p in self.params:
+                    n = p.numel()
+                    p.copy_(self._ready[offset : offset + n].view_as(p))
+                    offset += n
+            self.version, self._ready_version = self._ready_version, None
+        return self.version
+
+
+class WeightReceiver(_StagedWeights):
     """Actor side: a thread receives broadcasts into a staging buffer; :meth:`apply` swaps them in.
 
     Args:
@@ -193,19 +231,8 @@ class WeightReceiver:
         rank: int,
         timeout_s: float,
     ):
-        self.params = params
-        self.layout = layout_hash(params)
-        self.numel = sum(p.numel() for p in params)
-        self.device = params[0].device
+        super().__init__(params, version=0)  # launch-time actors start from the same weights
         self._recv = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self._ready_version: int | None = None
-        self._lock = threading.Lock()
-        self.version = 0
-        self.received = 0
-        self.rejected = 0
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
         self.group = StatelessGroup(init_method, world_size, rank, timeout_s, self.device)
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
         self._thread.start()
@@ -244,23 +271,9 @@ class WeightReceiver:
         finally:
             self.stopped.set()
 
-    def apply(self) -> int:
-        """Copy the newest received weights into the engine, if any; returns the current version."""
-        with self._lock:
-            if self._ready_version is None:
-                return self.version
-            offset = 0
-            with torch.no_grad():
-                for p in self.params:
-                    n = p.numel()
-                    p.copy_(self._ready[offset : offset + n].view_as(p))
-                    offset += n
-            self.version, self._ready_version = self._ready_version, None
-        return self.version
 
-
-class ZmqWeightReceiver(WeightReceiver):
-    """Attached node side: the same staging/apply logic as :class:`WeightReceiver`, fed by
+class ZmqWeightReceiver(_StagedWeights):
+    """Attached node side: the same staging/apply as :class:`WeightReceiver`, fed by
     the learner's ZeroMQ weight publisher (learner/nodes.py) instead of a process group.
 
     Args:
@@ -275,17 +288,7 @@ class ZmqWeightReceiver(WeightReceiver):
     def __init__(self, params: list[torch.Tensor], endpoint: str, configure=None):
         import zmq
 
-        self.params = params
-        self.layout = layout_hash(params)
-        self.numel = sum(p.numel() for p in params)
-        self.device = params[0].device
-        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self._ready_version: int | None = None
-        self._lock = threading.Lock()
-        self.version = -1
-        self.received = self.rejected = 0
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
+        super().__init__(params, version=-1)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, 2)
