@@ -1,10 +1,13 @@
 """The actor process: generate groups, score them, compute advantages, stream them to the queue.
 
-One long-running asyncio loop on uvloop. ``generate`` is blocking torch work, so it runs
-in a worker thread (``asyncio.to_thread``) and the loop stays free to send the previous
-batch's groups and to notice SIGTERM. Weights arrive on a background thread
-(:class:`~dashrl.learner.weights.WeightReceiver`) and are applied between generate
-calls, so every rollout is stamped with exactly the policy version that produced it.
+One long-running asyncio loop on uvloop. With vLLM (the default engine) the loop keeps
+``actor.batches_in_flight`` batches of requests in the engine at once and loads new
+weights in flight (see actors/vllm_engine.py: a rollout is stamped with the version it
+started on). With the HF fallback, ``generate`` is blocking torch work in a worker thread
+(``asyncio.to_thread``) so the loop stays free to send groups and notice SIGTERM, and
+weights are applied between generate calls, so every rollout is stamped with exactly
+the version that produced it. Weights arrive on a background thread
+(:mod:`dashrl.learner.weights`; inside vLLM's worker process for vLLM).
 
 The rollout socket is a ZeroMQ PUSH with a high-water mark: if the queue falls behind,
 ``send`` waits (backpressure) rather than dropping anything.
@@ -39,7 +42,7 @@ from dashrl.actors.tasks import (
 from dashrl.launch.config import Config, load_config
 from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
 from dashrl.launch.security import client_setup
-from dashrl.learner.weights import WeightReceiver, ZmqWeightReceiver
+from dashrl.learner.weights import WeightSource
 from dashrl.protocol import Completion, RolloutGroup, encode
 
 log = logging.getLogger("dashrl.actor")
@@ -97,7 +100,9 @@ class Actor:
     Args:
         cfg: the resolved run config.
         index: actor index (0-based); its torch.distributed rank is index + 1.
-        engine: a generation engine (default: HFEngine on the resolved model).
+        engine: a generation engine (default: built by :meth:`start` from actor.engine).
+        node: the attached node's id (None: started with the job).
+        weights_endpoint: the learner's weight publisher (attached nodes only).
     """
 
     def __init__(
@@ -114,43 +119,70 @@ class Actor:
         salt = zlib.crc32(node.encode()) * 1_000_003 if node else 0
         seed = cfg.seed * 1000 + index + salt
         self.rng = random.Random(seed)
+        self.seed = seed % 2**32
         self.task = load_task(cfg.data, cfg.seed)
-        if engine is None and cfg.actor.engine == "fake":
-            engine = FakeEngine(cfg.model.path, seed=seed % 2**32)
-        self.engine = engine or HFEngine(cfg.model.path, seed=seed % 2**32)
-        self.tokenizer = self.engine.tokenizer
-        if weights_endpoint:  # an attached node: weights from the learner's publisher
-            self.receiver = ZmqWeightReceiver(
-                self.engine.sync_parameters(),
-                weights_endpoint,
-                client_setup(cfg.transport.curve_dir),
-            )
-        else:  # started with the job: the launch-time process group (local actors only)
-            self.receiver = WeightReceiver(
-                self.engine.sync_parameters(),
-                init_method=f"tcp://127.0.0.1:{cfg.transport.dist_port}",
-                world_size=1 + cfg.actor.num_actors,
-                rank=1 + index,
-                timeout_s=cfg.learner.weight_sync_timeout_s,
-            )
+        self.engine = engine  # built in start() unless given (vLLM starts asynchronously)
+        self.tokenizer = engine.tokenizer if engine is not None else None
+        self.weights_endpoint = weights_endpoint
         self.estimator = estimator_for(cfg.algo, cfg.actor.reinforce_baseline)
         self._prompt_cache: dict[tuple[str, bool | None], list[int]] = {}
         self.groups_sent = 0
         self.tokens_generated = 0
+        self.updated_in_flight = 0
+        self._on_group = False  # whether weights come from the launch-time group
+        self._started = False
 
-    def _fallback_if_group_broke(self) -> None:
-        """If the launch-time weight group broke (another actor died, so the learner now
-        publishes over ZeroMQ), subscribe to the learner's publisher instead."""
-        r = self.receiver
-        if isinstance(r, ZmqWeightReceiver) or not r.stopped.is_set() or r.error is None:
-            return
-        t = self.cfg.transport
-        log.warning("weight group gone (%s): subscribing to the learner's publisher", r.error)
-        self.receiver = ZmqWeightReceiver(
-            self.engine.sync_parameters(), f"tcp://{t.host}:{t.weights_port}",
-            client_setup(t.curve_dir),
-        )  # fmt: skip
-        self.receiver.version = r.version  # keep generating with the weights it has
+    async def start(self) -> None:
+        """Build the engine (``actor.engine``) and connect it to the learner's weights: an
+        attached node (or a restarted actor) to the ZeroMQ publisher, a launch-time actor to
+        the stateless weight group."""
+        cfg, a, t = self.cfg, self.cfg.actor, self.cfg.transport
+        if self.engine is None:
+            if a.engine == "vllm":
+                from dashrl.actors.vllm_engine import VLLMEngine
+
+                v = a.vllm
+                self.engine = await VLLMEngine.create(
+                    cfg.model.path, self.seed, v.dtype, v.kv_cache_gib, v.cpu_threads_bind,
+                    v.max_model_len, v.gpu_memory_utilization,
+                )  # fmt: skip
+            elif a.engine == "fake":
+                self.engine = FakeEngine(cfg.model.path, seed=self.seed)
+            else:
+                self.engine = HFEngine(cfg.model.path, seed=self.seed)
+            self.tokenizer = self.engine.tokenizer
+        if self.weights_endpoint:  # an attached node: weights from the learner's publisher
+            source = WeightSource("zmq", endpoint=self.weights_endpoint,
+                                  curve_dir=_str_or_none(t.curve_dir))  # fmt: skip
+        else:  # started with the job: the launch-time process group (local actors only)
+            source = WeightSource(
+                "group",
+                init_method=f"tcp://127.0.0.1:{t.dist_port}",
+                world_size=1 + a.num_actors,
+                rank=1 + self.index,
+                timeout_s=cfg.learner.weight_sync_timeout_s,
+            )
+            self._on_group = True
+        await self.engine.connect_weights(source)
+
+    async def refresh_weights(self) -> int:
+        """Use the newest weights received; returns the policy version now in use.
+
+        If the launch-time weight group broke (another actor died, so the learner now
+        publishes over ZeroMQ), it first subscribes to the learner's publisher instead.
+        """
+        if self._on_group:
+            status = await self.engine.weight_status()
+            if status["stopped"] and status["error"] is not None:
+                t = self.cfg.transport
+                log.warning("weight group gone (%s): subscribing to the learner's publisher",
+                            status["error"])  # fmt: skip
+                await self.engine.connect_weights(WeightSource(
+                    "zmq", endpoint=f"tcp://{t.host}:{t.weights_port}",
+                    curve_dir=_str_or_none(t.curve_dir),
+                ))  # fmt: skip
+                self._on_group = False
+        return await self.engine.apply_weights()
 
     def prompt_ids(self, problem: Problem, good: bool | None = None) -> list[int]:
         """Chat prompt token ids; ``good`` adds the RCRL return tag (None: no tag, or the good
@@ -231,8 +263,17 @@ class Actor:
                     return False
 
     async def run(self, stop: StopFlag) -> None:
-        """Generate and stream until ``stop`` is set."""
-        a, t = self.cfg.actor, self.cfg.transport
+        """Generate and stream until ``stop`` is set.
+
+        ``actor.batches_in_flight`` batch loops run at once (1 for the local engines), so a
+        vLLM engine always has the next batch's requests queued while one batch finishes
+        and is scored. An engine with in-flight updates gets new weights from a separate
+        loop every ``actor.weight_poll_s``; the local engines between generate calls.
+        """
+        t = self.cfg.transport
+        if not self._started:
+            await self.start()
+            self._started = True
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.PUSH)
         secure = client_setup(t.curve_dir)
@@ -241,43 +282,61 @@ class Actor:
         sock.setsockopt(zmq.SNDHWM, t.send_hwm)
         sock.setsockopt(zmq.LINGER, 5000)  # on shutdown, give queued groups 5 s to leave
         sock.connect(f"tcp://{t.host}:{t.rollout_port}")
-        started = time.perf_counter()
+        self._started_at = time.perf_counter()
         try:
-            while not stop and self.receiver.apply() < 0:  # attached: wait for first weights
+            while not stop and await self.refresh_weights() < 0:  # attached: wait for weights
                 await asyncio.sleep(0.2)
-            while not stop:
-                self._fallback_if_group_broke()
-                version = self.receiver.apply()
-                problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
-                prompts = [self.prompt_ids(p) for p in problems]
-                t0 = time.perf_counter()
-                if self.cfg.algo == "sft":
-                    gens = [[self.reference_generation(p)] for p in problems]
-                    # reference solutions cost nothing: without a pause the actor would
-                    # flood the queue (and its log) with thousands of groups per second
-                    await asyncio.sleep(SFT_BATCH_PAUSE_S)
-                else:
-                    gens = await asyncio.to_thread(
-                        self.engine.generate, prompts, a.group_size, a.max_new_tokens,
-                        a.temperature,
-                    )  # fmt: skip
-                gen_s = time.perf_counter() - t0
-                for group in self.build_groups(problems, gens, version, gen_s):
-                    if not await self._send(sock, encode(group), stop):
-                        break
-                    self.groups_sent += 1
-                    self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
-                if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
-                    elapsed = time.perf_counter() - started
-                    log.info(
-                        "v%d groups=%d actor/tokens_per_s=%.1f",
-                        version,
-                        self.groups_sent,
-                        self.tokens_generated / elapsed,
-                    )
+            in_flight = self.engine.in_flight_updates
+            loops = [self._batch_loop(sock, stop, in_flight)]
+            if in_flight:
+                loops += [self._batch_loop(sock, stop, True)
+                          for _ in range(self.cfg.actor.batches_in_flight - 1)]  # fmt: skip
+                loops.append(self._weight_loop(stop))
+            await asyncio.gather(*loops)
         finally:
             sock.close()
             ctx.term()
+
+    async def _weight_loop(self, stop: StopFlag) -> None:
+        while not stop:
+            await self.refresh_weights()
+            await asyncio.sleep(self.cfg.actor.weight_poll_s)
+
+    async def _batch_loop(self, sock, stop: StopFlag, in_flight: bool) -> None:
+        a = self.cfg.actor
+        while not stop:
+            version = self.engine.version if in_flight else await self.refresh_weights()
+            problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
+            prompts = [self.prompt_ids(p) for p in problems]
+            t0 = time.perf_counter()
+            if self.cfg.algo == "sft":
+                gens = [[self.reference_generation(p)] for p in problems]
+                # reference solutions cost nothing: without a pause the actor would
+                # flood the queue (and its log) with thousands of groups per second
+                await asyncio.sleep(SFT_BATCH_PAUSE_S)
+            else:
+                gens = await self.engine.agenerate(
+                    prompts, a.group_size, a.max_new_tokens, a.temperature
+                )
+            gen_s = time.perf_counter() - t0
+            if in_flight and self.engine.version != version:  # straddled a weight update
+                self.updated_in_flight += sum(len(g) for g in gens)
+            for group in self.build_groups(problems, gens, version, gen_s):
+                if not await self._send(sock, encode(group), stop):
+                    return
+                self.groups_sent += 1
+                self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+            if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
+                elapsed = time.perf_counter() - self._started_at
+                log.info(
+                    "v%d groups=%d actor/tokens_per_s=%.1f actor/rollouts_updated_in_flight=%d",
+                    version, self.groups_sent, self.tokens_generated / elapsed,
+                    self.updated_in_flight,
+                )  # fmt: skip
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,7 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     actor = Actor(cfg, index, node=node, weights_endpoint=endpoint)
     import uvloop
 
-    uvloop.run(actor.run(stop))
+    try:
+        uvloop.run(actor.run(stop))
+    finally:
+        if hasattr(actor.engine, "shutdown"):
+            actor.engine.shutdown()
     log.info("stopped after %d groups", actor.groups_sent)
 
 

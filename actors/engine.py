@@ -1,19 +1,29 @@
 """Generation engines behind one small interface: sample G completions per prompt with logprobs.
 
-:class:`HFEngine` uses transformers ``generate`` on CPU (the fallback engine; vLLM is
-its own module). Behaviour logprobs are taken from the processed scores that were
-actually sampled from, and sampling uses temperature only (top-k 0, top-p 1), so they
+The actor drives every engine through the same async methods: ``agenerate`` (sample),
+``connect_weights`` (where the learner's weights come from), ``apply_weights`` (use the
+newest weights received; returns the policy version) and ``weight_status``. vLLM
+(actors/vllm_engine.py) is the default engine; :class:`HFEngine` (transformers
+``generate``) is the fallback and :class:`FakeEngine` the load-test engine. Both local
+engines hold their model in the actor process and run ``generate`` in a worker thread,
+so their weights are swapped only between generate calls (``in_flight_updates`` False).
+
+HFEngine's behaviour logprobs are taken from the processed scores that were actually
+sampled from, and sampling uses temperature only (top-k 0, top-p 1), so they
 equal the learner's ``log_softmax(logits / T)`` of the same weights up to float error.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from dashrl.learner.weights import WeightSource, open_receiver
 
 
 @dataclass
@@ -32,20 +42,65 @@ class Generation:
 
 
 class GenerationEngine(Protocol):
-    """What an actor needs from a generation engine."""
+    """What an actor needs from a generation engine (HF, fake, or vLLM)."""
 
-    def generate(
+    tokenizer: object
+    in_flight_updates: bool
+    """True: apply_weights may run while generate calls are in flight (vLLM)."""
+
+    async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
     ) -> list[list[Generation]]:
         """Sample ``n`` completions per prompt (temperature 0: greedy): [len(prompts)][n]."""
         ...
 
-    def sync_parameters(self) -> list[torch.Tensor]:
-        """The engine's weight tensors in the learner's ``model.parameters()`` order."""
+    async def connect_weights(self, source: WeightSource) -> None:
+        """Receive the learner's weights from ``source`` from now on (version kept)."""
+        ...
+
+    async def apply_weights(self) -> int:
+        """Start using the newest received weights, if any; returns the policy version."""
+        ...
+
+    async def weight_status(self) -> dict:
+        """version, received, rejected, error (str or None) and stopped of the receiver."""
         ...
 
 
-class HFEngine:
+class LocalWeights:
+    """The async engine interface for an engine whose model lives in this process: the
+    receiver stages weights on a thread and ``apply_weights`` copies them into
+    ``sync_parameters()`` (call it between generate calls)."""
+
+    in_flight_updates = False
+    receiver = None
+
+    def sync_parameters(self) -> list[torch.Tensor]:
+        """The engine's weight tensors in the learner's ``model.parameters()`` order."""
+        return list(self.model.parameters())
+
+    async def agenerate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
+    ) -> list[list[Generation]]:
+        return await asyncio.to_thread(self.generate, prompts, n, max_new_tokens, temperature)
+
+    async def connect_weights(self, source: WeightSource) -> None:
+        version = self.receiver.version if self.receiver is not None else None
+        self.receiver = open_receiver(source, self.sync_parameters())
+        if version is not None:  # switching sources keeps the weights it has
+            self.receiver.version = version
+
+    async def apply_weights(self) -> int:
+        return self.receiver.apply()
+
+    async def weight_status(self) -> dict:
+        r = self.receiver
+        return {"version": r.version, "received": r.received, "rejected": r.rejected,
+                "error": None if r.error is None else repr(r.error),
+                "stopped": r.stopped.is_set()}  # fmt: skip
+
+
+class HFEngine(LocalWeights):
     """transformers ``generate`` on CPU.
 
     Args:
@@ -76,9 +131,6 @@ class HFEngine:
         ids = eos if isinstance(eos, list) else [eos]
         ids = [i for i in ids if i is not None] + [self.tokenizer.eos_token_id]
         return sorted(set(int(i) for i in ids))
-
-    def sync_parameters(self) -> list[torch.Tensor]:
-        return list(self.model.parameters())
 
     @torch.no_grad()
     def generate(
@@ -139,7 +191,7 @@ class HFEngine:
         return results
 
 
-class FakeEngine:
+class FakeEngine(LocalWeights):
     """Random completions as fast as the CPU allows, for load tests of the queue and learner.
 
     It holds the real model's parameters (so weight updates arrive and apply exactly as in
@@ -159,9 +211,6 @@ class FakeEngine:
         self.model = load_causal_lm(model_path)
         self.vocab = int(self.model.get_input_embeddings().num_embeddings)
         self.rng = np.random.default_rng(seed)
-
-    def sync_parameters(self) -> list[torch.Tensor]:
-        return list(self.model.parameters())
 
     def generate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float

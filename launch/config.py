@@ -53,12 +53,36 @@ class DataConfig(_Strict):
     """Text appended to every question before the chat template is applied."""
 
 
+class VLLMConfig(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights/activations dtype of the vLLM engine. float32 keeps vLLM's behaviour
+    logprobs close to the float32 learner's (measured in README); bf16 is faster on GPU
+    but widens the mismatch that TIS (learner.tis_cap) then has to correct."""
+    kv_cache_gib: float = Field(2.0, gt=0)
+    """KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE, rounded to whole GiB)."""
+    cpu_threads_bind: str = "nobind"
+    """VLLM_CPU_OMP_THREADS_BIND: "nobind" (the OS schedules; right when the learner shares
+    the cores), "auto", or explicit core lists such as "0-3"."""
+    max_model_len: int = Field(2048, ge=16)
+    """Longest prompt + completion vLLM accepts, in tokens."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (GPU only; the learner needs the rest)."""
+
+
 class ActorConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     """Number of generator processes."""
-    engine: Literal["hf", "fake"] = "hf"
-    """Generation engine: "hf" (transformers generate) or "fake" (random tokens as fast as
-    possible, no model compute: for load tests of the queue and learner)."""
+    engine: Literal["vllm", "hf", "fake"] = "vllm"
+    """Generation engine: "vllm" (AsyncLLM with in-flight weight updates; needs the cpu or
+    gpu extra), "hf" (transformers generate, the fallback) or "fake" (random tokens as fast
+    as the CPU allows, no model compute: for load tests of the queue and learner)."""
+    vllm: VLLMConfig = VLLMConfig()
+    """vLLM engine settings."""
+    batches_in_flight: int = Field(2, ge=1)
+    """vLLM only: generate calls in the engine at once, so new requests are queued while a
+    batch's last sequences finish and it is scored (the local engines always use 1)."""
+    weight_poll_s: float = Field(0.2, gt=0)
+    """vLLM only: how often the actor loads newly received weights into the engine, in s."""
     group_size: int = Field(8, ge=2)
     """G: completions sampled per prompt (a group). GRPO needs at least 2."""
     prompts_per_batch: int = Field(8, ge=1)
@@ -119,6 +143,10 @@ class LearnerConfig(_Strict):
     """PPO clip epsilon above 1 for a fresh sample (DAPO clip-higher)."""
     staleness_clip_decay: float = 0.5
     """Staleness-aware clipping: eps(lag) = eps / (1 + decay * lag). 0 disables it."""
+    tis_cap: float = Field(0.0, ge=0)
+    """Truncated importance sampling cap C (0: off). On: the surrogate becomes AReaL's
+    decoupled PPO with the learner's own detached logprobs as the proximal policy and the
+    weight min(pi_prox / mu, C) correcting the engine/learner mismatch (papers.md)."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] | None = None
     """How the loss averages tokens: token_mean (DAPO), seq_mean_token_mean (GRPO),
     seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: seq_sum_const for

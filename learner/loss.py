@@ -80,6 +80,8 @@ class SurrogateOutput:
     approx_kl: torch.Tensor
     """k3 estimate of KL(mu || pi_theta) over tokens, a measure of off-policyness."""
     ratio_mean: torch.Tensor
+    tis_frac: torch.Tensor | None = None
+    """Fraction of tokens whose TIS weight pi_prox / mu was truncated at the cap (TIS on)."""
 
 
 def clipped_surrogate(
@@ -93,6 +95,7 @@ def clipped_surrogate(
     decay: float = 0.0,
     agg: str = "token_mean",
     const_len: float = 1.0,
+    tis_cap: float = 0.0,
 ) -> SurrogateOutput:
     """PPO clipped surrogate with a token-level mean, on off-policy samples.
 
@@ -112,6 +115,14 @@ def clipped_surrogate(
         eps_low, eps_high, decay: see :func:`staleness_clip_bounds`.
         agg, const_len: how tokens are averaged, see :func:`aggregate` (default: the
             token-level mean above).
+        tis_cap: C > 0 switches to the decoupled form with truncated importance sampling
+            (papers.md "Staleness": AReaL's decoupled PPO, TIS of Yao et al. 2025):
+            L = -agg(w_t * min(u_t A, clip(u_t, lo_b, hi_b) A)), u_t = pi_theta / pi_prox,
+            w_t = min(pi_prox / mu, C), with pi_prox = the learner's own logprobs of this
+            forward, detached. pi_prox / mu is the mismatch between the generation engine
+            (vLLM) and the learner (plus the staleness of the sample); truncating it at C
+            bounds the variance it adds. Every sample is used once, so u_t = 1 in value
+            and the gradient is w_t * A * grad log pi_theta.
 
     Returns:
         SurrogateOutput with the scalar loss and diagnostics.
@@ -132,15 +143,51 @@ def clipped_surrogate(
     ratio = torch.exp(log_ratio)
     lo, hi = staleness_clip_bounds(lag, eps_low, eps_high, decay)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    unclipped = ratio * adv
-    clipped = torch.minimum(torch.maximum(ratio, lo[:, None]), hi[:, None]) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    if tis_cap > 0:  # decoupled: clip against pi_prox, correct pi_prox vs mu by truncated IS
+        u = torch.exp(logprobs - logprobs.detach())
+        weight = ratio.detach().clamp(max=tis_cap)
+        truncated = ratio.detach() > tis_cap
+    else:
+        u, weight, truncated = ratio, torch.ones_like(ratio), None
+    unclipped = u * adv
+    clipped = torch.minimum(torch.maximum(u, lo[:, None]), hi[:, None]) * adv
+    per_token = -weight * torch.minimum(unclipped, clipped)
     loss = aggregate(per_token, m, agg, const_len)
     with torch.no_grad():
         clip_frac = ((clipped < unclipped).float() * m).sum() / n
         approx_kl = ((ratio - 1 - log_ratio) * m).sum() / n
         ratio_mean = (ratio * m).sum() / n
-    return SurrogateOutput(loss, clip_frac, approx_kl, ratio_mean)
+        tis_frac = None if truncated is None else (truncated.float() * m).sum() / n
+    return SurrogateOutput(loss, clip_frac, approx_kl, ratio_mean, tis_frac)
+
+
+def logprob_mismatch(
+    logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor, lag: torch.Tensor
+) -> dict[str, float]:
+    """How far the engine's behaviour logprobs are from the learner's under the same weights.
+
+    Only samples with lag 0 count: their weights are exactly the learner's current ones, so
+    any difference is numerics (vLLM kernels, dtype, batch shape), not staleness.
+
+    Args:
+        logprobs: [B, T] learner log pi of the sampled tokens; behaviour_logprobs: [B, T]
+            the engine's; mask: [B, T]; lag: [B].
+
+    Returns:
+        {} when no token has lag 0, else mean and max |log pi - log mu| (nats) and the
+        standard deviation of the token importance ratio pi / mu.
+    """
+    with torch.no_grad():
+        m = mask.bool() & (lag == 0)[:, None]
+        if not m.any():
+            return {}
+        diff = (logprobs.detach() - behaviour_logprobs)[m].float()
+        ratio = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        return {
+            "learner/logprob_diff_mean": float(diff.abs().mean()),
+            "learner/logprob_diff_max": float(diff.abs().max()),
+            "learner/is_ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+        }
 
 
 def weighted_nll(

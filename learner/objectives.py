@@ -23,7 +23,13 @@ import torch
 from dashrl.actors.advantages import SFT_ALGOS
 from dashrl.learner import critic as C
 from dashrl.learner.batch import MicroBatch, token_logprobs
-from dashrl.learner.loss import clipped_surrogate, dpo_loss, sequence_logprobs, weighted_nll
+from dashrl.learner.loss import (
+    clipped_surrogate,
+    dpo_loss,
+    logprob_mismatch,
+    sequence_logprobs,
+    weighted_nll,
+)
 
 if TYPE_CHECKING:
     from dashrl.learner.learner import Learner
@@ -58,21 +64,26 @@ def _surrogate(learner: Learner, x: Inputs, advantages: torch.Tensor):
     return clipped_surrogate(
         x.logprobs, x.batch.behaviour_logprobs, advantages, x.batch.mask, x.lag,
         lc.clip_eps_low, lc.clip_eps_high, lc.staleness_clip_decay, agg=agg, const_len=const_len,
+        tis_cap=lc.tis_cap,
     )  # fmt: skip
 
 
-def _diagnostics(out) -> dict[str, float]:
-    return {
+def _diagnostics(out, x: Inputs) -> dict[str, float]:
+    metrics = {
         "learner/clip_frac": float(out.clip_frac),
         "learner/approx_kl_behaviour": float(out.approx_kl),
         "learner/ratio_mean": float(out.ratio_mean),
+        **logprob_mismatch(x.logprobs, x.batch.behaviour_logprobs, x.batch.mask, x.lag),
     }
+    if out.tis_frac is not None:
+        metrics["learner/tis_truncated_frac"] = float(out.tis_frac)
+    return metrics
 
 
 def surrogate_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with the actor's per-sequence advantages (GRPO and relatives)."""
     out = _surrogate(learner, x, x.batch.advantages)
-    return out.loss, _diagnostics(out)
+    return out.loss, _diagnostics(out, x)
 
 
 def sft_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -83,7 +94,7 @@ def sft_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, 
     agg, const_len = _agg(learner)
     loss = weighted_nll(x.logprobs, x.batch.advantages, x.batch.mask, agg, const_len)
     with torch.no_grad():
-        diag = _diagnostics(_surrogate(learner, x, x.batch.advantages))
+        diag = _diagnostics(_surrogate(learner, x, x.batch.advantages), x)
     return loss, diag
 
 
@@ -116,7 +127,7 @@ def ppo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, 
     vloss = C.value_loss(values, returns, mask)
     loss = loss + out.loss + pc.vf_coef * vloss
     n = mask.sum()
-    metrics.update(_diagnostics(out))
+    metrics.update(_diagnostics(out, x))
     metrics.update({
         "learner/policy_loss": float(out.loss.detach()),
         "learner/value_loss": float(vloss.detach()),

@@ -24,8 +24,11 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -177,40 +180,86 @@ class WeightSender:
             self.group.close()
 
 
-class _StagedWeights:
-    """What both receivers share: a staging buffer filled by a background thread, and
-    :meth:`apply`, which swaps the newest staged weights into the engine between generate
-    calls (so one generate call never mixes two versions).
+LoadFn = Callable[[torch.Tensor], None]
+"""Loads one flat float32 buffer (learner parameter order) into an engine's weights."""
 
-    Args:
-        params: the engine's parameters, same layout as the learner's.
-        version: the version of the weights the engine holds now (-1: none the learner made).
+
+@dataclass
+class WeightSource:
+    """Where an actor's weights come from; plain data, so it crosses into a vLLM worker.
+
+    Attributes:
+        kind: "group" (the launch-time stateless process group: gloo, NCCL on GPU) or
+            "zmq" (the learner's ZeroMQ weight publisher, for attached nodes and restarts).
+        init_method, world_size, rank, timeout_s: the group's rendezvous ("group" only).
+        endpoint, curve_dir: the publisher's address and the job's CurveZMQ key folder
+            ("zmq" only; curve_dir None on the loopback).
     """
 
-    def __init__(self, params: list[torch.Tensor], version: int):
+    kind: Literal["group", "zmq"]
+    init_method: str = ""
+    world_size: int = 0
+    rank: int = 0
+    timeout_s: float = 120.0
+    endpoint: str = ""
+    curve_dir: str | None = None
+
+
+class _StagedWeights:
+    """What both receivers share: a staging buffer filled by a background thread, and
+    :meth:`apply`, which swaps the newest staged weights into the engine when the actor
+    says so (between generate calls for HF; paused between engine steps for vLLM).
+
+    Args:
+        params: the engine's parameters in the learner's order, or meta tensors of the
+            same shapes (float32) when the weights live elsewhere (a vLLM worker's fused
+            layers): they give the layout that every update is checked against.
+        version: the version of the weights the engine holds now (-1: none the learner made).
+        load: loads the flat buffer into the engine; default: copy into ``params``.
+        device: where the staging buffers live (default: the params' device, CPU for meta);
+            CUDA makes the group an NCCL group.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        version: int,
+        load: LoadFn | None = None,
+        device: torch.device | None = None,
+    ):
         self.params = params
         self.layout = layout_hash(params)
         self.numel = sum(p.numel() for p in params)
-        self.device = params[0].device
+        meta = params[0].device.type == "meta"
+        self.device = device or (torch.device("cpu") if meta else params[0].device)
         self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self._ready_version: int | None = None
         self._lock = threading.Lock()
+        self._load = load or self._copy_into_params
         self.version = version
         self.received = self.rejected = 0
         self.error: BaseException | None = None
         self.stopped = threading.Event()
 
+    def _copy_into_params(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].view_as(p))
+                offset += n
+
+    @property
+    def staged_version(self) -> int | None:
+        """The version waiting in the staging buffer (None: nothing newer than ``version``)."""
+        return self._ready_version
+
     def apply(self) -> int:
-        """Copy the newest received weights into the engine, if any; returns the current version."""
+        """Load the newest received weights into the engine, if any; returns the current version."""
         with self._lock:
             if self._ready_version is None:
                 return self.version
-            offset = 0
-            with torch.no_grad():
-                for p in self.params:
-                    n = p.numel()
-                    p.copy_(self._ready[offset : offset + n].view_as(p))
-                    offset += n
+            self._load(self._ready)
             self.version, self._ready_version = self._ready_version, None
         return self.version
 
@@ -219,8 +268,9 @@ class WeightReceiver(_StagedWeights):
     """Actor side: a thread receives broadcasts into a staging buffer; :meth:`apply` swaps them in.
 
     Args:
-        params: the engine's parameters, same layout as the learner's.
+        params: the engine's parameters, same layout as the learner's (see _StagedWeights).
         init_method, world_size, rank, timeout_s: the torch.distributed group.
+        load: see _StagedWeights.
     """
 
     def __init__(
@@ -230,8 +280,10 @@ class WeightReceiver(_StagedWeights):
         world_size: int,
         rank: int,
         timeout_s: float,
+        load: LoadFn | None = None,
+        device: torch.device | None = None,
     ):
-        super().__init__(params, version=0)  # launch-time actors start from the same weights
+        super().__init__(params, version=0, load=load, device=device)  # all start equal
         self._recv = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.group = StatelessGroup(init_method, world_size, rank, timeout_s, self.device)
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
@@ -280,15 +332,18 @@ class ZmqWeightReceiver(_StagedWeights):
         params: the engine's parameters, same layout as the learner's.
         endpoint: the learner's weights endpoint (NodeWelcome.weights_endpoint).
         configure: applied to the SUB socket before connecting (CurveZMQ client keys).
+        load: see _StagedWeights.
 
     ``version`` stays -1 until the first weights arrive; an attached actor waits for them
     rather than generate with weights the learner never had.
     """
 
-    def __init__(self, params: list[torch.Tensor], endpoint: str, configure=None):
+    def __init__(
+        self, params: list[torch.Tensor], endpoint: str, configure=None, load: LoadFn | None = None
+    ):
         import zmq
 
-        super().__init__(params, version=-1)
+        super().__init__(params, version=-1, load=load)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, 2)
@@ -331,3 +386,26 @@ class ZmqWeightReceiver(_StagedWeights):
         self._thread.join(timeout=2)
         self._sock.close(0)
         self._ctx.term()
+
+
+def open_receiver(
+    source: WeightSource,
+    params: list[torch.Tensor],
+    load: LoadFn | None = None,
+    device: torch.device | None = None,
+) -> WeightReceiver | ZmqWeightReceiver:
+    """The receiver that ``source`` names, staging into ``params``' layout (see _StagedWeights;
+    ``device`` matters for a group: CUDA staging buffers make it an NCCL group).
+
+    Raises:
+        ValueError: unknown source kind; RuntimeError: the group rendezvous failed.
+    """
+    if source.kind == "group":
+        return WeightReceiver(params, source.init_method, source.world_size, source.rank,
+                              source.timeout_s, load=load, device=device)  # fmt: skip
+    if source.kind == "zmq":
+        from dashrl.launch.security import client_setup
+
+        keys = Path(source.curve_dir) if source.curve_dir else None
+        return ZmqWeightReceiver(params, source.endpoint, client_setup(keys), load=load)
+    raise ValueError(f"unknown weight source kind {source.kind!r}")

@@ -27,7 +27,7 @@ def tiny_cfg(tiny_model_path: Path, tmp_path: Path) -> Config:
             "time_limit_s": 240,
             "model": {"name": "tiny-random", "path": str(tiny_model_path)},
             "data": {"train_size": 200, "heldout_size": 8},
-            "actor": {"group_size": 4, "prompts_per_batch": 4, "max_new_tokens": 8},
+            "actor": {"group_size": 4, "prompts_per_batch": 4, "max_new_tokens": 8, "engine": "hf"},
             # A random model never earns a reward, so every advantage is 0: turn the
             # gradient filter off so that samples still flow to the learner.
             "queue": {"filter_threshold": None, "capacity": 256},
@@ -56,6 +56,7 @@ def tiny_job_args(run_dir: Path, **fields: object) -> list[str]:
         "data.heldout-size": 8, "actor.group-size": 4, "actor.prompts-per-batch": 4,
         "actor.max-new-tokens": 8, "queue.filter-threshold": None,
         "learner.micro-batch-size": 4, "eval.heldout": False, "eval.every-steps": 0,
+        "actor.engine": "hf",  # vLLM has its own tests (test_vllm_engine, test_replay)
     }  # fmt: skip
     flags.update({k.replace("_", "-"): v for k, v in fields.items()})
     return [f"--{k}={v}" for k, v in flags.items()]

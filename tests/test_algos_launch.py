@@ -28,7 +28,7 @@ VARIANTS["ppo_dense_orm"] = ["--algo", "ppo", "--reward.dense", "orm",
 SMALL = ["--learner.steps", "2", "--eval.heldout", "False", "--eval.every-steps", "0",
          "--actor.prompts-per-batch", "4", "--actor.group-size", "4", "--actor.max-new-tokens",
          "16", "--learner.micro-batch-size", "4", "--learner.micro-batches-per-step", "1",
-         "--time-limit-s", "400"]  # fmt: skip
+         "--time-limit-s", "400", "--actor.engine", "hf"]  # fmt: skip
 
 
 @pytest.mark.slow

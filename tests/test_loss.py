@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dashrl.actors.advantages import grpo_advantages
-from dashrl.learner.loss import clipped_surrogate, k3_kl, staleness_clip_bounds
+from dashrl.learner.loss import clipped_surrogate, k3_kl, logprob_mismatch, staleness_clip_bounds
 
 # Two sequences: seq 0 fresh (lag 0, A=+1, 2 tokens); seq 1 two versions old (lag 2, A=-2,
 # 1 real token and 1 padding position).
@@ -124,3 +124,40 @@ def test_grpo_advantages_by_hand() -> None:
     assert (grpo_advantages(np.ones(8)) == 0).all()
     with pytest.raises(ValueError):
         grpo_advantages(np.array([1.0, float("nan")]))
+
+
+def test_tis_surrogate_by_hand() -> None:
+    """Decoupled PPO + TIS: loss = -mean_t min(pi/mu, C) * A (u = 1 in value), and the
+    gradient w.r.t. log pi is -min(pi/mu, C) * A / n on every token."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    mu = torch.tensor([[-1.0, -3.0], [-0.5, -2.0]])  # ratios: 1, e, 1, 1/e
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.ones(2, 2)
+    lag = torch.zeros(2, dtype=torch.long)
+    out = clipped_surrogate(logp, mu, adv, mask, lag, tis_cap=2.0)
+    w = torch.tensor([[1.0, 2.0], [1.0, math.exp(-1.0)]])  # e > 2 is truncated to C = 2
+    a = torch.tensor([[1.0, 1.0], [-2.0, -2.0]])
+    assert out.loss.item() == pytest.approx(float(-(w * a).sum() / 4), rel=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, -(w * a) / 4)
+    assert out.tis_frac.item() == pytest.approx(0.25)  # one token of four truncated
+    # a cap above every ratio truncates nothing and weighs each token by its full ratio
+    big = clipped_surrogate(logp.detach(), mu, adv, mask, lag, tis_cap=10.0)
+    w_full = torch.exp(logp.detach() - mu)
+    assert big.loss.item() == pytest.approx(float(-(w_full * a).sum() / 4), rel=1e-6)
+    assert big.tis_frac.item() == 0.0
+    # TIS off: the plain clipped surrogate, no truncation metric
+    assert clipped_surrogate(logp.detach(), mu, adv, mask, lag).tis_frac is None
+
+
+def test_logprob_mismatch_counts_only_fresh_samples() -> None:
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    mu = torch.tensor([[-1.1, -1.8, 5.0], [-9.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # padding (5.0) must not count
+    lag = torch.tensor([0, 3])  # the stale sample's difference is staleness, not numerics
+    m = logprob_mismatch(logp, mu, mask, lag)
+    assert m["learner/logprob_diff_mean"] == pytest.approx(0.15, abs=1e-6)
+    assert m["learner/logprob_diff_max"] == pytest.approx(0.2, abs=1e-6)
+    ratios = torch.exp(torch.tensor([0.1, -0.2]))
+    assert m["learner/is_ratio_std"] == pytest.approx(float(ratios.std()), rel=1e-5)
+    assert logprob_mismatch(logp, mu, mask, torch.tensor([1, 2])) == {}

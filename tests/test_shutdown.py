@@ -35,7 +35,7 @@ def test_sigterm_stops_children_and_leaves_checkpoint(tiny_cfg) -> None:
         "--learner.steps", "100000", "--queue.filter-threshold", "None",
         "--actor.group-size", "4", "--actor.prompts-per-batch", "4",
         "--actor.max-new-tokens", "8", "--learner.micro-batch-size", "4",
-        "--data.train-size", "200", "--eval.heldout", "False",
+        "--data.train-size", "200", "--eval.heldout", "False", "--actor.engine", "hf",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180

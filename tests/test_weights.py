@@ -63,3 +63,32 @@ def test_receiver_refuses_a_different_layout() -> None:
     _, (versions, got, rejected) = run_pair([(3, 4), (5,)], [(4, 3), (5,)])
     assert versions == [0] and rejected == 2
     assert all((p == 0).all() for p in got)  # untouched
+
+
+def test_zmq_source_stages_into_a_custom_loader_with_a_meta_layout() -> None:
+    """What a vLLM worker does: its receiver only knows the learner's shapes (meta tensors)
+    and loads each staged version through a callback, not into its own tensors."""
+    from dashrl.learner.nodes import WeightPublisher
+    from dashrl.learner.weights import WeightSource, layout_hash, open_receiver
+
+    shapes = [(3, 2), (4,)]
+    metas = [torch.empty(s, device="meta") for s in shapes]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    publisher = WeightPublisher(endpoint, layout_hash([torch.zeros(s) for s in shapes]))
+    loaded: list[torch.Tensor] = []
+    rx = open_receiver(
+        WeightSource("zmq", endpoint=endpoint), metas, load=lambda f: loaded.append(f.clone())
+    )
+    try:
+        assert rx.device.type == "cpu" and rx.apply() == -1 and rx.staged_version is None
+        deadline = time.monotonic() + 10
+        while rx.staged_version is None and time.monotonic() < deadline:
+            publisher.publish(7, torch.arange(10, dtype=torch.float32))
+            time.sleep(0.2)
+        assert rx.staged_version == 7
+        assert rx.apply() == 7 and rx.staged_version is None
+        assert len(loaded) == 1 and torch.equal(loaded[0], torch.arange(10, dtype=torch.float32))
+        assert rx.apply() == 7 and len(loaded) == 1  # nothing new: nothing loaded
+    finally:
+        rx.close()
+        publisher.close()

@@ -1,0 +1,199 @@
+"""vLLM as the actors' generation engine (the default), driven from the actor's asyncio loop.
+
+Generation: every prompt of a batch is its own request to vLLM's ``AsyncLLM`` with
+``n = G`` samples, all in flight at once, so vLLM's continuous batching sees
+prompts_per_batch * G sequences; each sampled token comes back with its logprob
+(``logprobs=0``) under the *processed* distribution (``logprobs_mode
+="processed_logprobs"``: temperature applied, no top-k/top-p), which is exactly the
+behaviour policy mu the learner's importance ratio needs.
+
+Weight updates happen in flight, without restarting the engine (PipelineRL-style). The
+learner's weights reach vLLM's worker process directly (actors/vllm_worker.py) and wait
+there in a staging buffer. :meth:`VLLMEngine.apply_weights`, called by the actor whenever
+it likes, then: pauses the scheduler between two engine steps, keeping every request
+(``pause_generation(mode="keep")``); loads the staged tensors into the model
+(``collective_rpc`` -> ``load_weights``); drops every cached KV block, the running
+requests' included (``reset_prefix_cache(reset_running_requests=True)``), so the
+running requests recompute their prefix under the new weights instead of mixing old
+keys/values with new weights; and resumes. A request in flight during an update
+therefore samples its first tokens from version v and the rest from v+1. Its behaviour
+logprobs are still exact per token (each one is what the sampler used), so the
+importance ratio stays correct; the rollout is stamped with the version it *started*
+on (the oldest weights that produced any of its tokens), which makes the staleness
+clip and the queue's eviction conservative, and ``actor/rollouts_updated_in_flight``
+counts how many rollouts straddled an update.
+
+CPU settings: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) and
+``VLLM_CPU_OMP_THREADS_BIND`` come from the config (``actor.vllm``). vLLM compiles the
+model on first start (100-190 s on 2 cores); the compile cache under ``~/.cache/vllm``
+makes later starts take about 25 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from dashrl.actors.engine import Generation
+from dashrl.learner.weights import WeightSource
+
+log = logging.getLogger("dashrl.vllm")
+
+WORKER_EXTENSION = "dashrl.actors.vllm_worker.WeightSyncExtension"
+
+
+def hf_parameter_layout(model_path: Path) -> list[tuple[str, list[int]]]:
+    """[(name, shape)] of the HF model's parameters in ``model.parameters()`` order (tied
+    weights once): the learner's broadcast layout. Built on the meta device, so it costs
+    no memory and no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [(n, list(p.shape)) for n, p in model.named_parameters()]
+
+
+class VLLMEngine:
+    """An ``AsyncLLM`` plus dashrl's in-flight weight updates; build it with :meth:`create`.
+
+    Attributes:
+        tokenizer: the HF tokenizer of the model.
+        version: the policy version the engine's weights hold now (-1: not yet known).
+        in_flight_updates: True: weights may change while requests run (see module doc).
+    """
+
+    in_flight_updates = True
+
+    def __init__(self, llm, tokenizer, model_path: Path, seed: int):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.version = 0
+        self.updates = 0
+        self._ids = itertools.count()
+        self._seed = seed
+        self._layout: list[tuple[str, list[int]]] | None = None
+
+    @classmethod
+    async def create(
+        cls,
+        model_path: Path,
+        seed: int = 0,
+        dtype: str = "float32",
+        kv_cache_gib: float = 2.0,
+        cpu_threads_bind: str = "nobind",
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.3,
+    ) -> VLLMEngine:
+        """Start vLLM on ``model_path`` (minutes on CPU the first time: it compiles).
+
+        Args:
+            model_path: HF model directory.
+            seed: seed of vLLM's sampler.
+            dtype: weights and activations ("float32" matches the learner's logprobs best).
+            kv_cache_gib: KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
+            cpu_threads_bind: VLLM_CPU_OMP_THREADS_BIND ("nobind", "auto" or "0-3|4-7").
+            max_model_len: longest prompt + completion, in tokens.
+            gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
+
+        Raises:
+            ImportError: vLLM is not installed (``pip install -e ".[cpu]"`` or ``.[gpu]``).
+        """
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from dashrl.launch.model import load_tokenizer
+
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            gpu_memory_utilization=gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, load_tokenizer(model_path), model_path, seed)
+
+    async def generate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
+    ) -> list[list[Generation]]:
+        """Sample ``n`` completions per prompt, all prompts in flight at once: [len(prompts)][n].
+
+        Temperature 0 is greedy. Aborted requests (engine shut down) raise RuntimeError.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_tokens=max_new_tokens,
+            logprobs=0,
+            seed=None,
+        )
+        return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
+
+    async def _one(self, prompt: list[int], params) -> list[Generation]:
+        final = None
+        rid = f"{self._seed}-{next(self._ids)}"
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=rid):
+            final = out
+        if final is None or len(final.outputs) != params.n:
+            raise RuntimeError(f"vLLM request {rid} ended without its {params.n} outputs")
+        gens = []
+        for c in final.outputs:
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request {rid} finished with {c.finish_reason!r}")
+            ids = np.asarray(c.token_ids, dtype=np.int32)
+            logp = np.asarray(
+                [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids, strict=True)],
+                dtype=np.float32,
+            )
+            gens.append(Generation(ids, logp, c.finish_reason))
+        return gens
+
+    async def connect_weights(self, source: WeightSource) -> None:
+        """Make vLLM's worker receive the learner's weights from ``source`` (it keeps the
+        current version, so switching from a broken group to the publisher loses nothing)."""
+        if self._layout is None:
+            self._layout = await asyncio.to_thread(hf_parameter_layout, self.model_path)
+        await self.llm.collective_rpc(
+            "dashrl_connect", args=(asdict(source), self._layout, self.version)
+        )
+
+    async def apply_weights(self) -> int:
+        """Load the newest staged weights, if any, in flight (module doc); returns the version."""
+        staged = (await self.llm.collective_rpc("dashrl_staged_version"))[0]
+        if staged is None:
+            return self.version
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            self.version = (await self.llm.collective_rpc("dashrl_apply"))[0]
+            await self.llm.reset_prefix_cache(reset_running_requests=True)
+        finally:
+            await self.llm.resume_generation()
+        self.updates += 1
+        return self.version
+
+    async def weight_status(self) -> dict:
+        """The worker's receiver: version, received, rejected, error (str or None), stopped."""
+        return (await self.llm.collective_rpc("dashrl_status"))[0]
+
+    def shutdown(self) -> None:
+        """Stop the engine and its worker processes."""
+        self.llm.shutdown()

@@ -1,0 +1,88 @@
+"""Runs inside vLLM's worker process: receives the learner's weights there and loads them.
+
+vLLM keeps its model in a worker process (the engine core), not in the actor. Shipping
+540 MB of float32 weights from the actor to the worker through vLLM's RPC on every
+version would cost a full extra copy and a serialisation; instead the worker itself joins
+the learner's weight broadcast (the launch-time stateless process group, gloo on CPU and
+NCCL on GPU, or the ZeroMQ publisher for attached nodes) as TRL, OpenRLHF and prime-rl do
+for their vLLM weight sync. The receiver thread stages every version in host (or device)
+memory; the actor then asks, through ``collective_rpc``, for the staged version to be
+loaded while the engine is paused between two steps (see actors/vllm_engine.py).
+
+The flat buffer is in the learner's ``model.parameters()`` order (HF names, tied weights
+once). It is cut into named HF tensors and handed to the vLLM model's own
+``load_weights``, which maps them onto its fused layers (q/k/v into qkv_proj, gate/up into
+gate_up_proj) and keeps SmolLM2's tied embedding/LM head tied.
+
+This class is mixed into vLLM's worker through ``worker_extension_cls``; every method
+name starts with ``dashrl_`` so it cannot collide with the worker's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger("dashrl.vllm_worker")
+
+
+class WeightSyncExtension:
+    """Mixin for a vLLM worker: a dashrl weight receiver feeding the worker's model."""
+
+    def dashrl_connect(self, source: dict, layout: list, version: int) -> None:
+        """Start receiving weights.
+
+        Args:
+            source: a :class:`~dashrl.learner.weights.WeightSource` as a dict.
+            layout: [[hf_name, shape], ...] of the learner's parameters, in order.
+            version: the version the engine holds now (kept when switching sources).
+        """
+        from dashrl.learner.weights import WeightSource, open_receiver
+
+        old = getattr(self, "_dashrl_receiver", None)
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        self._dashrl_layout = [(str(n), tuple(int(d) for d in s)) for n, s in layout]
+        metas = [torch.empty(s, dtype=torch.float32, device="meta") for _, s in self._dashrl_layout]
+        device = next(self.model_runner.get_model().parameters()).device
+        receiver = open_receiver(WeightSource(**source), metas, self._dashrl_load, device)
+        receiver.version = version
+        self._dashrl_receiver = receiver
+
+    def _dashrl_load(self, flat: torch.Tensor) -> None:
+        model = self.model_runner.get_model()
+        device = next(model.parameters()).device
+        offset, named = 0, []
+        for name, shape in self._dashrl_layout:
+            n = math.prod(shape)
+            named.append((name, flat[offset : offset + n].view(shape).to(device)))
+            offset += n
+        with torch.no_grad():
+            model.load_weights(named)
+
+    def dashrl_staged_version(self) -> int | None:
+        """The version waiting to be loaded (None: nothing new)."""
+        return self._dashrl_receiver.staged_version
+
+    def dashrl_apply(self) -> int:
+        """Load the newest staged weights into the model; returns the version now in use."""
+        return self._dashrl_receiver.apply()
+
+    def dashrl_status(self) -> dict:
+        """The receiver's version, counts and error (str or None), and whether it stopped."""
+        r = self._dashrl_receiver
+        return {
+            "version": r.version,
+            "received": r.received,
+            "rejected": r.rejected,
+            "error": None if r.error is None else repr(r.error),
+            "stopped": r.stopped.is_set(),
+        }
+
+    def dashrl_close(self) -> None:
+        """Stop a ZeroMQ receiver (a group receiver ends with the learner's stop header)."""
+        r = getattr(self, "_dashrl_receiver", None)
+        if r is not None and hasattr(r, "close"):
+            r.close()
