@@ -110,6 +110,9 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM 0.32's AOT compile cache fails to load with torch 2.13 ("no attribute
+        # finalize_loading") and recompiles every start; the older inductor cache works.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -122,6 +125,9 @@ class VLLMEngine:
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            # one worker, inside the engine-core process: no second process and no IPC per
+            # step, which matters on a 2-core machine
+            distributed_executor_backend="uni",
             gpu_memory_utilization=gpu_memory_utilization,
             disable_log_stats=True,
         )
@@ -136,6 +142,7 @@ class VLLMEngine:
         Temperature 0 is greedy. Aborted requests (engine shut down) raise RuntimeError.
         """
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             n=n,
@@ -145,6 +152,7 @@ class VLLMEngine:
             max_tokens=max_new_tokens,
             logprobs=0,
             seed=None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output with all n samples
         )
         return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
 

@@ -85,6 +85,7 @@ def main() -> None:
     prompts = _prompts(args.prompts, model_path)
     common = (prompts, args.group_size, args.max_new_tokens, args.temperature, args.repeats)
     hf_tokens, hf_s = bench_hf(model_path, *common)
+    print(f"hf: {hf_tokens} tokens in {hf_s:.1f} s", flush=True)
     v_tokens, v_s, start_s = asyncio.run(bench_vllm(model_path, *common, args.dtype))
     hf_tps, v_tps = hf_tokens / hf_s, v_tokens / v_s
     row = {

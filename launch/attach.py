@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 
 from dashrl.launch.config import AttachCommand, Config
-from dashrl.launch.runtime import StopFlag
+from dashrl.launch.runtime import StopFlag, actor_env
 from dashrl.launch.security import client_setup
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, decode, encode
 
@@ -116,7 +116,8 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
         children = Children(work)
         for i in range(cmd.actors):
             children.spawn(f"{node_id}-actor{i}", "dashrl.actors.actor", str(work / "config.json"),
-                           str(i), node_id, welcome.weights_endpoint)  # fmt: skip
+                           str(i), node_id, welcome.weights_endpoint,
+                           env_extra=actor_env(cfg.actor.engine))  # fmt: skip
         while not stop:
             client.heartbeat()
             for role, p in children.procs.items():

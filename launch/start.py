@@ -36,7 +36,7 @@ from datetime import datetime  # noqa: E402
 import tyro  # noqa: E402
 
 from dashrl.launch.config import Config  # noqa: E402
-from dashrl.launch.runtime import free_port, read_jsonl, setup_logging  # noqa: E402
+from dashrl.launch.runtime import actor_env, free_port, read_jsonl, setup_logging  # noqa: E402
 
 log = logging.getLogger("dashrl.launch")
 
@@ -88,13 +88,19 @@ class Children:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def spawn(
-        self, role: str, module: str, *args: str, launcher: list[str] | None = None
+        self,
+        role: str,
+        module: str,
+        *args: str,
+        launcher: list[str] | None = None,
+        env_extra: dict[str, str] | None = None,
     ) -> subprocess.Popen:
         """Start ``python -m module args`` (or ``python -m <launcher...> module args``, e.g.
-        torchrun) in its own session, logging to logs/<role>.log."""
+        torchrun) in its own session, logging to logs/<role>.log; ``env_extra`` is added to
+        its environment."""
         out = (self.logs / f"{role}.log").open("ab")
         env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # torchrun sets its own
-        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
         # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
         # stops the learner first (so it checkpoints) and the others after.
         p = subprocess.Popen(
@@ -166,7 +172,8 @@ class Supervisor:
                 self.node.register(timeout_s=60)
             self.children.spawn(role, "dashrl.actors.actor", self.config_path,
                                 role.removeprefix("actor"), "launcher",
-                                f"tcp://{t.host}:{t.weights_port}")  # fmt: skip
+                                f"tcp://{t.host}:{t.weights_port}",
+                                env_extra=actor_env(self.cfg.actor.engine))  # fmt: skip
         log.warning("restarted %s (restart %d of %d)", role, n + 1, self.MAX_RESTARTS)
         return True
 
@@ -270,7 +277,8 @@ def run(cfg: Config) -> dict:
                  t.host, t.control_port)  # fmt: skip
         children.spawn("queue", "dashrl.queue.server", config_path)
         for i in range(cfg.actor.num_actors):
-            children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i))
+            children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i),
+                           env_extra=actor_env(cfg.actor.engine))  # fmt: skip
         ranks, t = cfg.learner.num_ranks, cfg.transport
         torchrun = ["torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-addr={t.host}",
                     f"--master-port={t.learner_port}", "--module"]  # fmt: skip
