@@ -24,9 +24,9 @@ clip and the queue's eviction conservative, and ``actor/rollouts_updated_in_flig
 counts how many rollouts straddled an update.
 
 CPU settings: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) and
-``VLLM_CPU_OMP_THREADS_BIND`` come from the config (``actor.vllm``). vLLM compiles the
-model on first start (100-190 s on 2 cores); the compile cache under ``~/.cache/vllm``
-makes later starts take about 25 s.
+``VLLM_CPU_OMP_THREADS_BIND`` come from the config (``actor.vllm``). A start takes 60-130 s
+on 2 cores, most of it torch.compile (vLLM 0.32's AOT compile cache does not load with
+torch 2.13, so it is turned off and the inductor cache under ``~/.cache/vllm`` is used).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class VLLMEngine:
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, load_tokenizer(model_path), model_path, seed)
 
-    async def generate(
+    async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
     ) -> list[list[Generation]]:
         """Sample ``n`` completions per prompt, all prompts in flight at once: [len(prompts)][n].

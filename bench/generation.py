@@ -53,10 +53,10 @@ async def bench_vllm(model_path: Path, prompts, g, max_new, temp, repeats, dtype
     engine = await VLLMEngine.create(model_path, seed=0, dtype=dtype)
     start_s = time.perf_counter() - t0
     try:
-        await engine.generate(prompts[:2], g, 8, temp)  # warm-up
+        await engine.agenerate(prompts[:2], g, 8, temp)  # warm-up
         tokens, t0 = 0, time.perf_counter()
         for _ in range(repeats):
-            tokens += _tokens(await engine.generate(prompts, g, max_new, temp))
+            tokens += _tokens(await engine.agenerate(prompts, g, max_new, temp))
         return tokens, time.perf_counter() - t0, start_s
     finally:
         engine.shutdown()

@@ -127,6 +127,7 @@ class Children:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", role, p.pid)
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
+        reap_group(p.pid)
         return p.returncode
 
     def stop_all(self) -> None:
@@ -135,6 +136,16 @@ class Children:
         order = {"learner": 0, "queue": 2}
         for role in sorted(self.procs, key=lambda r: order.get(r, 1)):
             self.stop(role)
+
+
+def reap_group(pid: int) -> None:
+    """SIGKILL what is left of the process group that child ``pid`` led (it was started in
+    a session of its own). A vLLM actor's engine-core process outlives an actor that died
+    without shutting it down (SIGKILL, a crash) and would hold gigabytes forever."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class Supervisor:
@@ -161,6 +172,9 @@ class Supervisor:
         if n >= self.MAX_RESTARTS or not (role == "queue" or role.startswith("actor")):
             return False
         self.restarts[role] = n + 1
+        dead = self.children.procs.get(role)
+        if dead is not None:  # e.g. the orphaned vLLM engine core of a killed actor
+            reap_group(dead.pid)
         if role == "queue":
             self.children.spawn("queue", "dashrl.queue.server", self.config_path, "--reload")
         else:

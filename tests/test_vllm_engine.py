@@ -81,7 +81,7 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(tmp_path: Path
         engine = await VLLMEngine.create(path, seed=0, dtype="float32", kv_cache_gib=1)
         try:
             await engine.connect_weights(WeightSource("zmq", endpoint=endpoint))
-            sample = lambda: engine.generate(prompts, 2, MAX_NEW, 1.0)  # noqa: E731
+            sample = lambda: engine.agenerate(prompts, 2, MAX_NEW, 1.0)  # noqa: E731
             res = {"base": _mismatch(model, prompts, await sample())}
 
             # perturb every tensor, the tied embedding included, and push the result
@@ -94,11 +94,11 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(tmp_path: Path
             await _wait_staged(engine, 1, publisher, flat)
             res["version"] = await engine.apply_weights()
             res["updated"] = _mismatch(model, prompts, await sample())
-            greedy = await engine.generate(prompts, 1, MAX_NEW, 0.0)
+            greedy = await engine.agenerate(prompts, 1, MAX_NEW, 0.0)
             res["greedy_vllm"] = [grp[0].token_ids.tolist() for grp in greedy]
 
             # an update while requests run: they finish, on the new weights from then on
-            running = asyncio.ensure_future(engine.generate(prompts * 4, 4, 96, 1.0))
+            running = asyncio.ensure_future(engine.agenerate(prompts * 4, 4, 96, 1.0))
             await asyncio.sleep(0.5)
             await _wait_staged(engine, 2, publisher, flat)
             res["in_flight_version"] = await engine.apply_weights()
