@@ -112,6 +112,11 @@ class QueueConfig(_Strict):
     (0 drops exactly the zero-advantage samples; None turns filtering off, the DASH ablation)."""
     max_staleness: int = Field(4, ge=0)
     """Samples whose version lag (learner version - policy version) exceeds this are evicted."""
+    length_window: int = Field(2, ge=1)
+    """Length-aware micro-batching: a micro-batch (by sequences) is the top-priority sample
+    plus the closest-length samples among the top length_window * micro_batch_size
+    (queue/buffer.py length_aware_pick); cuts padding (bench/learner_tokens.py). 1: strict
+    priority order."""
     max_frame_bytes: int = 64 * 1024 * 1024
     """Largest frame the queue decodes, in bytes; larger frames are rejected and counted."""
     max_seq_len: int = 8192

@@ -255,6 +255,8 @@ class Learner:
                 "learner/staleness_mean": float(lag.float().mean()),
                 "learner/staleness_max": float(lag.max()),
                 "learner/tokens": float(batch.num_tokens),
+                # share of the padded [B, L] forward spent on padding (bench/learner_tokens.py)
+                "learner/padding_frac": 1.0 - batch.num_tokens / batch.input_ids.numel(),
                 "learner/completion_tokens": float(n),
             }
         )

@@ -139,6 +139,39 @@ class BufferCounters:
     served: int = 0
 
 
+def length_aware_pick(lengths: list[int], sizes: list[int], size: int) -> list[int]:
+    """Which units of a priority-ordered window form one micro-batch with little padding.
+
+    The learner pads a micro-batch to its longest sequence, so serving the top ``size``
+    samples by |A| alone wastes compute on padding whenever their lengths differ. This
+    keeps the top-priority unit (so the queue never starves it) and adds the units of the
+    window whose length is closest to it (ties: higher priority first), until the
+    micro-batch holds ``size`` sequences. A window of exactly ``size`` units is strict
+    priority order.
+
+    Args:
+        lengths: the longest sequence of each unit (prompt + completion tokens), in
+            priority order (highest first).
+        sizes: samples in each unit.
+        size: sequences wanted.
+
+    Returns:
+        Indices into the window, in priority order; [] when the window holds fewer than
+        ``size`` sequences.
+    """
+    if sum(sizes) < size:
+        return []
+    anchor = lengths[0]
+    order = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
+    picked, n = [0], sizes[0]
+    for i in order:
+        if n >= size:
+            break
+        picked.append(i)
+        n += sizes[i]
+    return sorted(picked)
+
+
 class ReplayBuffer:
     """Priority queue of samples ranked by |A| with filtering, staleness eviction and a capacity.
 
@@ -150,14 +183,24 @@ class ReplayBuffer:
         capacity: most samples held; beyond it the lowest-priority ones are evicted.
         filter_threshold: DASH gradient-filter threshold on |A|, None for no filtering.
         max_staleness: most version lag a held sample may have.
+        length_window: micro-batches by sequences are chosen among the top
+            ``length_window * size`` units by :func:`length_aware_pick` (1: strict priority).
 
     Raises:
-        ValueError: capacity < 1, negative threshold or staleness.
+        ValueError: capacity < 1, negative threshold or staleness, length_window < 1.
     """
 
-    def __init__(self, capacity: int, filter_threshold: float | None = 0.0, max_staleness: int = 4):
-        if capacity < 1 or (filter_threshold or 0) < 0 or max_staleness < 0:
-            raise ValueError("capacity >= 1, filter_threshold >= 0, max_staleness >= 0 required")
+    def __init__(
+        self,
+        capacity: int,
+        filter_threshold: float | None = 0.0,
+        max_staleness: int = 4,
+        length_window: int = 1,
+    ):
+        if capacity < 1 or (filter_threshold or 0) < 0 or max_staleness < 0 or length_window < 1:
+            raise ValueError("capacity >= 1, filter_threshold >= 0, max_staleness >= 0, "
+                             "length_window >= 1 required")  # fmt: skip
+        self.length_window = length_window
         self.capacity = capacity
         self.filter_threshold = filter_threshold
         self.max_staleness = max_staleness
@@ -250,12 +293,14 @@ class ReplayBuffer:
             ValueError: unknown unit.
         """
         if unit == "sequences":
-            count, n = 0, 0  # whole units until the micro-batch holds >= size sequences
-            for e in self._items:
-                if n >= size:
-                    break
-                count, n = count + 1, n + len(e.samples)
-            count = count if n >= size else 0
+            window = list(itertools.islice(self._items, self.length_window * size))
+            lengths = [max(s.num_tokens for s in e.samples) for e in window]
+            picked = length_aware_pick(lengths, [len(e.samples) for e in window], size)
+            for i in reversed(picked):  # from the back, so earlier positions stay valid
+                self._remove_at(i)
+            taken = [s for i in picked for s in window[i].samples]
+            self.counters.served += len(taken)
+            return taken
         else:
             counts, total = [], 0
             for e in self._items:  # only walk as far as one micro-batch reaches

@@ -68,7 +68,8 @@ class QueueServer:
 
     def __init__(self, cfg: Config, run_dir: Path | None, reload: bool = False):
         q = cfg.queue
-        self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness)
+        self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness,
+                                   q.length_window)  # fmt: skip
         self.limits = DecodeLimits(
             max_frame_bytes=q.max_frame_bytes,
             max_seq_len=q.max_seq_len,

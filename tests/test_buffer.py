@@ -124,3 +124,36 @@ def test_rejects_bad_settings() -> None:
         ReplayBuffer(capacity=0)
     with pytest.raises(ValueError):
         ReplayBuffer(capacity=1, max_staleness=-1)
+
+
+def test_length_aware_pick_keeps_the_top_unit_and_its_closest_lengths() -> None:
+    from dashrl.queue.buffer import length_aware_pick
+
+    # priority order; lengths of the window's units
+    assert length_aware_pick([50, 90, 52, 10, 49], [1] * 5, 3) == [0, 2, 4]
+    assert length_aware_pick([50, 90, 52], [1] * 3, 3) == [0, 1, 2]  # window = size: strict
+    assert length_aware_pick([50, 60, 40], [1] * 3, 2) == [0, 1]  # a tie goes to priority
+    assert length_aware_pick([50, 51, 90], [2, 1, 1], 2) == [0]  # a pair fills it alone
+    assert length_aware_pick([50, 51], [1, 1], 3) == []  # too few: wait
+
+
+def test_length_window_serves_similar_lengths_and_loses_nothing() -> None:
+    import numpy as np
+
+    from dashrl.protocol import Sample
+
+    def sample(i: int, n: int, adv: float) -> Sample:
+        return Sample(f"p{i}", np.ones(4, np.int32), np.ones(n, np.int32),
+                      np.zeros(n, np.float32), 1.0, adv, 0)  # fmt: skip
+
+    lengths = [30, 5, 29, 6, 28, 7, 27, 8]
+    for window, first in ((1, [30, 5]), (4, [30, 29])):
+        buf = ReplayBuffer(capacity=100, length_window=window)
+        samples = [sample(i, n, 1.0 - i / 100) for i, n in enumerate(lengths)]
+        buf.add(samples)
+        got = buf.pop_micro_batch(2)
+        assert [len(s.completion_ids) for s in got] == first  # top |A| always served first
+        rest = []
+        while batch := buf.pop_micro_batch(2):
+            rest += batch
+        assert len(got) + len(rest) == len(lengths) and len(buf) == 0
