@@ -131,6 +131,7 @@ class Actor:
         self.updated_in_flight = 0
         self._on_group = False  # whether weights come from the launch-time group
         self._started = False
+        self._busy_s, self._busy_since, self._in_engine = 0.0, 0.0, 0
 
     async def start(self) -> None:
         """Build the engine (``actor.engine``) and connect it to the learner's weights: an
@@ -286,7 +287,8 @@ class Actor:
         try:
             while not stop and await self.refresh_weights() < 0:  # attached: wait for weights
                 await asyncio.sleep(0.2)
-            in_flight = self.engine.in_flight_updates
+            # sync mode: one batch per version, weights refreshed inline (no second loop)
+            in_flight = self.engine.in_flight_updates and self.cfg.mode == "async"
             loops = [self._batch_loop(sock, stop, in_flight)]
             if in_flight:
                 loops += [self._batch_loop(sock, stop, True)
@@ -296,6 +298,22 @@ class Actor:
         finally:
             sock.close()
             ctx.term()
+
+    def _busy(self, delta: int) -> None:
+        now = time.perf_counter()
+        if self._in_engine == 0 and delta > 0:
+            self._busy_since = now
+        self._in_engine += delta
+        if self._in_engine == 0:
+            self._busy_s += now - self._busy_since
+
+    def busy_frac(self) -> float:
+        """Share of wall time since the first batch during which the engine held at least
+        one of this actor's requests (generator utilisation; 1.0: it never waited for
+        weights, the queue or scoring)."""
+        now = time.perf_counter()
+        busy = self._busy_s + (now - self._busy_since if self._in_engine else 0.0)
+        return min(1.0, busy / max(now - self._started_at, 1e-9))
 
     async def _weight_loop(self, stop: StopFlag) -> None:
         while not stop:
@@ -315,17 +333,26 @@ class Actor:
                 # flood the queue (and its log) with thousands of groups per second
                 await asyncio.sleep(SFT_BATCH_PAUSE_S)
             else:
-                gens = await self.engine.agenerate(
-                    prompts, a.group_size, a.max_new_tokens, a.temperature
-                )
+                self._busy(+1)
+                try:
+                    gens = await self.engine.agenerate(
+                        prompts, a.group_size, a.max_new_tokens, a.temperature
+                    )
+                finally:
+                    self._busy(-1)
             gen_s = time.perf_counter() - t0
             if in_flight and self.engine.version != version:  # straddled a weight update
                 self.updated_in_flight += sum(len(g) for g in gens)
             for group in self.build_groups(problems, gens, version, gen_s):
+                group.timings["busy_frac"] = self.busy_frac()
+                group.timings["updated_in_flight"] = float(self.updated_in_flight)
                 if not await self._send(sock, encode(group), stop):
                     return
                 self.groups_sent += 1
                 self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+            if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch
+                while not stop and await self.refresh_weights() <= version:
+                    await asyncio.sleep(0.05)
             if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
                 elapsed = time.perf_counter() - self._started_at
                 log.info(

@@ -294,6 +294,12 @@ class Config(_Strict):
     micro-batches served after the checkpoint are trained on again, in their logged order)."""
     time_limit_s: float = 900.0
     """Wall-clock budget of training, in seconds; the learner stops cleanly when it runs out."""
+    mode: Literal["async", "sync"] = "async"
+    """async: actors stream without waiting for the learner (DASH, the default). sync: the
+    standard GRPO loop for comparison: each actor generates one batch, waits until the
+    learner has trained on all of it and broadcast the new weights, and repeats (needs
+    num_actors * prompts_per_batch * group_size == micro_batch_size *
+    micro_batches_per_step sequences, no gradient filter and max_staleness 0)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
@@ -317,6 +323,21 @@ class Config(_Strict):
             if lc.micro_batch_size % 2:
                 raise ValueError("iterative_dpo serves (chosen, rejected) pairs: "
                                  "learner.micro_batch_size must be even")  # fmt: skip
+        if self.mode == "sync":
+            a, q = self.actor, self.queue
+            batch = a.num_actors * a.prompts_per_batch * a.group_size
+            step = lc.micro_batch_size * lc.micro_batches_per_step
+            if lc.micro_batch_unit != "sequences" or batch != step:
+                raise ValueError(
+                    f"mode sync trains each step on exactly one generated batch: "
+                    f"num_actors * prompts_per_batch * group_size ({batch}) must equal "
+                    f"micro_batch_size * micro_batches_per_step ({step}) sequences"
+                )
+            if q.filter_threshold is not None or q.max_staleness != 0:
+                raise ValueError(
+                    "mode sync trains on every sample of the current version: "
+                    "set --queue.filter-threshold None --queue.max-staleness 0"
+                )
         if self.transport.host not in LOOPBACK and self.transport.curve_dir is None:
             raise ValueError(
                 f"transport.host {self.transport.host!r} is not loopback: binding there needs "

@@ -85,6 +85,7 @@ class QueueServer:
         self.groups_received = 0
         self.faults: dict[str, float] = {}  # actor-side verifier faults, cumulative
         self.gate = None  # CurveZMQ refusals (launch/security.py), when keys are in use
+        self._latest: dict[str, dict[str, float]] = {}  # stat -> actor id -> latest value
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
         if (cfg.resume or reload) and self.log is not None:  # a restart holds what it held
@@ -126,6 +127,9 @@ class QueueServer:
             w["length"] += c.finish_reason == "length"
         for k in ("verifier_timeouts", "verifier_errors"):
             self.faults[k] = self.faults.get(k, 0.0) + group.timings.get(k, 0.0)
+        for k in ("busy_frac", "updated_in_flight"):  # each actor's latest value
+            if k in group.timings:
+                self._latest.setdefault(k, {})[group.actor_id] = group.timings[k]
         samples = group_to_samples(group)
         result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
@@ -196,6 +200,10 @@ class QueueServer:
             "queue/refused_clients": float(self.gate.refused if self.gate else 0),
             **{f"actor/{k}": v for k, v in self.faults.items()},
         }
+        if busy := self._latest.get("busy_frac"):  # mean over actors: generator utilisation
+            out["actor/busy_frac"] = sum(busy.values()) / len(busy)
+        if updated := self._latest.get("updated_in_flight"):
+            out["actor/rollouts_updated_in_flight"] = sum(updated.values())
         if served:
             lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]
             out["queue/served_lag_mean"] = sum(lags) / len(lags)

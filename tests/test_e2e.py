@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import REPO
+from dashrl.launch.config import Config
 from dashrl.launch.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
@@ -111,3 +112,39 @@ def test_two_rank_deepspeed_learner(tiny_cfg) -> None:
     state = json.loads((cfg.run_dir / "checkpoints" / "final" / "dashrl_state.json").read_text())
     assert state["version"] == 3 and state["backend"] == "deepspeed"
     assert (cfg.run_dir / "checkpoints" / "final" / "deepspeed").is_dir()
+
+
+@pytest.mark.slow
+def test_sync_mode_trains_each_step_on_exactly_one_fresh_batch(tiny_cfg) -> None:
+    """mode sync (the standard GRPO loop, the baseline of bench/time_to_reward.py): the actor
+    waits for every step, so each step trains on one whole batch of the current version."""
+    from dashrl.launch.start import run
+
+    tiny_cfg.mode = "sync"
+    tiny_cfg.queue.max_staleness = 0  # tiny_cfg has no gradient filter already
+    tiny_cfg.learner.steps = 4
+    # 1 actor x 4 prompts x G 4 = 16 sequences = micro-batch 4 x 4
+    tiny_cfg.learner.micro_batches_per_step = 4
+    tiny_cfg = type(tiny_cfg).model_validate(tiny_cfg.model_dump())  # re-run the checks
+    summary = run(tiny_cfg)
+    assert summary["learner_steps"] == 4
+    rows = read_jsonl(tiny_cfg.run_dir / "metrics.jsonl")
+    assert [r["version"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["learner/staleness_max"] == 0 for r in rows)  # every sample fresh
+    groups = read_rollout_log(tiny_cfg.run_dir / ROLLOUT_LOG)
+    per_version = {}
+    for g in groups:
+        for c in g.completions:
+            per_version[c.policy_version] = per_version.get(c.policy_version, 0) + 1
+    # one batch per version: 16 samples for each of versions 0..3 (4 may have started)
+    assert all(per_version[v] == 16 for v in range(4)), per_version
+    assert 0.0 < rows[-1]["actor/busy_frac"] < 1.0  # it waited for the learner
+
+
+def test_sync_mode_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="must equal"):
+        Config.model_validate({"mode": "sync", "queue": {"filter_threshold": None,
+                                                         "max_staleness": 0}})  # fmt: skip
+    with pytest.raises(ValueError, match="filter-threshold None"):
+        Config.model_validate({"mode": "sync", "actor": {"prompts_per_batch": 2},
+                               "learner": {"micro_batches_per_step": 2}})  # fmt: skip
