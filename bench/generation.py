@@ -3,11 +3,12 @@
 Both engines sample G completions for each of the same chat prompts of the default task
 (SmolLM2-135M-Instruct), with the same temperature and max new tokens, on the same
 machine, in this one script: HF first in this process, then vLLM (AsyncLLM, every
-prompt in flight at once). Each engine gets one warm-up call, then ``--repeats`` timed
+prompt in flight at once) for each dtype, each in a child process started as the
+launcher starts a vLLM actor. Each engine gets one warm-up call, then ``--repeats`` timed
 calls. Prints tokens/s of both and the ratio, and writes JSON.
 
-    python bench/generation.py                      # 64 prompts x G=4, 128 new tokens
-    python bench/generation.py --dtype bfloat16 --threads 2
+    python bench/generation.py                # 64 prompts x G=4, 128 new tokens; vLLM bf16, fp32
+    python bench/generation.py --dtypes float32 --threads 1
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,8 +74,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch/OpenMP threads of both engines")  # fmt: skip
-    ap.add_argument("--dtype", default="bfloat16", help="vLLM dtype (HF runs float32)")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                    help="vLLM dtypes, one engine each (HF runs float32)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("bench/results/generation.json"))
+    ap.add_argument("--vllm-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -80,29 +85,46 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from dashrl.launch.model import resolve_model
+    from dashrl.launch.runtime import actor_env
 
     model_path = resolve_model("smollm2-135m-instruct", Path("~/.cache/dashrl/models"))
     prompts = _prompts(args.prompts, model_path)
     common = (prompts, args.group_size, args.max_new_tokens, args.temperature, args.repeats)
+    if args.vllm_child:  # one vLLM engine, in the environment an actor gives it
+        print(json.dumps(asyncio.run(bench_vllm(model_path, *common, args.vllm_child))))
+        return
     hf_tokens, hf_s = bench_hf(model_path, *common)
+    hf_tps = hf_tokens / hf_s
     print(f"hf: {hf_tokens} tokens in {hf_s:.1f} s", flush=True)
-    v_tokens, v_s, start_s = asyncio.run(bench_vllm(model_path, *common, args.dtype))
-    hf_tps, v_tps = hf_tokens / hf_s, v_tokens / v_s
-    row = {
+    rows = []
+    for dtype in args.dtypes:
+        # a child process with the actor's environment (LD_PRELOAD tcmalloc + Intel OpenMP,
+        # launch/runtime.py actor_env), as the launcher starts a vLLM actor; HF ran here
+        # without it, as an HF actor runs
+        child = subprocess.run([sys.executable, *sys.argv, "--vllm-child", dtype],
+                               env={**os.environ, **actor_env("vllm")}, capture_output=True,
+                               text=True, check=True)  # fmt: skip
+        line = [x for x in child.stdout.splitlines() if x.startswith("[")][-1]
+        v_tokens, v_s, start_s = json.loads(line)
+        rows.append({"engine": f"vllm-{dtype}", "tokens": v_tokens, "seconds": round(v_s, 2),
+                     "tokens_per_s": round(v_tokens / v_s, 1), "start_s": round(start_s, 1),
+                     "x_hf": round(v_tokens / v_s / hf_tps, 2)})  # fmt: skip
+        print(f"vllm {dtype}: {v_tokens} tokens in {v_s:.1f} s (start {start_s:.0f} s)", flush=True)
+    print(f"{'engine':<16}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'x hf':>7}")
+    print(f"{'hf-float32':<16}{hf_tokens:>8}{hf_s:>9.1f}{hf_tps:>10.1f}{1.0:>7.2f}")
+    for r in rows:
+        print(f"{r['engine']:<16}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tokens_per_s']:>10.1f}"
+              f"{r['x_hf']:>7.2f}")  # fmt: skip
+    result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "prompts": args.prompts, "group_size": args.group_size,
-        "max_new_tokens": args.max_new_tokens, "threads": args.threads, "vllm_dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens, "threads": args.threads,
         "hf_tokens": hf_tokens, "hf_s": round(hf_s, 2), "hf_tokens_per_s": round(hf_tps, 1),
-        "vllm_tokens": v_tokens, "vllm_s": round(v_s, 2), "vllm_tokens_per_s": round(v_tps, 1),
-        "vllm_start_s": round(start_s, 1), "ratio": round(v_tps / hf_tps, 2),
+        "vllm": rows,
     }  # fmt: skip
-    print(f"{'engine':<8}{'tokens':>9}{'seconds':>9}{'tokens/s':>10}")
-    print(f"{'hf':<8}{hf_tokens:>9}{hf_s:>9.1f}{hf_tps:>10.1f}")
-    print(f"{'vllm':<8}{v_tokens:>9}{v_s:>9.1f}{v_tps:>10.1f}")
-    print(f"vllm / hf = {row['ratio']:.2f}x  (vLLM start {start_s:.0f} s, {args.dtype})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(row, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
