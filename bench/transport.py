@@ -32,7 +32,7 @@ done = ctx.socket(zmq.PUSH); done.connect(sys.argv[2])
 n, total = 0, int(sys.argv[3])
 while n < total:
     pull.recv(copy=False); n += 1
-done.send(b"done"); done.close(linger=5000); ctx.term()
+done.send(b"done"); done.close(linger=5000); pull.close(linger=0); ctx.term()
 """
 
 
@@ -57,7 +57,8 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g: int):
+def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g: int,
+                log: bool = True):  # fmt: skip
     import zmq
 
     from dashrl.launch.config import Config
@@ -67,7 +68,8 @@ def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g:
     rollout_port, request_port = free_port(), free_port()
     cfg = Config.model_validate({
         "run_dir": str(run_dir), "model": {"name": "tiny-random"},
-        "queue": {"capacity": max(rollouts, hold) + 1, "max_staleness": 10**6},
+        "queue": {"capacity": max(rollouts, hold) + 1, "max_staleness": 10**6,
+                  "log_rollouts": log},
         "transport": {"rollout_port": rollout_port, "request_port": request_port},
     })  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,13 +92,13 @@ def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g:
         per_rollout_kb = (_rss_mb(proc.pid) - base) * 1024 / hold
         got = 0
         while got < hold:  # drain them
-            got += len(client.request(0, 256, "sequences").samples)
+            got += len(client.request(0, min(256, hold - got), "sequences").samples)
         t0 = time.perf_counter()
         sender = threading.Thread(target=lambda: [push.send(f) for f in frames])
         sender.start()
         got = 0
         while got < rollouts:
-            got += len(client.request(0, 64, "sequences").samples)
+            got += len(client.request(0, min(64, rollouts - got), "sequences").samples)
         seconds = time.perf_counter() - t0
         sender.join()
         return seconds, per_rollout_kb
@@ -151,12 +153,16 @@ def main() -> None:
     raw_s = bench_raw(frames)
     with tempfile.TemporaryDirectory() as tmp:
         queue_s, kb = bench_queue(frames, rollouts, Path(tmp) / "run", args.hold, args.group_size)
-    rows = {"raw_zmq": rollouts / raw_s, "dashrl_queue": rollouts / queue_s}
+        nolog_s, _ = bench_queue(frames, rollouts, Path(tmp) / "nolog", args.hold,
+                                 args.group_size, log=False)  # fmt: skip
+    rows = {"raw_zmq": rollouts / raw_s, "dashrl_queue": rollouts / queue_s,
+            "dashrl_queue_no_log": rollouts / nolog_s}  # fmt: skip
     print(f"{rollouts} rollouts of {args.tokens} tokens, {mb:.0f} MB of frames "
           f"(encoding them took {encode_s:.2f} s, not counted below)")  # fmt: skip
-    print(f"{'path':<14}{'seconds':>9}{'rollouts/s':>12}{'MB/s':>8}")
-    for name, s in (("raw_zmq", raw_s), ("dashrl_queue", queue_s)):
-        print(f"{name:<14}{s:>9.2f}{rollouts / s:>12.0f}{mb / s:>8.0f}")
+    print(f"{'path':<21}{'seconds':>9}{'rollouts/s':>12}{'MB/s':>8}")
+    for name, s in (("raw_zmq", raw_s), ("dashrl_queue", queue_s),
+                    ("dashrl_queue_no_log", nolog_s)):  # fmt: skip
+        print(f"{name:<21}{s:>9.2f}{rollouts / s:>12.0f}{mb / s:>8.0f}")
     ratio = rows["dashrl_queue"] / rows["raw_zmq"]
     print(f"dashrl / raw = {ratio:.2f}; queue memory {kb:.1f} KB per held rollout "
           f"({args.tokens * 8 / 1024:.0f} KB of token ids + logprobs)")  # fmt: skip
@@ -165,6 +171,7 @@ def main() -> None:
               "rollouts": rollouts, "tokens": args.tokens, "frame_mb": round(mb, 1),
               "encode_s": round(encode_s, 2), "raw_s": round(raw_s, 2),
               "queue_s": round(queue_s, 2), "raw_rollouts_per_s": round(rows["raw_zmq"]),
+              "queue_no_log_rollouts_per_s": round(rows["dashrl_queue_no_log"]),
               "queue_rollouts_per_s": round(rows["dashrl_queue"]), "ratio": round(ratio, 3),
               "queue_kb_per_rollout": round(kb, 1)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

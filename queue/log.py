@@ -117,9 +117,11 @@ class RolloutLog:
         self.num_groups = len(read_queue_log(path).groups) if path.exists() else 0
         self._f = path.open("ab")
 
-    def append_group(self, group: RolloutGroup) -> int:
-        """Write an accepted group; returns its log index."""
-        self._write(encode(group))
+    def append_group(self, group: RolloutGroup, frame: bytes | None = None) -> int:
+        """Write an accepted group; returns its log index. ``frame``: the group's own valid
+        encoding, written as is (re-encoding every group was half the queue's time in
+        bench/transport.py)."""
+        self._write(frame if frame is not None else encode(group))
         self.num_groups += 1
         return self.num_groups - 1
 

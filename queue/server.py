@@ -112,12 +112,12 @@ class QueueServer:
             self._reject("rollout", e)
             return
         try:
-            self._accept(group)
+            self._accept(group, frame)
         except Exception:
             self.handler_errors += 1
             log.exception("error handling a rollout group (%d so far)", self.handler_errors)
 
-    def _accept(self, group: RolloutGroup) -> None:
+    def _accept(self, group: RolloutGroup, frame: bytes | None = None) -> None:
         self.groups_received += 1
         w = self._window
         for c in group.completions:
@@ -133,8 +133,9 @@ class QueueServer:
         samples = group_to_samples(group)
         result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
+            whole = len(result.accepted) == len(group.completions)  # the frame is the record
             group.completions = [group.completions[i] for i in result.accepted]
-            g = self.log.append_group(group)
+            g = self.log.append_group(group, frame if whole else None)
             for c, i in enumerate(result.accepted):
                 self._refs[id(samples[i])] = (g, c)
             self._log_event("evicted_capacity", result.evicted_samples)
