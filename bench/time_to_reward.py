@@ -15,9 +15,11 @@ Each saves checkpoints as it trains; afterwards every checkpoint (and the base m
 t = 0) is evaluated on the same held-out prompts with the same sampler (HF engine,
 ``--heldout-prompts`` x ``--samples`` at the training temperature), so evaluation never
 slows a run down. Reports each system's wall seconds to reach ``--target`` held-out
-reward (or "not reached") and the speed-ups, writes the curves to a PNG and JSON.
+reward (or "not reached") and the speed-ups, the generator and learner utilisation of the
+two dashrl runs, and writes the curves to a PNG and JSON.
 
     python bench/time_to_reward.py                 # 3 x 240 s + evaluation, ~15 min
+    python bench/time_to_reward.py --eval-only     # evaluate the last runs again
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], budget_s: float, log: Path) -> float:
-    """Run ``cmd`` until it exits or ``budget_s`` + 60 s pass (then SIGTERM by pid); returns
-    its launch time (unix seconds)."""
+    """Run ``cmd`` until it exits or ``budget_s`` + 120 s pass (then SIGTERM by pid); returns
+    its launch time (unix seconds), also written to ``<log>.t0`` for ``--eval-only``."""
     t0 = time.time()
+    log.with_suffix(".t0").write_text(f"{t0}\n")
     with log.open("w") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                              start_new_session=True)  # fmt: skip
@@ -58,17 +61,52 @@ def dashrl(run_dir: Path, budget_s: float, sync: bool, every: int) -> list[tuple
     if sync:
         args += ["--mode", "sync", "--actor.prompts-per-batch", "2", "--queue.filter-threshold",
                  "None", "--queue.max-staleness", "0"]  # fmt: skip
-    t0 = _run(args, budget_s, run_dir.with_suffix(".log"))
+    _run(args, budget_s, run_dir.with_suffix(".log"))
+    return dashrl_checkpoints(run_dir)
+
+
+def dashrl_checkpoints(run_dir: Path) -> list[tuple[float, Path]]:
+    """(seconds since launch, path) of a dashrl run's step checkpoints, in time order."""
+    t0 = float(run_dir.with_suffix(".t0").read_text())
     ckpts = [d for d in (run_dir / "checkpoints").glob("step_*")]
     return sorted((d.joinpath("dashrl_state.json").stat().st_mtime - t0, d) for d in ckpts)
+
+
+def utilisation(run_dir: Path) -> dict[str, float]:
+    """Generator and learner utilisation of a dashrl run, from its metrics.jsonl: the
+    actors' busy fraction (``actor/busy_frac``: share of wall time the engine held
+    requests, last value) and the learner's (1 - time waiting for the queue / step time)."""
+    from dashrl.launch.runtime import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    busy = [r["actor/busy_frac"] for r in rows if "actor/busy_frac" in r]
+    step = sum(r["learner/step_s"] for r in rows)
+    wait = sum(r["learner/queue_wait_s"] for r in rows)
+    return {"generator_busy": round(busy[-1], 3) if busy else float("nan"),
+            "learner_busy": round(1 - wait / step, 3) if step else float("nan"),
+            "steps": len(rows)}  # fmt: skip
 
 
 def trl(out: Path, budget_s: float, every: int) -> list[tuple[float, Path]]:
     cmd = [sys.executable, "bench/trl_grpo.py", str(out), "--budget-s", str(budget_s),
            "--save-steps", str(every)]  # fmt: skip
-    t0 = _run(cmd, budget_s, out.with_suffix(".log"))
+    _run(cmd, budget_s, out.with_suffix(".log"))
+    return trl_checkpoints(out)
+
+
+def trl_checkpoints(out: Path) -> list[tuple[float, Path]]:
+    """(seconds since launch, path) of the TRL run's checkpoints, in time order."""
+    t0 = float(out.with_suffix(".t0").read_text())
     ckpts = [d for d in out.glob("checkpoint-*") if (d / "model.safetensors").exists()]
     return sorted(((d / "model.safetensors").stat().st_mtime - t0, d) for d in ckpts)
+
+
+def spaced(ckpts: list, n: int) -> list:
+    """At most ``n`` of ``ckpts``, evenly spaced, the last always included."""
+    if len(ckpts) <= n:
+        return ckpts
+    step = len(ckpts) / n
+    return [ckpts[min(len(ckpts) - 1, round((i + 1) * step) - 1)] for i in range(n)]
 
 
 def main() -> None:
@@ -77,16 +115,25 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.45, help="held-out mean reward")
     ap.add_argument("--heldout-prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--systems", nargs="+", default=["dashrl_async", "dashrl_sync", "trl_grpo"])
+    ap.add_argument("--max-evals", type=int, default=6, help="checkpoints evaluated per system")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate the checkpoints already in --work (no new runs)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/dashrl-time-to-reward"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/time_to_reward.json"))
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    runs = {
-        "dashrl_async": dashrl(args.work / "async", args.budget_s, sync=False, every=3),
-        "dashrl_sync": dashrl(args.work / "sync", args.budget_s, sync=True, every=2),
-        "trl_grpo": trl(args.work / "trl", args.budget_s, every=1),
-    }
+    w = args.work
+    if args.eval_only:
+        found = {"dashrl_async": lambda: dashrl_checkpoints(w / "async"),
+                 "dashrl_sync": lambda: dashrl_checkpoints(w / "sync"),
+                 "trl_grpo": lambda: trl_checkpoints(w / "trl")}  # fmt: skip
+    else:
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir(parents=True)
+        found = {"dashrl_async": lambda: dashrl(w / "async", args.budget_s, sync=False, every=3),
+                 "dashrl_sync": lambda: dashrl(w / "sync", args.budget_s, sync=True, every=2),
+                 "trl_grpo": lambda: trl(w / "trl", args.budget_s, every=3)}  # fmt: skip
+    runs = {name: spaced(found[name](), args.max_evals) for name in args.systems}
     from dashrl.actors.engine import HFEngine
     from dashrl.launch.config import Config
     from dashrl.launch.evaluate import heldout_reward
@@ -113,13 +160,18 @@ def main() -> None:
         print(f"{n:<14}{len(c) - 1:>12}{max(r for _, r in c):>7.3f}"
               f"{(f'{t:.0f}' if t is not None else 'not reached'):>19}")  # fmt: skip
     speedup = {}
-    a = reach["dashrl_async"]
-    for other in ("dashrl_sync", "trl_grpo"):
+    a = reach.get("dashrl_async")
+    for other in [n for n in ("dashrl_sync", "trl_grpo") if n in reach]:
         b = reach[other]
         if a is not None:  # not reached: at least budget / a
             bound = f">= {args.budget_s / a:.2f}x (not reached in budget)"
             speedup[other] = f"{b / a:.2f}x" if b is not None else bound
             print(f"async vs {other}: {speedup[other]}")
+    util = {n: utilisation(args.work / d) for n, d in (("dashrl_async", "async"),
+            ("dashrl_sync", "sync")) if n in runs}  # fmt: skip
+    for n, u in util.items():
+        print(f"{n}: generator busy {u['generator_busy']:.1%}, learner busy "
+              f"{u['learner_busy']:.1%} over {u['steps']} steps")  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +189,8 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "budget_s": args.budget_s, "target": args.target, "base": base["reward_mean"],
-              "curves": curves, "seconds_to_target": reach, "speedup": speedup}  # fmt: skip
+              "curves": curves, "seconds_to_target": reach, "speedup": speedup,
+              "utilisation": util}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -6,10 +6,12 @@ actors: a stateless gloo group) or :class:`~dashrl.learner.nodes.WeightPublisher
 separate process with the real receiver and tensors of the same shapes; it polls
 ``apply()`` (the HF engine's swap-in) and reports the wall-clock time at which the new
 version is in its tensors. Delivery time = last actor's apply time - send start. The
+last row loads them into a live vLLM engine (ZeroMQ into its worker, then the actor's
+in-flight ``apply_weights``: pause, in-place reload, KV reset, resume). The
 baseline is a plain memcpy of the same bytes (``torch.Tensor.copy_`` of one flat float32
 buffer) in this process. Prints one table, writes JSON.
 
-    python bench/weight_sync.py                  # 1 and 4 actors, gloo and ZeroMQ
+    python bench/weight_sync.py     # 1 and 4 actors, gloo and ZeroMQ, and one live vLLM engine
 """
 
 from __future__ import annotations
@@ -95,10 +97,46 @@ def run(kind: str, actors: int, params, versions: int) -> list[float]:
     return times[1:]
 
 
+async def _vllm_apply(path: Path, params, versions: int) -> list[tuple[float, float]]:
+    """(delivery s, load s) per version into one live vLLM engine over the ZeroMQ path:
+    delivery = publish -> staged in vLLM's worker; load = apply_weights (pause, in-place
+    reload, KV reset, resume)."""
+    import asyncio
+
+    import torch
+
+    from dashrl.actors.vllm_engine import VLLMEngine
+    from dashrl.launch.runtime import free_port
+    from dashrl.learner.nodes import WeightPublisher
+    from dashrl.learner.weights import WeightSource, layout_hash
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    publisher = WeightPublisher(endpoint, layout_hash(params))
+    engine = await VLLMEngine.create(path, dtype="float32", kv_cache_gib=1)
+    flat = torch.cat([p.reshape(-1) for p in params])
+    out = []
+    try:
+        await engine.connect_weights(WeightSource("zmq", endpoint=endpoint))
+        await asyncio.sleep(1.0)
+        for v in range(1, versions + 1):
+            t0 = time.time()
+            publisher.publish(v, flat)
+            while (await engine.llm.collective_rpc("dashrl_staged_version"))[0] != v:
+                await asyncio.sleep(0.005)
+            t1 = time.time()
+            assert await engine.apply_weights() == v
+            out.append((t1 - t0, time.time() - t1))
+    finally:
+        engine.shutdown()
+        publisher.close()
+    return out[1:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--versions", type=int, default=4, help="updates per row (first = warm-up)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the live vLLM engine row")
     ap.add_argument("--out", type=Path, default=Path("bench/results/weight_sync.json"))
     args = ap.parse_args()
     import torch
@@ -125,6 +163,16 @@ def main() -> None:
             rows.append({"transport": kind, "actors": n, "seconds": round(s, 3),
                          "gb_per_s": round(nbytes * n / s / 1e9, 2),
                          "x_memcpy": round(s / memcpy_s, 1)})  # fmt: skip
+    if not args.no_vllm:  # the same bytes into vLLM's worker, then in use in the engine
+        import asyncio
+
+        got = asyncio.run(_vllm_apply(path, params, args.versions))
+        d = statistics.median(x for x, _ in got)
+        load = statistics.median(y for _, y in got)
+        rows.append({"transport": "zmq+vllm", "actors": 1, "seconds": round(d + load, 3),
+                     "gb_per_s": round(nbytes / (d + load) / 1e9, 2),
+                     "x_memcpy": round((d + load) / memcpy_s, 1),
+                     "delivery_s": round(d, 3), "vllm_load_s": round(load, 3)})  # fmt: skip
     print(f"weights: {nbytes / 1e6:.0f} MB float32; memcpy {memcpy_s:.3f} s "
           f"({nbytes / memcpy_s / 1e9:.1f} GB/s)")  # fmt: skip
     print(f"{'transport':<10}{'actors':>7}{'seconds':>9}{'GB/s':>7}{'x memcpy':>10}")
