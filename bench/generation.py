@@ -17,11 +17,12 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import header
 
 
 def _prompts(n: int, model_path: Path) -> list[list[int]]:
@@ -116,9 +117,7 @@ def main() -> None:
         print(f"{r['engine']:<16}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tokens_per_s']:>10.1f}"
               f"{r['x_hf']:>7.2f}")  # fmt: skip
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "prompts": args.prompts, "group_size": args.group_size,
+        **header(), "prompts": args.prompts, "group_size": args.group_size,
         "max_new_tokens": args.max_new_tokens, "threads": args.threads,
         "hf_tokens": hf_tokens, "hf_s": round(hf_s, 2), "hf_tokens_per_s": round(hf_tps, 1),
         "vllm": rows,

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
+
+from common import header, print_table
 
 
 def fresh_groups(cfg, prompts: int):
@@ -118,14 +118,12 @@ def main() -> None:
     print(f"{len(groups)} groups, {n} rollouts ({gen_s:.0f} s to get them); micro-batch "
           f"{size} sequences; fwd+bwd on {args.train_batches} micro-batches, "
           f"{args.threads} thread(s)")  # fmt: skip
-    print(f"{'window':>7}{'micro-batches':>15}{'padding':>9}{'tokens/s':>10}")
-    for r in rows:
-        print(f"{r['length_window']:>7}{r['micro_batches']:>15}{r['padding_frac']:>9.1%}"
-              f"{r['train_tokens_per_s']:>10.1f}")  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores",
-              "source": str(args.run_dir or "fresh"), "groups": len(groups), "rollouts": n,
-              "micro_batch_size": size, "threads": args.threads, "rows": rows}  # fmt: skip
+    print_table(rows, [("length_window", "window", "d"), ("micro_batches", "micro-batches", "d"),
+                       ("padding_frac", "padding", ".1%"),
+                       ("train_tokens_per_s", "tokens/s", ".1f")])  # fmt: skip
+    result = {**header(), "source": str(args.run_dir or "fresh"), "groups": len(groups),
+              "rollouts": n, "micro_batch_size": size, "threads": args.threads,
+              "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import header
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,11 +187,9 @@ def main() -> None:
     ax.legend()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=120, bbox_inches="tight")
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores",
-              "budget_s": args.budget_s, "target": args.target, "base": base["reward_mean"],
-              "curves": curves, "seconds_to_target": reach, "speedup": speedup,
-              "utilisation": util}  # fmt: skip
+    result = {**header(), "budget_s": args.budget_s, "target": args.target,
+              "base": base["reward_mean"], "curves": curves, "seconds_to_target": reach,
+              "speedup": speedup, "utilisation": util}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from common import header
 
 RAW_SINK = """
 import sys, zmq
@@ -166,9 +166,7 @@ def main() -> None:
     ratio = rows["dashrl_queue"] / rows["raw_zmq"]
     print(f"dashrl / raw = {ratio:.2f}; queue memory {kb:.1f} KB per held rollout "
           f"({args.tokens * 8 / 1024:.0f} KB of token ids + logprobs)")  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores",
-              "rollouts": rollouts, "tokens": args.tokens, "frame_mb": round(mb, 1),
+    result = {**header(), "rollouts": rollouts, "tokens": args.tokens, "frame_mb": round(mb, 1),
               "encode_s": round(encode_s, 2), "raw_s": round(raw_s, 2),
               "queue_s": round(queue_s, 2), "raw_rollouts_per_s": round(rows["raw_zmq"]),
               "queue_no_log_rollouts_per_s": round(rows["dashrl_queue_no_log"]),

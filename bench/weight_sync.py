@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from common import header, print_table
 
 
 def _actor(kind: str, address: str, rank: int, world: int, shapes, versions: int, out) -> None:
@@ -175,13 +175,10 @@ def main() -> None:
                      "delivery_s": round(d, 3), "vllm_load_s": round(load, 3)})  # fmt: skip
     print(f"weights: {nbytes / 1e6:.0f} MB float32; memcpy {memcpy_s:.3f} s "
           f"({nbytes / memcpy_s / 1e9:.1f} GB/s)")  # fmt: skip
-    print(f"{'transport':<10}{'actors':>7}{'seconds':>9}{'GB/s':>7}{'x memcpy':>10}")
-    for r in rows:
-        print(f"{r['transport']:<10}{r['actors']:>7}{r['seconds']:>9.3f}{r['gb_per_s']:>7.2f}"
-              f"{r['x_memcpy']:>10.1f}")  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores", "bytes": nbytes,
-              "memcpy_s": round(memcpy_s, 4), "rows": rows}  # fmt: skip
+    print_table(rows, [("transport", "transport", ""), ("actors", "actors", "d"),
+                       ("seconds", "seconds", ".3f"), ("gb_per_s", "GB/s", ".2f"),
+                       ("x_memcpy", "x memcpy", ".1f")])  # fmt: skip
+    result = {**header(), "bytes": nbytes, "memcpy_s": round(memcpy_s, 4), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
