@@ -81,6 +81,7 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._seed = seed
         self._layout: list[tuple[str, list[int]]] | None = None
+        self._connected = False
 
     @classmethod
     async def create(
@@ -176,13 +177,16 @@ class VLLMEngine:
         return gens
 
     async def connect_weights(self, source: WeightSource) -> None:
-        """Make vLLM's worker receive the learner's weights from ``source`` (it keeps the
-        current version, so switching from a broken group to the publisher loses nothing)."""
+        """Make vLLM's worker receive the learner's weights from ``source``. A switch of
+        sources keeps the current version; a first connection takes the receiver's own
+        start (0 for the launch-time group, whose actors start from the learner's weights;
+        -1 for the publisher, so an attached actor waits for its first weights)."""
         if self._layout is None:
             self._layout = await asyncio.to_thread(hf_parameter_layout, self.model_path)
-        await self.llm.collective_rpc(
-            "dashrl_connect", args=(asdict(source), self._layout, self.version)
-        )
+        keep = self.version if self._connected else None
+        await self.llm.collective_rpc("dashrl_connect", args=(asdict(source), self._layout, keep))
+        self.version = (await self.weight_status())["version"]
+        self._connected = True
 
     async def apply_weights(self) -> int:
         """Load the newest staged weights, if any, in flight (module doc); returns the version."""

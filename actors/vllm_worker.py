@@ -34,13 +34,14 @@ log = logging.getLogger("dashrl.vllm_worker")
 class WeightSyncExtension:
     """Mixin for a vLLM worker: a dashrl weight receiver feeding the worker's model."""
 
-    def dashrl_connect(self, source: dict, layout: list, version: int) -> None:
+    def dashrl_connect(self, source: dict, layout: list, version: int | None) -> None:
         """Start receiving weights.
 
         Args:
             source: a :class:`~dashrl.learner.weights.WeightSource` as a dict.
             layout: [[hf_name, shape], ...] of the learner's parameters, in order.
-            version: the version the engine holds now (kept when switching sources).
+            version: the version the engine holds now (kept when switching sources; None:
+                the receiver's own start, see learner/weights.py).
         """
         from dashrl.learner.weights import WeightSource, open_receiver
 
@@ -51,7 +52,8 @@ class WeightSyncExtension:
         metas = [torch.empty(s, dtype=torch.float32, device="meta") for _, s in self._dashrl_layout]
         device = next(self.model_runner.get_model().parameters()).device
         receiver = open_receiver(WeightSource(**source), metas, self._dashrl_load, device)
-        receiver.version = version
+        if version is not None:
+            receiver.version = version
         self._dashrl_receiver = receiver
 
     def _dashrl_load(self, flat: torch.Tensor) -> None:

@@ -133,5 +133,10 @@ def actor_env(engine: str) -> dict[str, str]:
         Path(sys.prefix) / "lib" / "libiomp5.so",
     ]
     found = [str(p) for p in libs if p.exists()]
-    old = os.environ.get("LD_PRELOAD", "")
-    return {"LD_PRELOAD": " ".join(found + ([old] if old else []))} if found else {}
+    if not found:
+        return {}
+    # keep what else is preloaded, but no second OpenMP runtime or allocator: a process
+    # that imported vLLM has put torch's libgomp there, and vLLM refuses gomp next to iomp
+    old = os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+    kept = [x for x in old if x and not any(k in x for k in ("omp", "tcmalloc"))]
+    return {"LD_PRELOAD": ":".join(found + kept)}

@@ -51,3 +51,17 @@ def test_a_used_run_dir_is_refused(tmp_path) -> None:
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "already holds a run" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_vllm_actor_env_never_preloads_two_openmp_runtimes(monkeypatch) -> None:
+    """A process that imported vLLM has torch's libgomp in LD_PRELOAD; a vLLM actor started
+    from it with Intel OpenMP as well would die in vLLM's start-up check."""
+    from dashrl.launch.runtime import actor_env
+
+    monkeypatch.setenv("LD_PRELOAD", "/t/torch/lib/libgomp.so.1:/other/libkeep.so")
+    env = actor_env("vllm")
+    if env:  # libiomp5 and/or tcmalloc exist on this machine
+        libs = env["LD_PRELOAD"].split(":")
+        assert "/other/libkeep.so" in libs and not any("libgomp" in x for x in libs)
+        assert any("libiomp5" in x or "tcmalloc" in x for x in libs)
+    assert actor_env("hf") == {}  # HF actors keep torch's own OpenMP
