@@ -94,10 +94,7 @@ class LocalWeights:
         return self.receiver.apply()
 
     async def weight_status(self) -> dict:
-        r = self.receiver
-        return {"version": r.version, "received": r.received, "rejected": r.rejected,
-                "error": None if r.error is None else repr(r.error),
-                "stopped": r.stopped.is_set()}  # fmt: skip
+        return self.receiver.status()
 
 
 class HFEngine(LocalWeights):

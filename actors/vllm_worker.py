@@ -96,14 +96,7 @@ class WeightSyncExtension:
 
     def dashrl_status(self) -> dict:
         """The receiver's version, counts and error (str or None), and whether it stopped."""
-        r = self._dashrl_receiver
-        return {
-            "version": r.version,
-            "received": r.received,
-            "rejected": r.rejected,
-            "error": None if r.error is None else repr(r.error),
-            "stopped": r.stopped.is_set(),
-        }
+        return self._dashrl_receiver.status()
 
     def dashrl_close(self) -> None:
         """Stop a ZeroMQ receiver (a group receiver ends with the learner's stop header)."""

@@ -18,8 +18,8 @@ slows a run down. Reports each system's wall seconds to reach ``--target`` held-
 reward (or "not reached") and the speed-ups, the generator and learner utilisation of the
 two dashrl runs, and writes the curves to a PNG and JSON.
 
-Disk: the runs' checkpoints (dashrl's include the optimizer state, 1.6 GB each) took
-36 GB under ``--work``; delete it when the evaluation is done.
+Disk: the runs' checkpoints (dashrl's include the optimizer state) took 36 GB under
+``--work``; delete it when the evaluation is done.
 
     python bench/time_to_reward.py                 # 3 x 240 s + evaluation, ~15 min
     python bench/time_to_reward.py --eval-only     # evaluate the last runs again

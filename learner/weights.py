@@ -249,6 +249,13 @@ class _StagedWeights:
                 p.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
 
+    def status(self) -> dict:
+        """version, received, rejected, error (repr or None) and whether the thread stopped:
+        plain data, so it crosses vLLM's RPC as well."""
+        return {"version": self.version, "received": self.received, "rejected": self.rejected,
+                "error": None if self.error is None else repr(self.error),
+                "stopped": self.stopped.is_set()}  # fmt: skip
+
     @property
     def staged_version(self) -> int | None:
         """The version waiting in the staging buffer (None: nothing newer than ``version``)."""
