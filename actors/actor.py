@@ -145,7 +145,7 @@ class Actor:
                 v = a.vllm
                 self.engine = await VLLMEngine.create(
                     cfg.model.path, self.seed, v.dtype, v.kv_cache_gib, v.cpu_threads_bind,
-                    v.max_model_len, v.gpu_memory_utilization,
+                    v.max_model_len, v.gpu_memory_utilization, v.enforce_eager,
                 )  # fmt: skip
             elif a.engine == "fake":
                 self.engine = FakeEngine(cfg.model.path, seed=self.seed)
@@ -289,9 +289,13 @@ class Actor:
                 await asyncio.sleep(0.2)
             # sync mode: one batch per version, weights refreshed inline (no second loop)
             in_flight = self.engine.in_flight_updates and self.cfg.mode == "async"
-            loops = [self._batch_loop(sock, stop, in_flight)]
+            # The other batch loops start once the first batch is out: all of them at once
+            # would share the engine from the first step and double the wait for the
+            # learner's first data; after one batch they stay staggered by themselves.
+            first_out = asyncio.Event()
+            loops = [self._batch_loop(sock, stop, in_flight, sent=first_out)]
             if in_flight:
-                loops += [self._batch_loop(sock, stop, True)
+                loops += [self._batch_loop(sock, stop, True, after=first_out)
                           for _ in range(self.cfg.actor.batches_in_flight - 1)]  # fmt: skip
                 loops.append(self._weight_loop(stop))
             await asyncio.gather(*loops)
@@ -320,8 +324,22 @@ class Actor:
             await self.refresh_weights()
             await asyncio.sleep(self.cfg.actor.weight_poll_s)
 
-    async def _batch_loop(self, sock, stop: StopFlag, in_flight: bool) -> None:
+    async def _batch_loop(
+        self,
+        sock,
+        stop: StopFlag,
+        in_flight: bool,
+        sent: asyncio.Event | None = None,
+        after: asyncio.Event | None = None,
+    ) -> None:
+        """Generate, score and send batches until ``stop``; ``sent`` is set once this loop's
+        first batch is out, and the loop starts only once ``after`` is set."""
         a = self.cfg.actor
+        while after is not None and not after.is_set() and not stop:
+            try:
+                await asyncio.wait_for(after.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
         while not stop:
             version = self.engine.version if in_flight else await self.refresh_weights()
             problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
@@ -350,6 +368,8 @@ class Actor:
                     return
                 self.groups_sent += 1
                 self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+            if sent is not None:
+                sent.set()
             if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch
                 while not stop and await self.refresh_weights() <= version:
                     await asyncio.sleep(0.05)

@@ -93,6 +93,7 @@ class VLLMEngine:
         cpu_threads_bind: str = "nobind",
         max_model_len: int = 2048,
         gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = False,
     ) -> VLLMEngine:
         """Start vLLM on ``model_path`` (minutes on CPU the first time: it compiles).
 
@@ -104,6 +105,8 @@ class VLLMEngine:
             cpu_threads_bind: VLLM_CPU_OMP_THREADS_BIND ("nobind", "auto" or "0-3|4-7").
             max_model_len: longest prompt + completion, in tokens.
             gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
+            enforce_eager: skip torch.compile (and CUDA graphs on GPU): a faster start, a
+                slower engine.
 
         Raises:
             ImportError: vLLM is not installed (``pip install -e ".[cpu]"`` or ``.[gpu]``).
@@ -131,6 +134,7 @@ class VLLMEngine:
             distributed_executor_backend="uni",
             gpu_memory_utilization=gpu_memory_utilization,
             disable_log_stats=True,
+            enforce_eager=enforce_eager,
         )
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, load_tokenizer(model_path), model_path, seed)

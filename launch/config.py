@@ -67,6 +67,9 @@ class VLLMConfig(_Strict):
     """Longest prompt + completion vLLM accepts, in tokens."""
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """Fraction of GPU memory vLLM may take (GPU only; the learner needs the rest)."""
+    enforce_eager: bool = False
+    """Skip vLLM's torch.compile (and CUDA graphs on GPU). On the 2-core CPU: start-up 23 s
+    instead of 37 s, generation about 2% slower (bench/RESULTS.md): worth it for short runs."""
 
 
 class ActorConfig(_Strict):
@@ -180,6 +183,11 @@ class LearnerConfig(_Strict):
     """Torch/OpenMP threads of the learner process."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every N steps (0: only at the end)."""
+    checkpoint_optimizer: bool = True
+    """Periodic checkpoints also hold the optimizer state and RNG, so --resume can continue
+    from them. False: weights, tokenizer and version only (a checkpoint to evaluate, as
+    TRL's save_only_model: a third of the bytes); --resume skips those. The final
+    checkpoint is always complete."""
     queue_timeout_s: float = Field(10.0, gt=0)
     """How long the learner waits for the queue's answer before asking again, in seconds
     (a restarted queue answers the next request)."""

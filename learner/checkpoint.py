@@ -26,16 +26,27 @@ if TYPE_CHECKING:
     from dashrl.queue.client import QueueClient
 
 
-def save_checkpoint(learner: Learner, out: Path, step: int) -> Path:
+def save_checkpoint(learner: Learner, out: Path, step: int, full: bool = True) -> Path:
     """Save an HF-format checkpoint (``save_pretrained``) of the full policy with the policy
     version next to it (``dashrl_state.json``), the critic/ORM heads (PPO) in ``heads.pt``,
     and the backend's optimizer state. Every rank must call it (ZeRO-3 gathers); rank 0
-    writes the HF files."""
+    writes the HF files.
+
+    ``full=False`` writes the weights, tokenizer and ``dashrl_state.json`` (marked
+    ``"resumable": false``) only: a checkpoint to evaluate, about a third of the bytes
+    (AdamW keeps two more copies of the weights); :func:`latest_checkpoint` skips it."""
     out.mkdir(parents=True, exist_ok=True)
     state = learner.backend.full_state_dict()
     if learner.rank == 0:
         learner.model.save_pretrained(out, state_dict=state)
         learner.tokenizer.save_pretrained(out)
+    if not full:
+        if learner.rank == 0:
+            info = {"version": learner.version, "step": step, "backend": learner.backend.name,
+                    "resumable": False}  # fmt: skip
+            (out / "dashrl_state.json").write_text(json.dumps(info))
+        return out
+    if learner.rank == 0:
         if learner.heads:
             heads = {k: h.state_dict() for k, h in learner.heads.items()}
             heads["optimizer"] = learner.head_optimizer.state_dict()
@@ -48,13 +59,17 @@ def save_checkpoint(learner: Learner, out: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (highest saved step), or None."""
+    """The newest complete, resumable checkpoint of a run (highest saved step), or None;
+    weights-only checkpoints (``learner.checkpoint_optimizer=False``) are skipped."""
     best, best_step = None, -1
     for d in (run_dir / "checkpoints").glob("*/dashrl_state.json"):
         try:
-            step = int(json.loads(d.read_text())["step"])
-        except (ValueError, KeyError, json.JSONDecodeError):
+            info = json.loads(d.read_text())
+            step = int(info["step"])
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             continue  # a checkpoint cut short by a crash
+        if info.get("resumable") is False:
+            continue
         if step > best_step:
             best, best_step = d.parent, step
     return best

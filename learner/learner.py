@@ -403,7 +403,8 @@ def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[s
                 learner.update_reference(step)
             step_s = time.perf_counter() - t_step
             if lc.checkpoint_every and step % lc.checkpoint_every == 0:
-                save_checkpoint(learner, run_dir / "checkpoints" / f"step_{step}", step)
+                save_checkpoint(learner, run_dir / "checkpoints" / f"step_{step}", step,
+                                full=lc.checkpoint_optimizer)  # fmt: skip
             if rank != 0:
                 continue
             row = {

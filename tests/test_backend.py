@@ -118,3 +118,25 @@ def test_a_checkpoint_resumes_the_same_optimizer_trajectory(
     for a, b in zip(first.heads.values(), resumed.heads.values(), strict=True):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(p, q)
+
+
+def test_a_weights_only_checkpoint_loads_but_is_never_resumed_from(tiny_cfg, tmp_path) -> None:
+    """learner.checkpoint_optimizer=False: the periodic checkpoint holds weights a model
+    loader reads, no optimizer state, and latest_checkpoint (--resume) skips it."""
+    from dashrl.launch.model import load_causal_lm
+    from dashrl.learner.checkpoint import latest_checkpoint
+    from dashrl.learner.learner import save_checkpoint
+
+    learner = _learner(tiny_cfg, "torch")
+    learner.train_micro_batch(MICRO_BATCHES[0], 1.0)
+    learner.optimizer_step()
+    run = tmp_path / "run"
+    save_checkpoint(learner, run / "checkpoints" / "step_1", step=1)
+    save_checkpoint(learner, run / "checkpoints" / "step_2", step=2, full=False)
+    light, full = run / "checkpoints" / "step_2", run / "checkpoints" / "step_1"
+    assert not (light / "optimizer.pt").exists() and not (light / "rng.pt").exists()
+    assert (full / "optimizer.pt").exists()
+    assert latest_checkpoint(run) == full  # the newer one cannot continue a run
+    want = learner.model.state_dict()
+    for k, v in load_causal_lm(light).state_dict().items():  # the trained weights, not the base
+        torch.testing.assert_close(v, want[k], msg=k)
