@@ -12,16 +12,25 @@ learner's weights reach vLLM's worker process directly (actors/vllm_worker.py) a
 there in a staging buffer. :meth:`VLLMEngine.apply_weights`, called by the actor whenever
 it likes, then: pauses the scheduler between two engine steps, keeping every request
 (``pause_generation(mode="keep")``); loads the staged tensors into the model
-(``collective_rpc`` -> ``load_weights``); drops every cached KV block, the running
-requests' included (``reset_prefix_cache(reset_running_requests=True)``), so the
-running requests recompute their prefix under the new weights instead of mixing old
-keys/values with new weights; and resumes. A request in flight during an update
-therefore samples its first tokens from version v and the rest from v+1. Its behaviour
-logprobs are still exact per token (each one is what the sampler used), so the
-importance ratio stays correct; the rollout is stamped with the version it *started*
-on (the oldest weights that produced any of its tokens), which makes the staleness
-clip and the queue's eviction conservative, and ``actor/rollouts_updated_in_flight``
-counts how many rollouts straddled an update.
+(``collective_rpc`` -> ``load_weights``); and resumes. What happens to the running
+requests' KV cache is ``actor.vllm.kv_on_update``:
+
+- "keep" (the default, PipelineRL's choice): the keys/values already computed stay, and
+  the next tokens are sampled by the new weights attending to them. Prefix caching is off,
+  so no new request ever reuses a block computed under older weights.
+- "recompute": every cached block is dropped, the running requests' included
+  (``reset_prefix_cache(reset_running_requests=True)``), so each running sequence
+  re-prefills its prompt and tokens so far under the new weights. On the 2-core CPU this
+  cost more than it is worth: with an update every ~10 s the engine spent most of its
+  time re-prefilling, and it delivered 576 rollouts in a 130-s run against 960 with
+  "keep", with a higher clip fraction at the learner (bench/RESULTS.md).
+
+Either way a request in flight during an update samples its first tokens from version v
+and the rest from v+1. Its behaviour logprobs are still exact per token (each one is what
+the sampler used), so the importance ratio stays correct; the rollout is stamped with the
+version it *started* on (the oldest weights that produced any of its tokens), which makes
+the staleness clip and the queue's eviction conservative, and
+``actor/rollouts_updated_in_flight`` counts how many rollouts straddled an update.
 
 CPU settings: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) and
 ``VLLM_CPU_OMP_THREADS_BIND`` come from the config (``actor.vllm``). A start takes 60-130 s
@@ -82,6 +91,7 @@ class VLLMEngine:
         self._seed = seed
         self._layout: list[tuple[str, list[int]]] | None = None
         self._connected = False
+        self.recompute_kv = True  # create(kv_on_update=...)
 
     @classmethod
     async def create(
@@ -94,6 +104,7 @@ class VLLMEngine:
         max_model_len: int = 2048,
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = False,
+        kv_on_update: str = "keep",
     ) -> VLLMEngine:
         """Start vLLM on ``model_path`` (minutes on CPU the first time: it compiles).
 
@@ -107,10 +118,15 @@ class VLLMEngine:
             gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
             enforce_eager: skip torch.compile (and CUDA graphs on GPU): a faster start, a
                 slower engine.
+            kv_on_update: what a weight update does to running requests' KV cache:
+                "recompute" (drop it, with the prefix cache) or "keep" (stale keys/values
+                stay; prefix caching is off so no new request reuses them). Module doc.
 
         Raises:
             ImportError: vLLM is not installed (``pip install -e ".[cpu]"`` or ``.[gpu]``).
         """
+        if kv_on_update not in ("recompute", "keep"):
+            raise ValueError(f"kv_on_update must be 'recompute' or 'keep', not {kv_on_update!r}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -135,9 +151,12 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             disable_log_stats=True,
             enforce_eager=enforce_eager,
+            enable_prefix_caching=kv_on_update == "recompute",
         )
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, load_tokenizer(model_path), model_path, seed)
+        engine = cls(llm, load_tokenizer(model_path), model_path, seed)
+        engine.recompute_kv = kv_on_update == "recompute"
+        return engine
 
     async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
@@ -200,7 +219,8 @@ class VLLMEngine:
         await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
             self.version = (await self.llm.collective_rpc("dashrl_apply"))[0]
-            await self.llm.reset_prefix_cache(reset_running_requests=True)
+            if self.recompute_kv:
+                await self.llm.reset_prefix_cache(reset_running_requests=True)
         finally:
             await self.llm.resume_generation()
         self.updates += 1

@@ -3,25 +3,27 @@
 Three runs in turn on this machine, same model (SmolLM2-135M-Instruct), task and prompts,
 G = 8, 16 sequences per optimizer step, lr, temperature and completion budget, each
 given ``--budget-s`` of wall time from its launch (model loading and engine start-up
-count):
+count; the script stops the run then, and only checkpoints written within the budget
+count). Each saves a weights-only checkpoint every ``--save-steps`` steps:
 
 - dashrl async: ``launch/start.py`` defaults (vLLM actor streaming into the priority
-  queue; the learner steps on the top-|A| samples);
+  queue; the learner steps on the top-|A| samples), with vLLM's compile skipped
+  (``--actor.vllm.enforce-eager``: 14 s less start-up, a budget of minutes is short);
 - dashrl sync: ``--mode sync`` (the standard GRPO loop: generate 2 prompts x 8, train one
   step on all 16, broadcast, repeat);
 - TRL: ``bench/trl_grpo.py`` (GRPOTrainer with the same settings, HF generate on CPU).
 
-Each saves checkpoints as it trains; afterwards every checkpoint (and the base model, at
-t = 0) is evaluated on the same held-out prompts with the same sampler (HF engine,
+Afterwards at most ``--max-evals`` evenly spaced checkpoints per system (and the base
+model, at t = 0) are evaluated on the same held-out prompts with the same sampler (HF engine,
 ``--heldout-prompts`` x ``--samples`` at the training temperature), so evaluation never
 slows a run down. Reports each system's wall seconds to reach ``--target`` held-out
 reward (or "not reached") and the speed-ups, the generator and learner utilisation of the
 two dashrl runs, and writes the curves to a PNG and JSON.
 
-Disk: the runs' checkpoints (dashrl's include the optimizer state) took 36 GB under
-``--work``; delete it when the evaluation is done.
+Disk: about 0.5 GB per checkpoint under ``--work`` (plus one full final checkpoint per
+dashrl run); delete it when the evaluation is done.
 
-    python bench/time_to_reward.py                 # 3 x 240 s + evaluation, ~15 min
+    python bench/time_to_reward.py                 # 3 x 180 s + evaluation, < 15 min
     python bench/time_to_reward.py --eval-only     # evaluate the last runs again
 """
 
@@ -43,25 +45,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], budget_s: float, log: Path) -> float:
-    """Run ``cmd`` until it exits or ``budget_s`` + 120 s pass (then SIGTERM by pid); returns
-    its launch time (unix seconds), also written to ``<log>.t0`` for ``--eval-only``."""
+    """Run ``cmd`` until it exits or ``budget_s`` pass, then SIGTERM it by pid (a graceful
+    stop; SIGKILL to its process group if it is not gone 120 s later); returns its launch
+    time (unix seconds), also written to ``<log>.t0`` for ``--eval-only``."""
     t0 = time.time()
     log.with_suffix(".t0").write_text(f"{t0}\n")
     with log.open("w") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                              start_new_session=True)  # fmt: skip
         try:
-            p.wait(budget_s + 120)
+            p.wait(budget_s)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(120)
+            os.kill(p.pid, signal.SIGTERM)
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return t0
 
 
 def dashrl(run_dir: Path, budget_s: float, sync: bool, every: int) -> list[tuple[float, Path]]:
     args = [sys.executable, "launch/start.py", "--run-dir", str(run_dir), "--time-limit-s",
             str(budget_s), "--eval.heldout", "False", "--eval.every-steps", "0",
-            "--learner.checkpoint-every", str(every), "--learner.steps", "100000"]  # fmt: skip
+            "--learner.checkpoint-every", str(every), "--learner.checkpoint-optimizer", "False",
+            "--actor.vllm.enforce-eager", "True", "--learner.steps", "100000"]  # fmt: skip
     if sync:
         args += ["--mode", "sync", "--actor.prompts-per-batch", "2", "--queue.filter-threshold",
                  "None", "--queue.max-staleness", "0"]  # fmt: skip
@@ -72,7 +80,8 @@ def dashrl(run_dir: Path, budget_s: float, sync: bool, every: int) -> list[tuple
 def dashrl_checkpoints(run_dir: Path) -> list[tuple[float, Path]]:
     """(seconds since launch, path) of a dashrl run's step checkpoints, in time order."""
     t0 = float(run_dir.with_suffix(".t0").read_text())
-    ckpts = [d for d in (run_dir / "checkpoints").glob("step_*")]
+    ckpts = [d for d in (run_dir / "checkpoints").glob("step_*")
+             if d.joinpath("dashrl_state.json").exists()]  # fmt: skip
     return sorted((d.joinpath("dashrl_state.json").stat().st_mtime - t0, d) for d in ckpts)
 
 
@@ -115,17 +124,19 @@ def spaced(ckpts: list, n: int) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--budget-s", type=float, default=180, help="wall seconds per system")
+    ap.add_argument("--save-steps", type=int, default=2, help="checkpoint interval, all systems")
     ap.add_argument("--target", type=float, default=0.45, help="held-out mean reward")
     ap.add_argument("--heldout-prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--systems", nargs="+", default=["dashrl_async", "dashrl_sync", "trl_grpo"])
-    ap.add_argument("--max-evals", type=int, default=6, help="checkpoints evaluated per system")
+    ap.add_argument("--max-evals", type=int, default=5, help="checkpoints evaluated per system")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the checkpoints already in --work (no new runs)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/dashrl-time-to-reward"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/time_to_reward.json"))
     args = ap.parse_args()
+    t_script = time.time()
     w = args.work
     if args.eval_only:
         found = {"dashrl_async": lambda: dashrl_checkpoints(w / "async"),
@@ -134,10 +145,14 @@ def main() -> None:
     else:
         shutil.rmtree(w, ignore_errors=True)
         w.mkdir(parents=True)
-        found = {"dashrl_async": lambda: dashrl(w / "async", args.budget_s, sync=False, every=3),
-                 "dashrl_sync": lambda: dashrl(w / "sync", args.budget_s, sync=True, every=2),
-                 "trl_grpo": lambda: trl(w / "trl", args.budget_s, every=3)}  # fmt: skip
-    runs = {name: spaced(found[name](), args.max_evals) for name in args.systems}
+        b, every = args.budget_s, args.save_steps
+        found = {"dashrl_async": lambda: dashrl(w / "async", b, sync=False, every=every),
+                 "dashrl_sync": lambda: dashrl(w / "sync", b, sync=True, every=every),
+                 "trl_grpo": lambda: trl(w / "trl", b, every=every)}  # fmt: skip
+    t_start = time.time()
+    in_budget = {n: [(t, p) for t, p in found[n]() if t <= args.budget_s] for n in args.systems}
+    train_s = time.time() - t_start
+    runs = {name: spaced(ckpts, args.max_evals) for name, ckpts in in_budget.items()}
     from dashrl.actors.engine import HFEngine
     from dashrl.launch.config import Config
     from dashrl.launch.evaluate import heldout_reward
@@ -158,10 +173,10 @@ def main() -> None:
     reach = {n: next((t for t, r in c if r >= args.target), None) for n, c in curves.items()}
     print(f"\ntarget held-out reward {args.target} (base {base['reward_mean']:.3f}); "
           f"budget {args.budget_s:.0f} s each")  # fmt: skip
-    print(f"{'system':<14}{'checkpoints':>12}{'best':>7}{'seconds to target':>19}")
+    print(f"{'system':<14}{'saved':>6}{'evaluated':>10}{'best':>7}{'seconds to target':>19}")
     for n, c in curves.items():
         t = reach[n]
-        print(f"{n:<14}{len(c) - 1:>12}{max(r for _, r in c):>7.3f}"
+        print(f"{n:<14}{len(in_budget[n]):>6}{len(c) - 1:>10}{max(r for _, r in c):>7.3f}"
               f"{(f'{t:.0f}' if t is not None else 'not reached'):>19}")  # fmt: skip
     speedup = {}
     a = reach.get("dashrl_async")
@@ -190,7 +205,12 @@ def main() -> None:
     ax.legend()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=120, bbox_inches="tight")
+    total_s = time.time() - t_script
+    print(f"script wall time {total_s:.0f} s (training {train_s:.0f} s)")
     result = {**header(), "budget_s": args.budget_s, "target": args.target,
+              "save_steps": args.save_steps, "checkpoints_in_budget":
+              {n: len(c) for n, c in in_budget.items()}, "script_s": round(total_s),
+              "train_s": round(train_s),
               "base": base["reward_mean"], "curves": curves, "seconds_to_target": reach,
               "speedup": speedup, "utilisation": util}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -70,6 +70,12 @@ class VLLMConfig(_Strict):
     enforce_eager: bool = False
     """Skip vLLM's torch.compile (and CUDA graphs on GPU). On the 2-core CPU: start-up 23 s
     instead of 37 s, generation about 2% slower (bench/RESULTS.md): worth it for short runs."""
+    kv_on_update: Literal["keep", "recompute"] = "keep"
+    """What an in-flight weight update does to running requests' KV cache. "keep"
+    (PipelineRL): the keys/values stay, nothing is recomputed, and prefix caching is off so
+    no later request reuses them. "recompute": drop them (and the prefix cache); each
+    running sequence re-prefills under the new weights (measured on 2 cores: 40% fewer
+    rollouts with an update every ~10 s, bench/RESULTS.md)."""
 
 
 class ActorConfig(_Strict):

@@ -1,8 +1,8 @@
 """vLLM engine on the real model: logprob agreement with HF, weight updates in place, in flight.
 
-One live vLLM engine (float32, SmolLM2-135M-Instruct) for the whole module: starting one
-takes 25 s with a warm compile cache and about 2 minutes without, so these tests are
-marked slow and share it. The weights reach the engine's worker through the same path as
+One live vLLM engine (float32, SmolLM2-135M-Instruct) per KV policy on update ("keep",
+"recompute"): starting one takes 25 s with a warm compile cache and about 2 minutes
+without, so the test is marked slow and checks everything on each engine. The weights reach the engine's worker through the same path as
 an attached node's (the learner's ZeroMQ publisher); the launch-time gloo group is
 exercised by the real launcher run in test_replay.py.
 """
@@ -58,7 +58,10 @@ async def _wait_staged(engine, version: int, publisher, flat: torch.Tensor) -> N
     raise AssertionError(f"version {version} never reached the vLLM worker")
 
 
-def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_on_update", ["keep", "recompute"])
+def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
+    tmp_path: Path, kv_on_update: str
+) -> None:
     from dashrl.actors.tasks import chat_prompt_ids
     from dashrl.actors.vllm_engine import VLLMEngine, hf_parameter_layout
     from dashrl.launch.model import load_causal_lm, load_tokenizer, resolve_model
@@ -78,7 +81,8 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(tmp_path: Path
     publisher = WeightPublisher(endpoint, layout_hash(params))
 
     async def scenario() -> dict:
-        engine = await VLLMEngine.create(path, seed=0, dtype="float32", kv_cache_gib=1)
+        engine = await VLLMEngine.create(path, seed=0, dtype="float32", kv_cache_gib=1,
+                                         kv_on_update=kv_on_update)  # fmt: skip
         try:
             await engine.connect_weights(WeightSource("zmq", endpoint=endpoint))
             sample = lambda: engine.agenerate(prompts, 2, MAX_NEW, 1.0)  # noqa: E731
