@@ -174,6 +174,10 @@ class DeepSpeedBackend(TorchBackend):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config
         )
+        if self.stage == 0 and torch.distributed.get_world_size() == 1:
+            # one rank: DeepSpeed would still flatten, "all-reduce" and copy back every
+            # gradient at each boundary (12% of the learner's time in a py-spy profile)
+            self.engine.enable_backward_allreduce = False
         self.module = self.engine.module
         self._shapes = shapes
 
