@@ -21,7 +21,9 @@ reward (or "not reached") and the speed-ups, the generator and learner utilisati
 two dashrl runs, and writes the curves to a PNG and JSON.
 
 Disk: about 0.5 GB per checkpoint under ``--work`` (plus one full final checkpoint per
-dashrl run); delete it when the evaluation is done.
+dashrl run, about 2 GB), 12 GB for the defaults; the checkpoints are deleted once they are
+evaluated unless ``--keep-checkpoints`` (which ``--eval-only`` needs later). The run logs
+and metrics stay.
 
     python bench/time_to_reward.py                 # 3 x 180 s + evaluation, < 15 min
     python bench/time_to_reward.py --eval-only     # evaluate the last runs again
@@ -133,6 +135,8 @@ def main() -> None:
     ap.add_argument("--max-evals", type=int, default=5, help="checkpoints evaluated per system")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the checkpoints already in --work (no new runs)")  # fmt: skip
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep them after evaluation (for a later --eval-only)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/dashrl-time-to-reward"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/time_to_reward.json"))
     args = ap.parse_args()
@@ -214,6 +218,10 @@ def main() -> None:
               "base": base["reward_mean"], "curves": curves, "seconds_to_target": reach,
               "speedup": speedup, "utilisation": util}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep_checkpoints:  # every number above is computed; the weights are 12 GB
+        dirs = [w / "async" / "checkpoints", w / "sync" / "checkpoints"]
+        for d in [*dirs, *w.glob("trl/checkpoint-*")]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def run(kind: str, actors: int, params, versions: int) -> list[float]:
 async def _vllm_apply(path: Path, params, versions: int) -> list[tuple[float, float]]:
     """(delivery s, load s) per version into one live vLLM engine over the ZeroMQ path:
     delivery = publish -> staged in vLLM's worker; load = apply_weights (pause, in-place
-    reload, KV reset, resume)."""
+    reload, resume; the engine's default ``kv_on_update="keep"`` resets no cache)."""
     import asyncio
 
     import torch
