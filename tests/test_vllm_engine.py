@@ -2,9 +2,10 @@
 
 One live vLLM engine (float32, SmolLM2-135M-Instruct) per KV policy on update ("keep",
 "recompute"): starting one takes 25 s with a warm compile cache and about 2 minutes
-without, so the test is marked slow and checks everything on each engine. The weights reach the engine's worker through the same path as
-an attached node's (the learner's ZeroMQ publisher); the launch-time gloo group is
-exercised by the real launcher run in test_replay.py.
+without, so the test is marked slow and checks everything on each engine. The weights
+reach the engine's worker through the same path as an attached node's (the learner's
+ZeroMQ publisher); the launch-time gloo group is exercised by the real launcher run in
+test_replay.py.
 """
 
 from __future__ import annotations
