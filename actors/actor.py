@@ -7,7 +7,7 @@ started on). With the HF fallback, ``generate`` is blocking torch work in a work
 (``asyncio.to_thread``) so the loop stays free to send groups and notice SIGTERM, and
 weights are applied between generate calls, so every rollout is stamped with exactly
 the version that produced it. Weights arrive on a background thread
-(:mod:`dashrl.learner.weights`; inside vLLM's worker process for vLLM).
+(:mod:`dashrl.protocol.weights`; inside vLLM's worker process for vLLM).
 
 The rollout socket is a ZeroMQ PUSH with a high-water mark: if the queue falls behind,
 ``send`` waits (backpressure) rather than dropping anything.
@@ -39,11 +39,12 @@ from dashrl.actors.tasks import (
     rcrl_question,
     time_limit,
 )
-from dashrl.launch.config import Config, load_config
-from dashrl.launch.runtime import StopFlag, set_thread_budget, setup_logging
-from dashrl.launch.security import client_setup
-from dashrl.learner.weights import WeightSource
 from dashrl.protocol import Completion, RolloutGroup, encode
+from dashrl.protocol.algorithms import get_algorithm
+from dashrl.protocol.config import Config, load_config
+from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
+from dashrl.protocol.security import client_setup
+from dashrl.protocol.weights import WeightSource
 
 log = logging.getLogger("dashrl.actor")
 
@@ -124,7 +125,8 @@ class Actor:
         self.engine = engine  # built in start() unless given (vLLM starts asynchronously)
         self.tokenizer = engine.tokenizer if engine is not None else None
         self.weights_endpoint = weights_endpoint
-        self.estimator = estimator_for(cfg.algo, cfg.actor.reinforce_baseline)
+        self.algo = get_algorithm(cfg.algo)
+        self.estimator = estimator_for(self.algo, cfg.actor.reinforce_baseline)
         self._prompt_cache: dict[tuple[str, bool | None], list[int]] = {}
         self.groups_sent = 0
         self.tokens_generated = 0
@@ -188,8 +190,8 @@ class Actor:
 
     def prompt_ids(self, problem: Problem, good: bool | None = None) -> list[int]:
         """Chat prompt token ids; ``good`` adds the RCRL return tag (None: no tag, or the good
-        tag when the algorithm is rcrl, which always generates conditioned on it)."""
-        if good is None and self.cfg.algo == "rcrl":
+        tag when the algorithm has ``prompt_tags``: RCRL always generates under it)."""
+        if good is None and self.algo.prompt_tags:
             good = True
         key = (problem.id, good)
         if key not in self._prompt_cache:
@@ -223,7 +225,7 @@ class Actor:
                 [g.finish_reason == "stop" for g in gens], self.cfg.reward.format_coef,
                 a.verifier_timeout_s, faults,
             )  # fmt: skip
-            if self.cfg.algo == "expert_iteration":
+            if self.algo.dedupe:
                 adv = dedupe_advantages(adv, [tuple(g.token_ids.tolist()) for g in gens])
             comps = [
                 Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
@@ -231,7 +233,7 @@ class Actor:
             ]
             timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0,
                        **faults}  # fmt: skip
-            if self.cfg.algo == "rcrl":  # relabel: each sample under the tag of its own return
+            if self.algo.prompt_tags:  # relabel: each sample under the tag of its own return
                 parts = [(f"{problem.id}#{tag}", [c for c in comps if (c.reward >= 1) == good],
                           self.prompt_ids(problem, good))
                          for tag, good in (("good", True), ("bad", False))]  # fmt: skip
@@ -346,7 +348,7 @@ class Actor:
             problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
             prompts = [self.prompt_ids(p) for p in problems]
             t0 = time.perf_counter()
-            if self.cfg.algo == "sft":
+            if self.algo.data == "reference_solutions":
                 gens = [[self.reference_generation(p)] for p in problems]
                 # reference solutions cost nothing: without a pause the actor would
                 # flood the queue (and its log) with thousands of groups per second

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dashrl.protocol.algorithms import Algorithm
+
 
 def _check(rewards: np.ndarray) -> np.ndarray:
     r = np.asarray(rewards, dtype=np.float64)
@@ -135,13 +137,6 @@ def ppo_priority(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
     return dr_grpo_advantages(rewards)
 
 
-def rcrl_weights(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
-    """Return-Conditioned RL (Havrilla et al. 2024, "RCRL"): every sample is imitated (weight
-    1) under a prompt tagged with its own return (actors/actor.py splits each group into a
-    "[GOOD]" and a "[BAD]" part); at generation time the prompt carries the good tag."""
-    return np.ones(len(_check(rewards)), np.float32)
-
-
 def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
     """Iterative DPO pair selection (Minimal-RL baseline, Xiong et al. 2025; online DPO):
     A = +1 on the group's best sample (chosen), -1 on its worst (rejected), 0 elsewhere; the
@@ -155,14 +150,23 @@ def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
     return out
 
 
+def ones(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Weight 1 on every sample: plain imitation of whatever the actor sends. SFT on
+    reference solutions (DASH's baseline, Huang et al. 2025) and Return-Conditioned RL
+    (Havrilla et al. 2024, "RCRL"): every sample is imitated under a prompt tagged with its
+    own return (actors/actor.py splits each group into a "[GOOD]" and a "[BAD]" part); at
+    generation time the prompt carries the good tag."""
+    return np.ones(len(_check(rewards)), np.float32)
+
+
 Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
 
 
-def estimator_for(algo: str, reinforce_baseline: str = "none") -> Estimator:
-    """The estimator of ``--algo`` with its options bound (the Reinforce baseline)."""
-    if algo in ("reinforce", "reinforce_rej"):
-        return functools.partial(ESTIMATORS[algo], baseline=reinforce_baseline)
-    return ESTIMATORS[algo]
+def estimator_for(algo: Algorithm, reinforce_baseline: str = "none") -> Estimator:
+    """The estimator of an algorithm (protocol/algorithms.py), with its options bound (the
+    Reinforce baseline when ``algo.baseline``)."""
+    fn = ESTIMATORS[algo.estimator]
+    return functools.partial(fn, baseline=reinforce_baseline) if algo.baseline else fn
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -170,14 +174,10 @@ ESTIMATORS: dict[str, Estimator] = {
     "dr_grpo": dr_grpo_advantages,
     "reinforce": reinforce_advantages,
     "reinforce_rej": reinforce_rej_advantages,
-    "raft": raft_advantages,
-    "raft_pp": raft_advantages,
-    "expert_iteration": expert_iteration_advantages,
-    "ppo": ppo_priority,
-    "rcrl": rcrl_weights,
-    "iterative_dpo": dpo_pair,
-    "sft": lambda rewards, eps=0.0: np.ones(len(_check(rewards)), np.float32),
+    "max_reward": raft_advantages,
+    "correct": expert_iteration_advantages,
+    "ppo_priority": ppo_priority,
+    "dpo_pair": dpo_pair,
+    "ones": ones,
 }
-"""Advantage estimator (or sample selection) of each ``--algo``."""
-SFT_ALGOS = ("raft", "expert_iteration", "rcrl", "sft")
-"""Algorithms trained with the weighted SFT loss instead of the clipped surrogate."""
+"""Advantage estimators and sample selections by name (``Algorithm.estimator``)."""

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dashrl.learner.weights import WeightSource, open_receiver
+from dashrl.protocol.weights import WeightSource, open_receiver
 
 
 @dataclass
@@ -110,7 +110,7 @@ class HFEngine(LocalWeights):
     """
 
     def __init__(self, model_path: Path | None = None, seed: int = 0, model=None, tokenizer=None):
-        from dashrl.launch.model import load_causal_lm, load_tokenizer
+        from dashrl.protocol.model import load_causal_lm, load_tokenizer
 
         if model is None:  # else: share a model that is already loaded (the learner's)
             if model_path is None:
@@ -202,7 +202,7 @@ class FakeEngine(LocalWeights):
     """
 
     def __init__(self, model_path: Path, seed: int = 0):
-        from dashrl.launch.model import load_causal_lm, load_tokenizer
+        from dashrl.protocol.model import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path)

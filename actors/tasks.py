@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from dashrl.launch.config import DataConfig
+from dashrl.protocol.config import DataConfig
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

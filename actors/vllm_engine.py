@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from dashrl.actors.engine import Generation
-from dashrl.learner.weights import WeightSource
+from dashrl.protocol.weights import WeightSource
 
 log = logging.getLogger("dashrl.vllm")
 
@@ -136,7 +136,7 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from dashrl.launch.model import load_tokenizer
+        from dashrl.protocol.model import load_tokenizer
 
         args = AsyncEngineArgs(
             model=str(model_path),

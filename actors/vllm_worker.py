@@ -38,12 +38,12 @@ class WeightSyncExtension:
         """Start receiving weights.
 
         Args:
-            source: a :class:`~dashrl.learner.weights.WeightSource` as a dict.
+            source: a :class:`~dashrl.protocol.weights.WeightSource` as a dict.
             layout: [[hf_name, shape], ...] of the learner's parameters, in order.
             version: the version the engine holds now (kept when switching sources; None:
-                the receiver's own start, see learner/weights.py).
+                the receiver's own start, see protocol/weights.py).
         """
-        from dashrl.learner.weights import WeightSource, open_receiver
+        from dashrl.protocol.weights import WeightSource, open_receiver
 
         old = getattr(self, "_dashrl_receiver", None)
         if old is not None and hasattr(old, "close"):

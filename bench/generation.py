@@ -27,8 +27,8 @@ from common import header
 
 def _prompts(n: int, model_path: Path) -> list[list[int]]:
     from dashrl.actors.tasks import chat_prompt_ids, load_task
-    from dashrl.launch.config import DataConfig
-    from dashrl.launch.model import load_tokenizer
+    from dashrl.protocol.config import DataConfig
+    from dashrl.protocol.model import load_tokenizer
 
     tok = load_tokenizer(model_path)
     task = load_task(DataConfig(), seed=0)
@@ -85,8 +85,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from dashrl.launch.model import resolve_model
-    from dashrl.launch.runtime import actor_env
+    from dashrl.protocol.model import resolve_model
+    from dashrl.protocol.runtime import actor_env
 
     model_path = resolve_model("smollm2-135m-instruct", Path("~/.cache/dashrl/models"))
     prompts = _prompts(args.prompts, model_path)
@@ -100,7 +100,7 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         # a child process with the actor's environment (LD_PRELOAD tcmalloc + Intel OpenMP,
-        # launch/runtime.py actor_env), as the launcher starts a vLLM actor; HF ran here
+        # protocol/runtime.py actor_env), as the launcher starts a vLLM actor; HF ran here
         # without it, as an HF actor runs
         child = subprocess.run([sys.executable, *sys.argv, "--vllm-child", dtype],
                                env={**os.environ, **actor_env("vllm")}, capture_output=True,

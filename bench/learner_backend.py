@@ -24,16 +24,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/learner_backend.json")
     args = ap.parse_args()
 
-    from dashrl.launch.runtime import set_thread_budget
+    from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(args.threads)
     import numpy as np
     import torch
 
-    from dashrl.launch.config import Config
-    from dashrl.launch.model import resolve_model
     from dashrl.learner.learner import Learner
     from dashrl.protocol import Sample
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import resolve_model
 
     path = resolve_model(args.model, Config().model.cache_dir)
     rng = np.random.default_rng(0)

@@ -83,12 +83,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results/learner_tokens.json"))
     args = ap.parse_args()
-    from dashrl.launch.runtime import set_thread_budget
+    from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(args.threads)
-    from dashrl.launch.config import Config
-    from dashrl.launch.model import resolve_model
     from dashrl.learner.learner import Learner
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import resolve_model
     from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
     cfg = Config.model_validate({"eval": {"heldout": False}, "learner": {"backend": "torch"}})

@@ -17,7 +17,7 @@ import time
 
 
 def _actor(threads: int, seconds: float, model_path: str, out) -> None:
-    from dashrl.launch.runtime import set_thread_budget
+    from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(threads)
     from dashrl.actors.engine import HFEngine
@@ -33,12 +33,12 @@ def _actor(threads: int, seconds: float, model_path: str, out) -> None:
 
 
 def _learner(threads: int, seconds: float, model_path: str, out) -> None:
-    from dashrl.launch.runtime import set_thread_budget
+    from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(threads)
     import torch
 
-    from dashrl.launch.model import load_causal_lm
+    from dashrl.protocol.model import load_causal_lm
 
     model = load_causal_lm(model_path, train=True)
     x = torch.randint(0, 49152, (8, 80))
@@ -76,8 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     from pathlib import Path
 
-    from dashrl.launch.config import Config
-    from dashrl.launch.model import resolve_model
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import resolve_model
 
     model = str(resolve_model(Config().model.name, Config().model.cache_dir))
     rows = [

@@ -91,7 +91,7 @@ def utilisation(run_dir: Path) -> dict[str, float]:
     """Generator and learner utilisation of a dashrl run, from its metrics.jsonl: the
     actors' busy fraction (``actor/busy_frac``: share of wall time the engine held
     requests, last value) and the learner's (1 - time waiting for the queue / step time)."""
-    from dashrl.launch.runtime import read_jsonl
+    from dashrl.protocol.runtime import read_jsonl
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     busy = [r["actor/busy_frac"] for r in rows if "actor/busy_frac" in r]
@@ -158,10 +158,10 @@ def main() -> None:
     train_s = time.time() - t_start
     runs = {name: spaced(ckpts, args.max_evals) for name, ckpts in in_budget.items()}
     from dashrl.actors.engine import HFEngine
-    from dashrl.launch.config import Config
     from dashrl.launch.evaluate import heldout_reward
-    from dashrl.launch.model import resolve_model
-    from dashrl.launch.runtime import set_thread_budget
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import resolve_model
+    from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(2)
     cfg = Config.model_validate({"data": {"heldout_size": args.heldout_prompts},

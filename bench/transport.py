@@ -61,8 +61,8 @@ def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g:
                 log: bool = True):  # fmt: skip
     import zmq
 
-    from dashrl.launch.config import Config
-    from dashrl.launch.runtime import free_port
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.runtime import free_port
     from dashrl.queue.client import QueueClient
 
     rollout_port, request_port = free_port(), free_port()
@@ -113,7 +113,7 @@ def bench_queue(frames: list[bytes], rollouts: int, run_dir: Path, hold: int, g:
 def bench_raw(frames: list[bytes]) -> float:
     import zmq
 
-    from dashrl.launch.runtime import free_port
+    from dashrl.protocol.runtime import free_port
 
     data, done = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()

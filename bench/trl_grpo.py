@@ -33,8 +33,8 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from dashrl.actors.tasks import load_task
-    from dashrl.launch.config import Config
-    from dashrl.launch.model import load_causal_lm, load_tokenizer, resolve_model
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import load_causal_lm, load_tokenizer, resolve_model
 
     cfg = Config()
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)

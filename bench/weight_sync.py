@@ -1,6 +1,6 @@
 """Weight sync: seconds from the learner's send to every actor using the new weights.
 
-The learner side is the real :class:`~dashrl.learner.weights.WeightSender` (launch-time
+The learner side is the real :class:`~dashrl.protocol.weights.WeightSender` (launch-time
 actors: a stateless gloo group) or :class:`~dashrl.learner.nodes.WeightPublisher`
 (attached nodes: ZeroMQ PUB), holding SmolLM2-135M-Instruct's parameters. Each actor is a
 separate process with the real receiver and tensors of the same shapes; it polls
@@ -29,7 +29,7 @@ from common import header, print_table
 def _actor(kind: str, address: str, rank: int, world: int, shapes, versions: int, out) -> None:
     import torch
 
-    from dashrl.learner.weights import WeightSource, open_receiver
+    from dashrl.protocol.weights import WeightSource, open_receiver
 
     torch.set_num_threads(1)
     params = [torch.zeros(s) for s in shapes]
@@ -56,9 +56,9 @@ def run(kind: str, actors: int, params, versions: int) -> list[float]:
     """Delivery seconds of each version (the first version is a warm-up, dropped)."""
     import torch
 
-    from dashrl.launch.runtime import free_port
     from dashrl.learner.nodes import WeightPublisher
-    from dashrl.learner.weights import WeightSender, layout_hash
+    from dashrl.protocol.runtime import free_port
+    from dashrl.protocol.weights import WeightSender, layout_hash
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -106,9 +106,9 @@ async def _vllm_apply(path: Path, params, versions: int) -> list[tuple[float, fl
     import torch
 
     from dashrl.actors.vllm_engine import VLLMEngine
-    from dashrl.launch.runtime import free_port
     from dashrl.learner.nodes import WeightPublisher
-    from dashrl.learner.weights import WeightSource, layout_hash
+    from dashrl.protocol.runtime import free_port
+    from dashrl.protocol.weights import WeightSource, layout_hash
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     publisher = WeightPublisher(endpoint, layout_hash(params))
@@ -141,8 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from dashrl.launch.config import Config
-    from dashrl.launch.model import load_causal_lm, resolve_model
+    from dashrl.protocol.config import Config
+    from dashrl.protocol.model import load_causal_lm, resolve_model
 
     path = resolve_model("smollm2-135m-instruct", Config().model.cache_dir)
     params = [p.detach() for p in load_causal_lm(path).parameters()]

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import zmq
 
-from dashrl.launch.config import AttachCommand, Config
-from dashrl.launch.runtime import StopFlag, actor_env
-from dashrl.launch.security import client_setup
+from dashrl.launch.children import Children
+from dashrl.launch.commands import AttachCommand
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, decode, encode
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import StopFlag, actor_env
+from dashrl.protocol.security import client_setup
 
 log = logging.getLogger("dashrl.attach")
 
@@ -97,8 +99,6 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
         TimeoutError: the learner did not answer.
         ValueError: ``--connect`` is not HOST:PORT.
     """
-    from dashrl.launch.start import Children
-
     stop = stop or StopFlag()
     node_id = cmd.node_id or f"node-{secrets.token_hex(3)}"
     client = NodeClient(cmd.connect, node_id, cmd.actors, cmd.curve_dir)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dashrl.actors.grading import grade_math, grade_numeric, last_boxed
+
 MATH_TEMPLATE = (
     "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 )
@@ -57,8 +59,6 @@ def _math500(r):
 
 
 def _minerva(r):
-    from dashrl.actors.grading import last_boxed
-
     gold = last_boxed(r["solution"])
     if gold is None:
         raise KeyError("no \\boxed{} answer in solution")
@@ -134,7 +134,5 @@ def load_benchmark(name: str, data_dir: Path, limit: int | None = None) -> list[
 
 def grade(bench_name: str, completion: str, gold: str) -> tuple[str, bool]:
     """Extracted answer and correctness of ``completion`` under the benchmark's grader."""
-    from dashrl.actors.grading import grade_math, grade_numeric
-
     grader = BENCHMARKS[bench_name].grader
     return grade_math(completion, gold) if grader == "math" else grade_numeric(completion, gold)

@@ -6,7 +6,20 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from dashrl.launch.config import Config, EvalCommand
+from dashrl.actors.engine import HFEngine
+from dashrl.launch.benchmarks import BENCHMARKS, HELDOUT, grade, load_benchmark
+from dashrl.launch.commands import EvalCommand
+from dashrl.launch.evaluate import (
+    EvalSpec,
+    heldout_spec,
+    markdown_table,
+    run_samples,
+    summarize,
+    write_results,
+)
+from dashrl.protocol.config import Config, load_config
+from dashrl.protocol.model import resolve_model
+from dashrl.protocol.runtime import set_thread_budget
 
 log = logging.getLogger("dashrl.eval")
 
@@ -17,9 +30,6 @@ def resolve_eval_model(cmd: EvalCommand) -> tuple[Path, Config]:
     Raises:
         FileNotFoundError: a run directory without checkpoints/final, or an unknown model.
     """
-    from dashrl.launch.config import load_config
-    from dashrl.launch.model import resolve_model
-
     path = Path(cmd.model).expanduser()
     if (path / "config.json").exists() and (path / "metrics.jsonl").exists():  # a run dir
         final = path / "checkpoints" / "final"
@@ -35,18 +45,6 @@ def _as_reward(graded: tuple[str, bool]) -> tuple[str, float]:
 
 def run_eval(cmd: EvalCommand) -> dict:
     """Evaluate every requested benchmark; print and write the tables. Returns the summaries."""
-    from dashrl.actors.engine import HFEngine
-    from dashrl.launch.benchmarks import BENCHMARKS, HELDOUT, grade, load_benchmark
-    from dashrl.launch.evaluate import (
-        EvalSpec,
-        heldout_spec,
-        markdown_table,
-        run_samples,
-        summarize,
-        write_results,
-    )
-    from dashrl.launch.runtime import set_thread_budget
-
     # Validate every benchmark (name, file, rows) before loading the model.
     loaded = {}
     for name in cmd.benchmark:

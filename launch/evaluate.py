@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dashrl.launch.config import Config
+from dashrl.actors.tasks import RCRL_GOOD, chat_prompt_ids, last_number, load_task, rcrl_question
 from dashrl.launch.eval_metrics import avg_at_k, maj_at_k, mean_ci95, pass_at_k
+from dashrl.protocol.algorithms import get_algorithm
+from dashrl.protocol.config import Config
 
 
 @dataclass
@@ -72,8 +74,6 @@ def run_samples(
 ) -> list[ProblemResult]:
     """Generate ``k`` samples (plus one greedy completion) per problem and grade them."""
     from tqdm import tqdm
-
-    from dashrl.actors.tasks import chat_prompt_ids
 
     tok = engine.tokenizer
     results: list[ProblemResult] = []
@@ -166,12 +166,10 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
 def heldout_spec(cfg: Config, limit: int | None = None) -> EvalSpec:
     """The training task's held-out prompts (first ``limit``), graded by the task's verifier
     (its reward, partial credit included); the extracted answer is the last number."""
-    from dashrl.actors.tasks import RCRL_GOOD, last_number, load_task, rcrl_question
-
     task = load_task(cfg.data, cfg.seed)
     probs = task.heldout[:limit]
     suffix = cfg.data.prompt_suffix
-    rcrl = cfg.algo == "rcrl"  # an RCRL policy is evaluated conditioned on the good tag
+    rcrl = get_algorithm(cfg.algo).prompt_tags  # an RCRL policy is evaluated under the good tag
     return EvalSpec(
         problems=[(p.id, p.question, p.answer, {}) for p in probs],
         render=lambda q: (rcrl_question(q, True) if rcrl else q) + suffix,

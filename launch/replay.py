@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dashrl.launch.config import ReplayCommand, load_config
-from dashrl.launch.runtime import StopFlag, read_jsonl, set_thread_budget
-from dashrl.protocol import MicroBatchReply, QueueEvent, Sample
+from dashrl.launch.commands import ReplayCommand
+from dashrl.learner.learner import Learner, train
+from dashrl.learner.sources import LogSource
+from dashrl.protocol import Sample, group_to_samples
+from dashrl.protocol.config import load_config
+from dashrl.protocol.model import load_tokenizer
+from dashrl.protocol.runtime import StopFlag, read_jsonl, set_thread_budget
 from dashrl.queue.log import ROLLOUT_LOG, QueueLog, read_queue_log
 
 log = logging.getLogger("dashrl.replay")
@@ -42,36 +46,6 @@ COMPARED = (
     "learner/completion_tokens",
 )
 """Metrics that depend only on the learner's computation (not on timing), compared exactly."""
-
-
-class LogQueue:
-    """Stands in for the learner's QueueClient: each request gets the next logged micro-batch.
-
-    Args:
-        served: the logged (event, samples) micro-batches, in order.
-        stop: set when the log runs out, which ends the learner's loop.
-    """
-
-    def __init__(self, served: list[tuple[QueueEvent, list[Sample]]], stop: StopFlag):
-        self._served, self._next, self.stop = served, 0, stop
-        self.rejected_replies = 0
-        self.version_mismatches = 0
-
-    def request(
-        self, learner_version: int, size: int, unit: str, timeout_s: float = 0.0
-    ) -> MicroBatchReply:
-        """The next logged micro-batch (empty, and ``stop`` set, after the last)."""
-        if self._next >= len(self._served):
-            self.stop.stop = True
-            return MicroBatchReply(0, [])
-        event, samples = self._served[self._next]
-        self._next += 1
-        if event.learner_version != learner_version:  # the replay has drifted from the run
-            self.version_mismatches += 1
-        return MicroBatchReply(event.request_id, samples, {})
-
-    def close(self) -> None:
-        """Nothing to release (QueueClient interface)."""
 
 
 def compare(original: list[dict], replayed: list[dict]) -> dict:
@@ -111,8 +85,6 @@ def replay(cmd: ReplayCommand) -> dict:
     Raises:
         FileNotFoundError: the run has no config.json, metrics.jsonl or queue log.
     """
-    from dashrl.learner.learner import Learner, train
-
     run_dir = Path(cmd.run_dir)
     for need in ("config.json", "metrics.jsonl", ROLLOUT_LOG):
         if not (run_dir / need).exists():
@@ -129,12 +101,11 @@ def replay(cmd: ReplayCommand) -> dict:
     set_thread_budget(cfg.learner.torch_threads)  # same threads, same float reductions
     served = read_queue_log(run_dir / ROLLOUT_LOG).served()
     stop = StopFlag()
-    learner = Learner(cfg, connect=False)
-    learner.queue = LogQueue(served, stop)
-    train(cfg, stop, learner=learner)
+    source = LogSource(served, stop)
+    train(cfg, stop, learner=Learner(cfg, connect=False), source=source)
     result = compare(original[:steps], read_jsonl(out / "metrics.jsonl"))
     result["micro_batches_logged"] = len(served)
-    result["version_mismatches"] = learner.queue.version_mismatches
+    result["version_mismatches"] = source.version_mismatches
     (out / "replay.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -174,8 +145,6 @@ def inspect(qlog: QueueLog) -> dict:
 
 
 def _samples(group) -> list[Sample]:
-    from dashrl.protocol import group_to_samples
-
     return group_to_samples(group)
 
 
@@ -190,8 +159,6 @@ def print_inspect(summary: dict) -> None:
 
 def show(qlog: QueueLog, model_path: Path, n: int) -> None:
     """Print the first ``n`` logged rollouts (prompt and completion text, reward, advantage)."""
-    from dashrl.launch.model import load_tokenizer
-
     tok = load_tokenizer(model_path)
     shown = 0
     for gi, g in enumerate(qlog.groups):

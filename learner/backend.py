@@ -20,7 +20,7 @@ DeepSpeed's own overflow check (``was_step_applied``), which on stage 0 does not
 
 The ranks of a multi-rank learner (torchrun / the DeepSpeed launcher) form torch's default
 process group, which therefore belongs to this module; the weight sync to the actors uses
-its own stateless group (learner/weights.py).
+its own stateless group (protocol/weights.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dashrl.launch.config import LearnerConfig
+from dashrl.protocol.config import LearnerConfig
 
 log = logging.getLogger("dashrl.learner")
 
@@ -148,7 +148,7 @@ class DeepSpeedBackend(TorchBackend):
             if "WORLD_SIZE" in os.environ:  # started by torchrun / the DeepSpeed launcher
                 deepspeed.init_distributed(dist_backend=backend)
             else:  # a lone rank: a private rendezvous (DeepSpeed insists on LOCAL_RANK)
-                from dashrl.launch.runtime import free_port
+                from dashrl.protocol.runtime import free_port
 
                 os.environ.setdefault("LOCAL_RANK", "0")
                 deepspeed.init_distributed(

@@ -6,27 +6,32 @@ backend's optimizer state (torch ``optimizer.pt`` or DeepSpeed's sharded checkpo
 ``rng.pt`` and, for PPO, ``heads.pt`` (critic/ORM heads and their optimizer).
 
 Resuming (``start.py --resume RUN_DIR``) loads the newest checkpoint and trains again on
-the micro-batches the queue log says were served after it (:class:`ResumeQueue`): the
-dead learner consumed them but its updates died with it. On CPU this redoes exactly the
-lost steps.
+the micro-batches the queue log says were served after it (learner/sources.py
+``ResumeSource``): the dead learner consumed them but its updates died with it. On CPU
+this redoes exactly the lost steps.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from dashrl.protocol import MicroBatchReply, Sample
-
-if TYPE_CHECKING:
-    from dashrl.learner.learner import Learner
-    from dashrl.queue.client import QueueClient
+from dashrl.learner.backend import TorchBackend
 
 
-def save_checkpoint(learner: Learner, out: Path, step: int, full: bool = True) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    version: int,
+    backend: TorchBackend,
+    tokenizer,
+    heads: dict[str, torch.nn.Module],
+    head_optimizer: torch.optim.Optimizer | None,
+    rank: int = 0,
+    full: bool = True,
+) -> Path:
     """Save an HF-format checkpoint (``save_pretrained``) of the full policy with the policy
     version next to it (``dashrl_state.json``), the critic/ORM heads (PPO) in ``heads.pt``,
     and the backend's optimizer state. Every rank must call it (ZeRO-3 gathers); rank 0
@@ -36,26 +41,53 @@ def save_checkpoint(learner: Learner, out: Path, step: int, full: bool = True) -
     ``"resumable": false``) only: a checkpoint to evaluate, about a third of the bytes
     (AdamW keeps two more copies of the weights); :func:`latest_checkpoint` skips it."""
     out.mkdir(parents=True, exist_ok=True)
-    state = learner.backend.full_state_dict()
-    if learner.rank == 0:
-        learner.model.save_pretrained(out, state_dict=state)
-        learner.tokenizer.save_pretrained(out)
+    state = backend.full_state_dict()
+    if rank == 0:
+        backend.module.model.save_pretrained(out, state_dict=state)
+        tokenizer.save_pretrained(out)
     if not full:
-        if learner.rank == 0:
-            info = {"version": learner.version, "step": step, "backend": learner.backend.name,
+        if rank == 0:
+            info = {"version": version, "step": step, "backend": backend.name,
                     "resumable": False}  # fmt: skip
             (out / "dashrl_state.json").write_text(json.dumps(info))
         return out
-    if learner.rank == 0:
-        if learner.heads:
-            heads = {k: h.state_dict() for k, h in learner.heads.items()}
-            heads["optimizer"] = learner.head_optimizer.state_dict()
-            torch.save(heads, out / "heads.pt")
+    if rank == 0:
+        if heads:
+            saved = {k: h.state_dict() for k, h in heads.items()}
+            saved["optimizer"] = head_optimizer.state_dict()
+            torch.save(saved, out / "heads.pt")
         torch.save(torch.get_rng_state(), out / "rng.pt")
-        info = {"version": learner.version, "step": step, "backend": learner.backend.name}
+        info = {"version": version, "step": step, "backend": backend.name}
         (out / "dashrl_state.json").write_text(json.dumps(info))
-    learner.backend.save_state(out)
+    backend.save_state(out)
     return out
+
+
+def load_checkpoint_state(
+    ckpt: Path,
+    backend: TorchBackend,
+    heads: dict[str, torch.nn.Module],
+    head_optimizer: torch.optim.Optimizer | None,
+) -> tuple[int, int]:
+    """Continue from a checkpoint written by :func:`save_checkpoint` (the policy weights
+    were loaded from it when the model was built): optimizer state, heads and RNG.
+
+    Returns:
+        (policy version, step) it was saved at.
+
+    Raises:
+        FileNotFoundError: a part of the checkpoint is missing.
+    """
+    backend.load_state(ckpt)
+    if heads:
+        saved = torch.load(ckpt / "heads.pt", weights_only=True)
+        for k, h in heads.items():
+            h.load_state_dict(saved[k])
+        head_optimizer.load_state_dict(saved["optimizer"])
+    if (ckpt / "rng.pt").exists():
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    info = json.loads((ckpt / "dashrl_state.json").read_text())
+    return int(info["version"]), int(info["step"])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -73,30 +105,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if step > best_step:
             best, best_step = d.parent, step
     return best
-
-
-class ResumeQueue:
-    """The queue a resumed learner talks to: first the micro-batches its dead predecessor was
-    served after the checkpoint (from the queue log, in order; their updates were lost
-    with it), then the live queue. So no logged sample is trained on twice or dropped."""
-
-    def __init__(self, logged: list[list[Sample]], live: QueueClient):
-        self._logged, self.live = list(logged), live
-
-    @property
-    def rejected_replies(self) -> int:
-        return self.live.rejected_replies
-
-    def request(
-        self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
-    ) -> MicroBatchReply:
-        """The next logged micro-batch while any is left, then the live queue's answer."""
-        if self._logged:
-            return MicroBatchReply(0, self._logged.pop(0), {})
-        return self.live.request(learner_version, size, unit, timeout_s)
-
-    def close(self) -> None:
-        self.live.close()
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -1,72 +1,79 @@
-"""The learner process: micro-batches from the queue -> clipped off-policy steps -> weights out.
+"""The learner: micro-batches in, clipped off-policy steps, weights out.
 
 Each optimizer step (DASH preemptive sampling: actors sample large batches, the learner
-backprops small ones):
-  1. for each of ``micro_batches_per_step`` micro-batches: ask the queue for the
-     highest-|A| samples, recompute their logprobs under the current policy, and
-     backprop the staleness-aware clipped surrogate, scaled by 1/micro_batches_per_step
-     so the accumulated gradient is the mean over micro-batches;
-  2. clip the gradient norm and take an AdamW step through the backend (DeepSpeed ZeRO or
-     plain torch, learner/backend.py; skipped, and counted, if the loss or gradient is not
-     finite: the last good weights stay and the version does not move);
-  3. bump the policy version and broadcast the weights to every actor;
-  4. write one metrics row to ``metrics.jsonl``.
-SIGTERM/SIGINT or the time limit ends the loop after the current step; the final
-weights are saved as an HF checkpoint either way.
+backprops small ones) is owned by :meth:`Learner.step`:
+  1. for each of ``micro_batches_per_step`` micro-batches: take the highest-|A| samples
+     from the feed (learner/sources.py), recompute their logprobs under the current
+     policy, and backprop the algorithm's objective scaled by 1/micro_batches_per_step, so
+     the accumulated gradient is the mean over micro-batches;
+  2. skip the step (counted; the last good weights stay, the version does not move) if a
+     loss or the gradient norm is not finite, else clip and take an AdamW step through the
+     backend (DeepSpeed ZeRO or plain torch, learner/backend.py);
+  3. bump the policy version, send the weights through the weight channel
+     (learner/channel.py), refresh the reference model if due, and checkpoint if due.
+:func:`train` is the loop around it, with one metrics row per step. SIGTERM/SIGINT or the
+time limit ends the loop after the current step; the final weights are saved either way.
 
-With several learner ranks (``learner.num_ranks``, started by torchrun) only rank 0 talks to
-the queue, the actors and the metrics file; learner/ranks.py shares each micro-batch.
+With several learner ranks (``learner.num_ranks``, started by torchrun) only rank 0 holds
+a micro-batch source, the actors' channel and the metrics file; the feed shares each
+micro-batch with the other ranks (learner/ranks.py). The process entry point is
+``dashrl.launch.learn``, which adds the in-run held-out evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dashrl.launch.config import Config, load_config
-from dashrl.launch.runtime import MetricsWriter, StopFlag, set_thread_budget, setup_logging
 from dashrl.learner.backend import init_ranks, make_backend
 from dashrl.learner.batch import PolicyForward, collate, token_logprobs
+from dashrl.learner.channel import NoChannel, open_weight_channel
 from dashrl.learner.checkpoint import (
-    ResumeQueue,
     latest_checkpoint,
+    load_checkpoint_state,
     save_checkpoint,
     truncate_metrics,
 )
 from dashrl.learner.critic import ScalarHead
 from dashrl.learner.loss import k3_kl
-from dashrl.learner.objectives import Inputs, objective_for
-from dashrl.learner.ranks import shard, share_micro_batch
-from dashrl.learner.weights import WeightSender
-from dashrl.protocol import NodeWelcome, Sample
+from dashrl.learner.objectives import OBJECTIVES, Inputs, ObjectiveContext
+from dashrl.learner.ranks import all_ranks_agree, shard
+from dashrl.learner.sources import Feed, MicroBatchSource, ResumeSource
+from dashrl.protocol import Sample
+from dashrl.protocol.algorithms import get_algorithm
+from dashrl.protocol.config import Config
+from dashrl.protocol.model import load_causal_lm, load_tokenizer
+from dashrl.protocol.runtime import MetricsWriter, StopFlag
+from dashrl.protocol.security import client_setup
 from dashrl.queue.client import QueueClient
+from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
 log = logging.getLogger("dashrl.learner")
 
+Evaluator = Callable[["Learner"], dict[str, float]]
+"""Held-out evaluation of the learner's current weights -> metrics (``eval/*``)."""
+
 
 class Learner:
-    """Model, optimizer, queue client and weight sender of one learner process.
+    """Model, heads, optimizer, micro-batch feed and weight channel of one learner process.
 
     Args:
         cfg: the resolved run config.
-        connect: when False, skip the queue and weight group (unit tests drive
-            :meth:`train_micro_batch` directly).
+        connect: when False, no queue and no actors (unit tests drive
+            :meth:`train_micro_batch` directly; a replay passes its own source to train).
 
     Raises:
         ImportError: ``learner.backend`` is "deepspeed" and DeepSpeed does not import.
     """
 
     def __init__(self, cfg: Config, connect: bool = True):
-        from dashrl.launch.model import load_causal_lm, load_tokenizer
-
-        self.cfg = cfg
-        lc = cfg.learner
+        self.cfg, lc = cfg, cfg.learner
+        self.algo = get_algorithm(cfg.algo)
         torch.manual_seed(cfg.seed)
         self.rank, self.world = init_ranks()
         self.tokenizer = load_tokenizer(cfg.model.path)
@@ -76,148 +83,59 @@ class Learner:
         weights = self.resume_from or cfg.model.path
         self.backend = make_backend(PolicyForward(load_causal_lm(weights, train=True)), lc)
         self.model = self.backend.module.model  # the HF model (eval, checkpoints)
-        needs_ref = lc.kl_coef > 0 or cfg.algo == "iterative_dpo"
+        needs_ref = lc.kl_coef > 0 or self.algo.reference
         self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None
         # PPO's critic and the dense-reward ORM: small heads on the policy's hidden states,
         # with their own AdamW and clipping (a fresh critic's large gradient must not shrink
         # the policy's step through a shared global norm; they are never sharded).
         hidden, pc = self.model.config.hidden_size, cfg.ppo
-        self.heads: dict[str, ScalarHead] = {}
-        if cfg.algo == "ppo":
-            self.heads["critic"] = ScalarHead(hidden, pc.head_hidden)
-        if cfg.reward.dense == "orm":
-            self.heads["orm"] = ScalarHead(hidden, pc.head_hidden)
-        self.critic, self.orm = self.heads.get("critic"), self.heads.get("orm")
+        names = [*self.algo.heads, *(["orm"] if cfg.reward.dense == "orm" else [])]
+        self.heads = {name: ScalarHead(hidden, pc.head_hidden) for name in names}
         head_params = [p for h in self.heads.values() for p in h.parameters()]
         self.head_optimizer = (
             torch.optim.AdamW(head_params, lr=pc.head_lr, betas=lc.betas) if head_params else None
         )
-        self.objective = objective_for(cfg.algo)
-        self.version = 0
-        self.start_step = 0
-        self.skipped_steps = 0
-        self.rejected_samples = 0
+        self.objective = OBJECTIVES[self.algo.objective]
+        self.context = ObjectiveContext.from_config(cfg, self.algo, self.heads, self.ref_model)
+        self.version = self.step_count = self.skipped_steps = 0
+        self.checkpoints = Path(cfg.run_dir) / "checkpoints"
         if self.resume_from is not None:
-            self.start_step = self.load_state(self.resume_from)
-            log.info("resumed from %s: step %d, version %d", self.resume_from, self.start_step,
+            self.load_state(self.resume_from)
+            log.info("resumed from %s: step %d, version %d", self.resume_from, self.step_count,
                      self.version)  # fmt: skip
-        self.queue = self.sender = self.publisher = self.nodes = None
-        self._published_at = 0.0
+        self.source: MicroBatchSource | None = None
+        self.channel = NoChannel()
         if connect and self.rank == 0:
-            t = cfg.transport
-            from dashrl.launch.security import client_setup
-
-            self.queue = QueueClient(
-                f"tcp://{t.host}:{t.request_port}", configure=client_setup(t.curve_dir)
-            )
-            if cfg.resume:  # micro-batches served after the checkpoint come back from the log
-                from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
-
-                path = Path(cfg.run_dir) / ROLLOUT_LOG
-                served = read_queue_log(path).served() if path.exists() else []
-                done = self.start_step * lc.micro_batches_per_step
-                self.queue = ResumeQueue([mb for _, mb in served[done:]], self.queue)
-                log.info("re-training on %d logged micro-batches served after step %d",
-                         max(len(served) - done, 0), self.start_step)  # fmt: skip
+            self.source = self._open_source()
             log.info("waiting for %d actor(s) to join the weight group", cfg.actor.num_actors)
-            self.sender = WeightSender(
-                self.backend.parameter_shapes(),
-                init_method=f"tcp://127.0.0.1:{t.dist_port}",  # launch-time actors are local
-                world_size=1 + cfg.actor.num_actors,
-                timeout_s=lc.weight_sync_timeout_s,
-            )
-            # nodes attached later: control socket + ZeroMQ weight publisher (learner/nodes.py)
-            from dashrl.learner.nodes import NodeRegistry, WeightPublisher
-
-            weights_at = f"tcp://{t.host}:{t.weights_port}"
-            self.publisher = WeightPublisher(weights_at, self.sender.layout, t.curve_dir)
-            self.nodes = NodeRegistry(
-                f"tcp://{t.host}:{t.control_port}",
-                lambda node: NodeWelcome(node, self.version, cfg.model_dump_json(), weights_at),
-                t.node_timeout_s,
-                t.curve_dir,
+            self.channel = open_weight_channel(
+                cfg, self.backend.parameter_shapes(), lambda: self.version
             )
 
-    def load_state(self, ckpt: Path) -> int:
-        """Continue from a checkpoint written by :func:`save_checkpoint` (the policy weights
-        were loaded from it when ``model.path`` points there): optimizer state, heads and
-        policy version. Returns the step it was saved at.
+    def _open_source(self) -> MicroBatchSource:
+        """The queue client; after a resume, first the micro-batches served after the
+        checkpoint (from the queue log), whose updates died with the old learner."""
+        t = self.cfg.transport
+        queue = QueueClient(f"tcp://{t.host}:{t.request_port}", configure=client_setup(t.curve_dir))
+        if not self.cfg.resume:
+            return queue
+        path = Path(self.cfg.run_dir) / ROLLOUT_LOG
+        served = read_queue_log(path).served() if path.exists() else []
+        done = self.step_count * self.cfg.learner.micro_batches_per_step
+        log.info("re-training on %d logged micro-batches served after step %d",
+                 max(len(served) - done, 0), self.step_count)  # fmt: skip
+        return ResumeSource([mb for _, mb in served[done:]], queue)
 
-        Raises:
-            FileNotFoundError: a part of the checkpoint is missing.
-        """
-        self.backend.load_state(ckpt)
-        if self.heads:
-            saved = torch.load(ckpt / "heads.pt", weights_only=True)
-            for k, h in self.heads.items():
-                h.load_state_dict(saved[k])
-            self.head_optimizer.load_state_dict(saved["optimizer"])
-        if (ckpt / "rng.pt").exists():
-            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-        info = json.loads((ckpt / "dashrl_state.json").read_text())
-        self.version = int(info["version"])
-        return int(info["step"])
+    def feed(self, source: MicroBatchSource | None = None) -> Feed:
+        """The micro-batch feed of this rank: ``source`` (default: the learner's own)."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        return Feed(source or self.source, self.cfg.learner, self.rank, self.world, vocab,
+                    on_idle=self.channel.idle)  # fmt: skip
 
     def broadcast_weights(self) -> float:
-        """Send the full weights to the actors as the current version (all ranks call it:
-        ZeRO-3 gathers parameter by parameter; rank 0 sends). Returns seconds taken."""
-        params = self.backend.iter_full_parameters()
-        if self.sender is None:
-            for _ in params:  # other ranks take part in the gathers only
-                pass
-            return 0.0
-        return self.sender.send(self.version, params) + self._publish()
-
-    def _publish(self) -> float:
-        """Publish the weights the sender just packed to ZeroMQ subscribers, when anyone
-        needs them (attached nodes, or actors cut off by a broken launch-time group)."""
-        if self.nodes is None or not (self.nodes.alive() or self.sender.broken):
-            return 0.0
-        self._published_at = time.monotonic()
-        return self.publisher.publish(self.version, self.sender.flat)
-
-    def republish_if_idle(self, every_s: float = 3.0) -> None:
-        """While waiting for data, re-send the current weights to subscribers every
-        ``every_s``: a node that (re)joined after the last step must not wait for a step
-        that needs its rollouts to happen."""
-        if time.monotonic() - self._published_at >= every_s:
-            self._publish()
-
-    def next_micro_batch(
-        self, stop: StopFlag, deadline: float = math.inf
-    ) -> tuple[list[Sample], dict[str, float], float]:
-        """Block until the queue serves a full micro-batch, ``stop`` is set or the monotonic
-        ``deadline`` passes; returns (samples (empty if none came), queue stats, wait s)."""
-        lc = self.cfg.learner
-        t0 = time.perf_counter()
-        while not stop and time.monotonic() < deadline:
-            try:
-                reply = self.queue.request(self.version, lc.micro_batch_size, lc.micro_batch_unit,
-                                           timeout_s=lc.queue_timeout_s)  # fmt: skip
-            except TimeoutError as e:  # the queue died or is restarting: ask again
-                log.warning("%s; asking again", e)
-                self.republish_if_idle()
-                continue
-            samples = self.valid_samples(reply.samples)
-            if samples:
-                return samples, reply.stats, time.perf_counter() - t0
-            self.republish_if_idle()
-            time.sleep(lc.queue_poll_s)
-        return [], {}, time.perf_counter() - t0
-
-    def valid_samples(self, samples: list[Sample]) -> list[Sample]:
-        """Drop (and count) samples with token ids outside the model's vocabulary.
-
-        The protocol only knows ids are non-negative; an id past the embedding table would
-        crash the forward pass, so the learner checks before collating.
-        """
-        vocab = self.model.get_input_embeddings().num_embeddings
-        ok = [s for s in samples if max(s.prompt_ids.max(), s.completion_ids.max()) < vocab]
-        if len(ok) < len(samples):
-            self.rejected_samples += len(samples) - len(ok)
-            log.warning("dropped %d samples with token ids >= vocab size %d (%d so far)",
-                        len(samples) - len(ok), vocab, self.rejected_samples)  # fmt: skip
-        return ok
+        """Send the full weights as the current version (all ranks call it: ZeRO-3 gathers
+        parameter by parameter; rank 0 sends). Returns seconds taken."""
+        return self.channel.send(self.version, self.backend.iter_full_parameters())
 
     def train_micro_batch(
         self, samples: list[Sample], scale: float, last: bool = True
@@ -229,16 +147,16 @@ class Learner:
         the reference model when ``learner.kl_coef`` > 0. Returns the micro-batch's metrics
         (loss, clip fraction, KL, entropy, staleness...).
         """
-        lc, ac = self.cfg.learner, self.cfg.actor
+        lc, temperature = self.cfg.learner, self.cfg.actor.temperature
         batch = collate(samples, self.pad_id)
         lag = self.version - batch.policy_versions
-        h, logp, entropy = self.backend.forward(batch, ac.temperature, with_entropy=True)
-        loss, metrics = self.objective(self, Inputs(batch, h, logp, lag))
+        h, logp, entropy = self.backend.forward(batch, temperature, with_entropy=True)
+        loss, metrics = self.objective(Inputs(batch, h, logp, lag), self.context)
         m = batch.mask
         n = m.sum()
         if lc.kl_coef > 0:
             with torch.no_grad():
-                ref_logp, _ = token_logprobs(self.ref_model, batch, ac.temperature)
+                ref_logp, _ = token_logprobs(self.ref_model, batch, temperature)
             kl = k3_kl(logp, ref_logp, m)
             loss = loss + lc.kl_coef * kl
             metrics["learner/kl_ref"] = float(kl.detach())
@@ -262,33 +180,6 @@ class Learner:
         )
         return metrics
 
-    def update_reference(self, step: int) -> bool:
-        """Copy the policy into the reference model every ``learner.ref_update_every`` steps
-        (iterative DPO's new reference each round); returns whether it did."""
-        every = self.cfg.learner.ref_update_every
-        if self.ref_model is None or not every or step % every:
-            return False
-        self.ref_model.load_state_dict(self.model.state_dict())
-        return True
-
-    def evaluate_heldout(self) -> dict[str, float]:
-        """Held-out avg@k reward of the current weights, generated with the learner's own model.
-
-        The learner pauses training for it; the actors keep generating into the queue.
-        """
-        from dashrl.actors.engine import HFEngine
-        from dashrl.launch.evaluate import heldout_reward
-
-        res = heldout_reward(self.cfg, HFEngine(model=self.model, tokenizer=self.tokenizer))
-        log.info(
-            "v%d held-out reward %.4f (%.0f s)", self.version, res["reward_mean"], res["seconds"]
-        )
-        return {
-            "eval/heldout_reward": res["reward_mean"],
-            "eval/heldout_pass_at_k": res["pass_at_k"],
-            "eval/seconds": res["seconds"],
-        }
-
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip gradients and step the policy (through the backend) and the heads; returns
         (policy grad norm, whether the step was taken). A non-finite gradient anywhere skips
@@ -307,9 +198,6 @@ class Learner:
             if ok:
                 self.head_optimizer.step()
             self.head_optimizer.zero_grad(set_to_none=True)
-        if not ok:
-            self.skipped_steps += 1
-            log.warning("non-finite gradient norm: step skipped (%d so far)", self.skipped_steps)
         return norm, ok
 
     def zero_grad(self) -> None:
@@ -318,8 +206,82 @@ class Learner:
         if self.head_optimizer is not None:
             self.head_optimizer.zero_grad(set_to_none=True)
 
+    def step(self, feed: Feed, stop: StopFlag, deadline: float = math.inf) -> dict | None:
+        """One whole optimizer step (see the module docstring): accumulate, NaN-skip, step,
+        version bump, broadcast, reference refresh, checkpoint. Returns the step's metrics,
+        or None when the feed ran dry (stopped or out of time) and the partial step was
+        dropped."""
+        lc, t0 = self.cfg.learner, time.perf_counter()
+        n, rows, waited, queue_stats = lc.micro_batches_per_step, [], 0.0, {}
+        for i in range(n):
+            samples, stats, wait_s = feed.next(self.version, stop, deadline)
+            waited += wait_s
+            queue_stats.update(stats)
+            if not samples:
+                self.zero_grad()
+                return None
+            mine, weight = shard(samples, self.rank, self.world, self.algo.unit_size)
+            rows.append(self.train_micro_batch(mine, weight / n, last=i == n - 1))
+        grad_norm, took = float("nan"), False
+        if all_ranks_agree(all(math.isfinite(r["learner/loss"]) for r in rows), self.world):
+            grad_norm, took = self.optimizer_step()
+        else:
+            self.zero_grad()  # a NaN/inf loss: skip the step, keep the last good weights
+        if not took:
+            self.skipped_steps += 1
+            log.warning("non-finite loss or gradient: step skipped (%d so far)",
+                        self.skipped_steps)  # fmt: skip
+        self.step_count += 1
+        broadcast_s = 0.0
+        if took:  # a skipped step changes no weight: no new version to send
+            self.version += 1
+            broadcast_s = self.broadcast_weights()
+            self.update_reference()
+        step_s = time.perf_counter() - t0
+        if lc.checkpoint_every and self.step_count % lc.checkpoint_every == 0:
+            self.save(self.checkpoints / f"step_{self.step_count}", full=lc.checkpoint_optimizer)
+        out = {**mean_rows(rows), **queue_stats, "learner/grad_norm": grad_norm,
+               "learner/step_taken": float(took), "learner/step_s": step_s,
+               "learner/queue_wait_s": waited, "learner/broadcast_s": broadcast_s,
+               "learner/micro_batches_per_step": float(len(rows))}  # fmt: skip
+        compute_s = max(step_s - waited, 1e-9)
+        out["learner/tokens_per_s"] = out["learner/tokens"] * self.world / compute_s
+        return out
 
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    def done(self) -> bool:
+        """Whether ``learner.steps`` optimizer steps have been taken (or skipped)."""
+        return self.step_count >= self.cfg.learner.steps
+
+    def update_reference(self) -> bool:
+        """Copy the policy into the reference model every ``learner.ref_update_every`` steps
+        (iterative DPO's new reference each round); returns whether it did."""
+        every = self.cfg.learner.ref_update_every
+        if self.ref_model is None or not every or self.step_count % every:
+            return False
+        self.ref_model.load_state_dict(self.model.state_dict())
+        return True
+
+    def save(self, out: Path, full: bool = True) -> Path:
+        """Checkpoint to ``out`` at the current step and version (every rank calls it)."""
+        return save_checkpoint(out, self.step_count, self.version, self.backend, self.tokenizer,
+                               self.heads, self.head_optimizer, self.rank, full)  # fmt: skip
+
+    def load_state(self, ckpt: Path) -> int:
+        """Optimizer state, heads, RNG and version from ``ckpt`` (the policy weights were
+        loaded from it when ``model.path`` points there); returns the step it was saved at.
+
+        Raises:
+            FileNotFoundError: a part of the checkpoint is missing.
+        """
+        self.version, self.step_count = load_checkpoint_state(
+            ckpt, self.backend, self.heads, self.head_optimizer
+        )
+        return self.step_count
+
+
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its micro-batches' rows: means, maxima for ``*_max`` keys,
+    and totals for the token counts."""
     keys = {k for r in rows for k in r}
     out = {}
     for k in keys:
@@ -331,129 +293,60 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _any_rank(flag: bool, world: int) -> bool:
-    """True if ``flag`` holds on any learner rank (all ranks must agree to skip a step)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def train(cfg: Config, stop: StopFlag, learner: Learner | None = None) -> dict[str, float]:
-    """The learner's main loop (see module docstring). Returns the last metrics row.
+def train(
+    cfg: Config,
+    stop: StopFlag,
+    learner: Learner | None = None,
+    source: MicroBatchSource | None = None,
+    evaluate: Evaluator | None = None,
+) -> dict[str, float]:
+    """The learner's main loop (see the module docstring). Returns the last metrics row.
 
     Args:
         cfg: the resolved run config.
         stop: set by SIGTERM/SIGINT (or by a replayed log running out).
-        learner: a prepared learner (replay passes one whose queue is the log); default:
-            a connected learner built from ``cfg``.
+        learner: a prepared learner; default: a connected learner built from ``cfg``.
+        source: where micro-batches come from (a replay's log); default: the learner's own.
+        evaluate: held-out evaluation run every ``eval.every_steps`` steps (rank 0).
     """
-    run_dir = Path(cfg.run_dir)
-    lc = cfg.learner
     learner = learner or Learner(cfg)
-    rank, world = learner.rank, learner.world
-    unit = 2 if cfg.algo == "iterative_dpo" else 1  # DPO pairs stay on one rank
-    step = learner.start_step
-    if rank == 0 and cfg.resume:  # rows the dead learner wrote after its checkpoint go
-        truncate_metrics(run_dir / "metrics.jsonl", step)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    lead, feed, run_dir = learner.rank == 0, learner.feed(source), Path(cfg.run_dir)
+    if lead and cfg.resume:  # rows the dead learner wrote after its checkpoint go
+        truncate_metrics(run_dir / "metrics.jsonl", learner.step_count)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl") if lead else None
     learner.broadcast_weights()  # actors start from exactly the learner's weights
     start = time.monotonic()
-    deadline = start + cfg.time_limit_s
-    row: dict[str, float] = {}
+    deadline, row = start + cfg.time_limit_s, {}
     try:
-        while True:
-            if rank == 0:  # rank 0 decides when training ends; the others follow
-                if step >= lc.steps or stop:
-                    break
-                if time.monotonic() > deadline:
-                    log.info("time limit of %.0f s reached after %d steps", cfg.time_limit_s, step)
-                    break
-            t_step = time.perf_counter()
-            mb_rows, wait_s, queue_stats = [], 0.0, {}
-            n = lc.micro_batches_per_step
-            for i in range(n):
-                samples: list[Sample] = []
-                if rank == 0:
-                    samples, stats, waited = learner.next_micro_batch(stop, deadline)
-                    wait_s += waited
-                    queue_stats.update(stats)
-                if world > 1:
-                    samples = share_micro_batch(samples, rank)
-                if not samples:
-                    break
-                mine, weight = shard(samples, rank, world, unit)
-                mb_rows.append(learner.train_micro_batch(mine, weight / n, last=i == n - 1))
-            # Stopped or out of time while waiting for data: drop the partial step.
-            if len(mb_rows) < n:
-                learner.zero_grad()
+        # rank 0 decides when training ends; the other ranks follow its empty micro-batch
+        while not (lead and (learner.done() or stop)):
+            if lead and time.monotonic() > deadline:
+                log.info("time limit of %.0f s reached after %d steps", cfg.time_limit_s,
+                         learner.step_count)  # fmt: skip
                 break
-            if _any_rank(not all(math.isfinite(r["learner/loss"]) for r in mb_rows), world):
-                learner.zero_grad()  # a NaN/inf loss: skip the step, keep the last good weights
-                learner.skipped_steps += 1
-                grad_norm, took = float("nan"), False
-            else:
-                grad_norm, took = learner.optimizer_step()
-            step += 1
-            broadcast_s = 0.0
-            if took:  # a skipped step changes no weight: no new version to send
-                learner.version += 1
-                broadcast_s = learner.broadcast_weights()
-                learner.update_reference(step)
-            step_s = time.perf_counter() - t_step
-            if lc.checkpoint_every and step % lc.checkpoint_every == 0:
-                save_checkpoint(learner, run_dir / "checkpoints" / f"step_{step}", step,
-                                full=lc.checkpoint_optimizer)  # fmt: skip
-            if rank != 0:
+            out = learner.step(feed, stop, deadline)
+            if out is None:  # stopped or out of time while waiting for data
+                break
+            if not lead:
                 continue
-            row = {
-                "step": step,
-                "version": learner.version,
-                "wall_s": time.monotonic() - start,
-                **_mean_rows(mb_rows),
-                **queue_stats,
-                "learner/grad_norm": grad_norm,
-                "learner/step_taken": float(took),
-                "learner/skipped_steps": float(learner.skipped_steps),
-                "learner/rejected_replies": float(learner.queue.rejected_replies),
-                "learner/rejected_samples": float(learner.rejected_samples),
-                "learner/micro_batches_per_step": float(len(mb_rows)),
-                "learner/ranks": float(world),
-                "learner/attached_nodes": float(len(learner.nodes.alive()) if learner.nodes else 0),
-                "learner/step_s": step_s,
-                "learner/queue_wait_s": wait_s,
-                "learner/broadcast_s": broadcast_s,
-            }
-            row["learner/tokens_per_s"] = row["learner/tokens"] * world / max(step_s - wait_s, 1e-9)
+            row = {"step": learner.step_count, "version": learner.version,
+                   "wall_s": time.monotonic() - start, **out,
+                   "learner/skipped_steps": float(learner.skipped_steps),
+                   "learner/rejected_replies": float(feed.rejected_replies),
+                   "learner/rejected_samples": float(feed.rejected_samples),
+                   "learner/ranks": float(learner.world),
+                   "learner/attached_nodes": float(learner.channel.attached_nodes())}  # fmt: skip
             every = cfg.eval.every_steps
-            if every and step % every == 0 and step < lc.steps:
-                row.update(learner.evaluate_heldout())
+            if evaluate and every and learner.step_count % every == 0 and not learner.done():
+                row.update(evaluate(learner))  # not after the last step: the launcher does
             metrics.write(row)
     finally:
-        if rank == 0 and world > 1:
-            share_micro_batch([], rank)  # tell the other ranks to stop
-        save_checkpoint(learner, run_dir / "checkpoints" / "final", step)
-        log.info("saved final checkpoint at step %d (version %d)", step, learner.version)
-        if rank == 0:
+        feed.stop_ranks()
+        learner.save(learner.checkpoints / "final")
+        log.info("saved final checkpoint at step %d (version %d)", learner.step_count,
+                 learner.version)  # fmt: skip
+        if lead:
             metrics.close()
-            learner.queue.close()
-            if learner.sender is not None:
-                learner.sender.close()
-                learner.nodes.close()
-                learner.publisher.close()
+            feed.close()
+            learner.channel.close()
     return row
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m dashrl.learner.learner <config.json>``."""
-    argv = argv if argv is not None else sys.argv[1:]
-    rank, _ = init_ranks()
-    setup_logging("learner" if rank == 0 else f"learner{rank}")
-    cfg = load_config(Path(argv[0]))
-    set_thread_budget(cfg.learner.torch_threads)
-    train(cfg, StopFlag())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Generator nodes that join a running job: the learner's control socket and weight publisher.
 
 Actors started with the job receive weights over the torch.distributed group built at
-launch (learner/weights.py); that group's size is fixed when it is created. Nodes that
+launch (protocol/weights.py); that group's size is fixed when it is created. Nodes that
 attach later (``start.py attach``) instead:
 
 1. register on the learner's control socket (ZeroMQ ROUTER, a thread of the learner) and
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import zmq
 
-from dashrl.launch.security import server_setup
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, WeightsVersion, decode, encode
+from dashrl.protocol.security import server_setup
 
 log = logging.getLogger("dashrl.learner")
 
@@ -43,7 +43,7 @@ class NodeRegistry:
         bind: ZeroMQ address to bind, e.g. "tcp://127.0.0.1:5560".
         welcome: returns the NodeWelcome for a registering node id.
         timeout_s: drop a node after this many seconds without a heartbeat.
-        curve_dir: CurveZMQ keys folder (launch/security.py), None on the loopback.
+        curve_dir: CurveZMQ keys folder (protocol/security.py), None on the loopback.
     """
 
     def __init__(self, bind: str, welcome: Callable[[str], NodeWelcome], timeout_s: float,
@@ -129,8 +129,8 @@ class WeightPublisher:
 
     Args:
         bind: address to bind.
-        layout_hash: the weights' layout hash (learner/weights.py ``layout_hash``).
-        curve_dir: CurveZMQ keys folder (launch/security.py), None on the loopback.
+        layout_hash: the weights' layout hash (protocol/weights.py ``layout_hash``).
+        curve_dir: CurveZMQ keys folder (protocol/security.py), None on the loopback.
     """
 
     def __init__(self, bind: str, layout_hash: str, curve_dir: Path | None = None):

@@ -1,9 +1,12 @@
 """One loss per algorithm family, on a collated micro-batch: what ``--algo`` changes in the learner.
 
 Every objective gets the same inputs (the micro-batch, the policy's hidden states at the
-completion positions, the token logprobs and the version lag) and returns the scalar
-loss plus its metrics. The formulas live in :mod:`dashrl.learner.loss` and
-:mod:`dashrl.learner.critic` as pure tensor functions; this module only wires them:
+completion positions, the token logprobs and the version lag) and a small
+:class:`ObjectiveContext` (the loss settings, the extra heads, the reference model), and
+returns the scalar loss plus its metrics. ``Algorithm.objective`` (protocol/algorithms.py)
+names the entry of :data:`OBJECTIVES` that an algorithm uses. The formulas live in
+:mod:`dashrl.learner.loss` and :mod:`dashrl.learner.critic` as pure tensor functions; this
+module only wires them:
 
 - surrogate (grpo, dr_grpo, reinforce, reinforce_rej, raft_pp): PPO/DAPO clipped surrogate
   with the actor's sequence advantage and staleness-aware clipping;
@@ -15,12 +18,11 @@ loss plus its metrics. The formulas live in :mod:`dashrl.learner.loss` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from dashrl.actors.advantages import SFT_ALGOS
 from dashrl.learner import critic as C
 from dashrl.learner.batch import MicroBatch, token_logprobs
 from dashrl.learner.loss import (
@@ -30,9 +32,8 @@ from dashrl.learner.loss import (
     sequence_logprobs,
     weighted_nll,
 )
-
-if TYPE_CHECKING:
-    from dashrl.learner.learner import Learner
+from dashrl.protocol.algorithms import Algorithm
+from dashrl.protocol.config import Config, PPOConfig
 
 
 @dataclass
@@ -52,19 +53,62 @@ class Inputs:
     lag: torch.Tensor
 
 
-def _agg(learner: Learner) -> tuple[str, float]:
-    lc, cfg = learner.cfg.learner, learner.cfg
-    agg = lc.loss_agg or ("seq_sum_const" if cfg.algo == "dr_grpo" else "token_mean")
-    return agg, float(cfg.actor.max_new_tokens)
+@dataclass
+class ObjectiveContext:
+    """What an objective needs beyond its micro-batch.
+
+    Attributes:
+        clip_eps_low, clip_eps_high: PPO clip range of a fresh sample.
+        staleness_clip_decay: eps(lag) = eps / (1 + decay * lag).
+        tis_cap: truncated importance sampling cap (0: off).
+        loss_agg: token aggregation ("token_mean", "seq_mean_token_mean", "seq_sum_const").
+        const_len: the constant normaliser of "seq_sum_const", in tokens (max_new_tokens).
+        temperature: the sampling temperature the logprobs are computed at.
+        dpo_beta: DPO's inverse temperature.
+        ppo: PPO's critic settings.
+        dense_coef: weight of the ORM's dense reward.
+        heads: the learner's extra heads by name ("critic", "orm").
+        ref_model: the frozen reference model (DPO, KL), or None.
+    """
+
+    clip_eps_low: float
+    clip_eps_high: float
+    staleness_clip_decay: float
+    tis_cap: float
+    loss_agg: str
+    const_len: float
+    temperature: float
+    dpo_beta: float
+    ppo: PPOConfig
+    dense_coef: float
+    heads: dict[str, torch.nn.Module] = field(default_factory=dict)
+    ref_model: torch.nn.Module | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        algo: Algorithm,
+        heads: dict[str, torch.nn.Module],
+        ref_model: torch.nn.Module | None,
+    ) -> ObjectiveContext:
+        """The context of a run: ``learner.loss_agg`` when set, else the algorithm's."""
+        lc = cfg.learner
+        return cls(
+            lc.clip_eps_low, lc.clip_eps_high, lc.staleness_clip_decay, lc.tis_cap,
+            lc.loss_agg or algo.loss_agg, float(cfg.actor.max_new_tokens),
+            cfg.actor.temperature, lc.dpo_beta, cfg.ppo, cfg.reward.dense_coef, heads, ref_model,
+        )  # fmt: skip
 
 
-def _surrogate(learner: Learner, x: Inputs, advantages: torch.Tensor):
-    lc = learner.cfg.learner
-    agg, const_len = _agg(learner)
+Objective = Callable[[Inputs, ObjectiveContext], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _surrogate(ctx: ObjectiveContext, x: Inputs, advantages: torch.Tensor):
     return clipped_surrogate(
         x.logprobs, x.batch.behaviour_logprobs, advantages, x.batch.mask, x.lag,
-        lc.clip_eps_low, lc.clip_eps_high, lc.staleness_clip_decay, agg=agg, const_len=const_len,
-        tis_cap=lc.tis_cap,
+        ctx.clip_eps_low, ctx.clip_eps_high, ctx.staleness_clip_decay, agg=ctx.loss_agg,
+        const_len=ctx.const_len, tis_cap=ctx.tis_cap,
     )  # fmt: skip
 
 
@@ -80,50 +124,52 @@ def _diagnostics(out, x: Inputs) -> dict[str, float]:
     return metrics
 
 
-def surrogate_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+def surrogate_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with the actor's per-sequence advantages (GRPO and relatives)."""
-    out = _surrogate(learner, x, x.batch.advantages)
+    out = _surrogate(ctx, x, x.batch.advantages)
     return out.loss, _diagnostics(out, x)
 
 
-def sft_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+def sft_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted NLL on the selected samples (RAFT, Expert Iteration, RCRL, SFT).
 
     The surrogate's clip fraction and ratio are still reported as off-policyness
     diagnostics; they do not enter the loss."""
-    agg, const_len = _agg(learner)
-    loss = weighted_nll(x.logprobs, x.batch.advantages, x.batch.mask, agg, const_len)
+    loss = weighted_nll(x.logprobs, x.batch.advantages, x.batch.mask, ctx.loss_agg, ctx.const_len)
     with torch.no_grad():
-        diag = _diagnostics(_surrogate(learner, x, x.batch.advantages), x)
+        diag = _diagnostics(_surrogate(ctx, x, x.batch.advantages), x)
     return loss, diag
 
 
-def ppo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO with a critic (Havrilla et al. 2024; Schulman et al. 2017): token rewards (sparse
     verifier reward on the last token, plus ORM potential shaping when reward.dense is
     "orm"), GAE with the current critic, whitened advantages in the clipped surrogate, and
     vf_coef * value loss (+ the ORM's own BCE loss)."""
-    pc, rc = learner.cfg.ppo, learner.cfg.reward
+    pc = ctx.ppo
     b, mask = x.batch, x.batch.mask
     h = x.hidden.detach() if pc.detach_critic else x.hidden
-    values = learner.critic(h)  # [B, T]
+    values = ctx.heads["critic"](h)  # [B, T]
     token_rewards = C.sparse_token_rewards(b.rewards, mask)
     metrics: dict[str, float] = {}
     loss = torch.zeros(())
-    if learner.orm is not None:
-        orm_logits = learner.orm(x.hidden.detach())
+    orm_head = ctx.heads.get("orm")
+    if orm_head is not None:
+        orm_logits = orm_head(x.hidden.detach())
         correct = (b.rewards >= 1).float()
         orm = C.orm_loss(orm_logits, correct, mask)
         loss = loss + orm
         with torch.no_grad():
             phi = torch.sigmoid(orm_logits)
-            token_rewards = token_rewards + rc.dense_coef * C.potential_shaping(phi, mask, pc.gamma)
+            token_rewards = token_rewards + ctx.dense_coef * C.potential_shaping(
+                phi, mask, pc.gamma
+            )
             last = (mask.sum(1).long() - 1).clamp(min=0)
             p_end = phi[torch.arange(len(last)), last]
             metrics["learner/orm_loss"] = float(orm.detach())
             metrics["learner/orm_acc"] = float(((p_end > 0.5).float() == correct).float().mean())
     adv, returns = C.gae(token_rewards, values.detach(), mask, pc.gamma, pc.lam)
-    out = _surrogate(learner, x, C.whiten(adv, mask))
+    out = _surrogate(ctx, x, C.whiten(adv, mask))
     vloss = C.value_loss(values, returns, mask)
     loss = loss + out.loss + pc.vf_coef * vloss
     n = mask.sum()
@@ -153,7 +199,7 @@ def dpo_pairs(prompt_ids: list[str], advantages: list[float]) -> list[tuple[int,
     return pairs
 
 
-def dpo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+def dpo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO (Rafailov et al. 2023, Eq. 7) on the micro-batch's pairs against the reference
     model (iterative/online DPO: Xiong et al. 2025's baseline). A micro-batch without a
     complete pair contributes a zero loss (and ``learner/dpo_pairs`` 0) instead of failing."""
@@ -164,9 +210,9 @@ def dpo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, 
     w, lo = (torch.tensor(i) for i in zip(*pairs, strict=True))
     seq = sequence_logprobs(x.logprobs, b.mask)
     with torch.no_grad():
-        ref_logp, _ = token_logprobs(learner.ref_model, b, learner.cfg.actor.temperature)
+        ref_logp, _ = token_logprobs(ctx.ref_model, b, ctx.temperature)
         ref = sequence_logprobs(ref_logp, b.mask)
-    out = dpo_loss(seq[w], seq[lo], ref[w], ref[lo], learner.cfg.learner.dpo_beta)
+    out = dpo_loss(seq[w], seq[lo], ref[w], ref[lo], ctx.dpo_beta)
     return out.loss, {
         "learner/dpo_margin": float(out.margin),
         "learner/dpo_acc": float(out.accuracy),
@@ -174,12 +220,10 @@ def dpo_objective(learner: Learner, x: Inputs) -> tuple[torch.Tensor, dict[str, 
     }
 
 
-def objective_for(algo: str):
-    """The objective function of ``--algo``."""
-    if algo == "ppo":
-        return ppo_objective
-    if algo == "iterative_dpo":
-        return dpo_objective
-    if algo in SFT_ALGOS:
-        return sft_objective
-    return surrogate_objective
+OBJECTIVES: dict[str, Objective] = {
+    "surrogate": surrogate_objective,
+    "sft": sft_objective,
+    "ppo": ppo_objective,
+    "dpo": dpo_objective,
+}
+"""The learner's loss families by ``Algorithm.objective``."""

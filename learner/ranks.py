@@ -64,3 +64,13 @@ def shard(
     units = [samples[i : i + unit] for i in range(0, len(samples), unit)]
     mine = [s for u in units[rank::world] for s in u]
     return (mine, 1.0) if mine else (units[0] if units else [], 0.0)
+
+
+def all_ranks_agree(flag: bool, world: int) -> bool:
+    """True iff ``flag`` holds on every learner rank (a step is taken only if all ranks'
+    losses are finite; a collective on the default group, on its device)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

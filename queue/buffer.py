@@ -48,6 +48,10 @@ def dpo_pair_units(advantages: list[float]) -> list[tuple[int, ...]]:
     return list(zip(pos, neg, strict=False))
 
 
+UNITS = {"sample": singleton_units, "pair": dpo_pair_units}
+"""The buffer's grouping for each ``Algorithm.unit`` (protocol/algorithms.py)."""
+
+
 def passes_gradient_filter(advantage: float, threshold: float | None) -> bool:
     """DASH gradient filtering (Huang et al. 2025, "gradient filtering"): keep iff |A| > threshold.
 

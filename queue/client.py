@@ -37,7 +37,7 @@ class QueueClient:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if configure is not None:  # CurveZMQ client keys (launch/security.py)
+        if configure is not None:  # CurveZMQ client keys (protocol/security.py)
             configure(self.sock)
         self.sock.connect(endpoint)
         self.limits = limits or DecodeLimits()

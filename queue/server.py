@@ -15,9 +15,9 @@ Sockets (all bound on the configured loopback host):
 
 Every accepted group (only its accepted completions) is appended to
 ``<run_dir>/queue/rollouts.msgpack``, with a record of every micro-batch served and every
-eviction (queue/log.py), so a run can be replayed exactly. Under ``--algo iterative_dpo``
-each group's (chosen, rejected) pair is one unit of the buffer, so a micro-batch never
-splits a pair. A bad frame is counted
+eviction (queue/log.py), so a run can be replayed exactly. One buffer entry is the
+algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group's
+(chosen, rejected) pair, so a micro-batch never splits a pair. A bad frame is counted
 (``queue/rejected_frames``), logged in one line, and the loop goes on.
 """
 
@@ -31,9 +31,6 @@ from pathlib import Path
 
 import zmq
 
-from dashrl.launch.config import Config, load_config
-from dashrl.launch.runtime import StopFlag, setup_logging
-from dashrl.launch.security import server_setup
 from dashrl.protocol import (
     DecodeLimits,
     MicroBatchReply,
@@ -45,7 +42,11 @@ from dashrl.protocol import (
     encode,
     group_to_samples,
 )
-from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units, singleton_units, version_lag
+from dashrl.protocol.algorithms import get_algorithm
+from dashrl.protocol.config import Config, load_config
+from dashrl.protocol.runtime import StopFlag, setup_logging
+from dashrl.protocol.security import server_setup
+from dashrl.queue.buffer import UNITS, ReplayBuffer, version_lag
 from dashrl.queue.log import ROLLOUT_LOG, RolloutLog, read_queue_log
 
 log = logging.getLogger("dashrl.queue")
@@ -78,13 +79,13 @@ class QueueServer:
         self._refs: dict[int, tuple[int, int]] = {}  # id(held sample) -> its name in the log
         self.reloaded = 0
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
-        # iterative DPO trains on (chosen, rejected) pairs: store and serve them as units
-        self.units = dpo_pair_units if cfg.algo == "iterative_dpo" else singleton_units
+        # an entry is the algorithm's unit: a sample, or DPO's (chosen, rejected) pair
+        self.units = UNITS[get_algorithm(cfg.algo).unit]
         self.rejected_frames = 0
         self.handler_errors = 0
         self.groups_received = 0
         self.faults: dict[str, float] = {}  # actor-side verifier faults, cumulative
-        self.gate = None  # CurveZMQ refusals (launch/security.py), when keys are in use
+        self.gate = None  # CurveZMQ refusals (protocol/security.py), when keys are in use
         self._latest: dict[str, dict[str, float]] = {}  # stat -> actor id -> latest value
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dashrl.launch.config import Config
+from dashrl.protocol.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from dashrl.launch.model import TINY, resolve_model
+    from dashrl.protocol.model import TINY, resolve_model
 
     return resolve_model(TINY, Config().model.cache_dir)
 

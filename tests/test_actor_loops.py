@@ -13,7 +13,7 @@ import zmq
 
 from dashrl.actors.actor import Actor
 from dashrl.actors.engine import FakeEngine
-from dashrl.launch.runtime import free_port
+from dashrl.protocol.runtime import free_port
 
 
 class InFlightFake(FakeEngine):

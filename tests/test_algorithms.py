@@ -18,6 +18,65 @@ from dashrl.actors.advantages import (
     reinforce_rej_advantages,
 )
 from dashrl.learner.loss import aggregate, weighted_nll
+from dashrl.learner.objectives import OBJECTIVES
+from dashrl.protocol.algorithms import (
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    Algorithm,
+    algorithm_table,
+    get_algorithm,
+)
+from dashrl.protocol.config import Config
+from dashrl.queue.buffer import UNITS
+
+
+def test_every_registered_algorithm_resolves_in_every_role() -> None:
+    """Each spec names an estimator the actor has, an objective the learner has and a unit
+    the queue has; the config's --algo choices are exactly the registry's names."""
+    for algo in ALGORITHMS.values():
+        assert algo.estimator in ESTIMATORS, algo.name
+        assert algo.objective in OBJECTIVES, algo.name
+        assert algo.unit in UNITS, algo.name
+    choices = Config.model_json_schema()["properties"]["algo"]["enum"]
+    assert tuple(choices) == ALGORITHM_NAMES
+    assert "rcrl (Havrilla" in Config.model_json_schema()["properties"]["algo"]["description"]
+    with pytest.raises(ValueError, match="unknown algorithm 'nope'; known: grpo"):
+        get_algorithm("nope")
+
+
+def test_the_queue_unit_and_the_learner_shard_unit_are_one_field() -> None:
+    """A DPO pair is stored and served whole by the queue and never split across ranks."""
+    from dashrl.learner.ranks import shard
+
+    dpo = get_algorithm("iterative_dpo")
+    assert dpo.unit == "pair" and dpo.unit_size == 2
+    assert UNITS[dpo.unit]([1.0, -1.0, 0.0]) == [(0, 1)]
+    samples = list("abcd")  # two pairs
+    assert shard(samples, 1, 2, dpo.unit_size) == (["c", "d"], 1.0)
+    assert {a.unit_size for a in ALGORITHMS.values() if a.unit == "sample"} == {1}
+
+
+def test_the_readme_algorithm_table_is_the_registry() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert algorithm_table() in readme
+
+
+def test_a_new_algorithm_is_one_registry_entry(tiny_cfg, monkeypatch) -> None:
+    """An algorithm that reuses an estimator and the surrogate objective needs nothing but
+    its spec: with it in the registry, the learner builds and trains with it (the config's
+    --algo choices are built from the same registry at import)."""
+    from dashrl.learner.learner import Learner
+    from dashrl.protocol import algorithms
+
+    new = Algorithm("grpo_seq_mean", "grpo", "surrogate", "GRPO with a sequence mean", "test",
+                    loss_agg="seq_mean_token_mean")  # fmt: skip
+    monkeypatch.setitem(algorithms.ALGORITHMS, new.name, new)
+    learner = Learner(tiny_cfg.model_copy(update={"algo": new.name}), connect=False)
+    assert learner.context.loss_agg == "seq_mean_token_mean"
+    m = learner.train_micro_batch(_samples([([5, 6, 7], 1.0, 1.0), ([8, 9], 0.0, -1.0)]), 1.0)
+    assert np.isfinite(m["learner/loss"]) and "learner/clip_frac" in m
 
 
 def test_estimators_by_hand() -> None:
@@ -82,7 +141,7 @@ def test_weighted_nll_by_hand() -> None:
     torch.testing.assert_close(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [0.0, 0.0]]))
 
 
-@pytest.mark.parametrize("algo", sorted(ESTIMATORS))
+@pytest.mark.parametrize("algo", ALGORITHM_NAMES)
 def test_every_algorithm_takes_a_learner_step(tiny_cfg, algo: str) -> None:
     from dashrl.learner.learner import Learner
     from dashrl.protocol import Sample
@@ -128,7 +187,7 @@ def test_ppo_critic_learns_and_a_detached_critic_leaves_the_policy_gradient_alon
         grads.append(_policy_grads(learner))
         if vf:
             assert any(p.grad is not None and p.grad.abs().sum() > 0
-                       for p in learner.critic.parameters())  # fmt: skip
+                       for p in learner.heads["critic"].parameters())  # fmt: skip
             losses = [m["learner/value_loss"]]
             for _ in range(15):
                 learner.optimizer_step()
@@ -159,11 +218,11 @@ def test_ppo_dense_orm_learns_the_labels(tiny_cfg) -> None:
 def test_dense_reward_needs_ppo() -> None:
     from pydantic import ValidationError
 
-    from dashrl.launch.config import Config
+    from dashrl.protocol.config import Config
 
     with pytest.raises(ValidationError, match="ppo"):
         Config.model_validate({"algo": "grpo", "reward": {"dense": "orm"}})
-    with pytest.raises(ValidationError, match="even"):
+    with pytest.raises(ValidationError, match="multiple of 2"):
         Config.model_validate({"algo": "iterative_dpo", "learner": {"micro_batch_size": 3}})
 
 
@@ -182,7 +241,8 @@ def test_iterative_dpo_starts_at_log2_and_raises_the_margin(tiny_cfg) -> None:
     assert m["learner/dpo_margin"] > 0 and m["learner/loss"] < math.log(2)
     learner.zero_grad()
     cfg.learner.ref_update_every = 1
-    assert learner.update_reference(step=1)  # the reference becomes the current policy
+    learner.step_count = 1
+    assert learner.update_reference()  # the reference becomes the current policy
     assert learner.train_micro_batch(batch, 1.0)["learner/loss"] == pytest.approx(math.log(2))
     unpaired = learner.train_micro_batch(batch[:1], 1.0)  # half a pair: no loss, no crash
     assert unpaired["learner/dpo_pairs"] == 0 and unpaired["learner/loss"] == 0.0

@@ -16,8 +16,8 @@ from typing import get_args
 import pytest
 
 from conftest import REPO
-from dashrl.launch.config import Config
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 START = str(REPO / "launch" / "start.py")
@@ -56,7 +56,7 @@ def test_start_runs_every_algorithm_on_the_default_model(name: str, tmp_path) ->
         assert all(r["learner/dpo_pairs"] == 2 for r in rows)  # 4 sequences = 2 whole pairs
     groups = read_rollout_log(run_dir / ROLLOUT_LOG)
     if algo == "rcrl":  # every sample is logged under the tag of its own return
-        from dashrl.launch.model import load_tokenizer
+        from dashrl.protocol.model import load_tokenizer
 
         tok = load_tokenizer(summary["model"])
         for g in groups:

@@ -85,7 +85,7 @@ def test_ppo_heads_step_with_the_deepspeed_policy(tiny_cfg) -> None:
     for learner in (ds, ref):
         learner.train_micro_batch(MICRO_BATCHES[0], 1.0)
         assert learner.optimizer_step()[1]
-    for a, b in zip(ds.critic.parameters(), ref.critic.parameters(), strict=True):
+    for a, b in zip(ds.heads["critic"].parameters(), ref.heads["critic"].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -95,13 +95,12 @@ def test_ppo_heads_step_with_the_deepspeed_policy(tiny_cfg) -> None:
 def test_a_checkpoint_resumes_the_same_optimizer_trajectory(
     tiny_cfg, tmp_path, backend: str, stage: int, algo: str
 ) -> None:
-    from dashrl.learner.learner import save_checkpoint
-
     first = _learner(tiny_cfg, backend, stage, algo)
     first.train_micro_batch(MICRO_BATCHES[0], 1.0)
     first.optimizer_step()
     first.version = 1
-    save_checkpoint(first, tmp_path / "ckpt", step=1)
+    first.step_count = 1
+    first.save(tmp_path / "ckpt")
     first.train_micro_batch(MICRO_BATCHES[1], 1.0)  # the step the resumed learner must repeat
     first.optimizer_step()
 
@@ -123,16 +122,17 @@ def test_a_checkpoint_resumes_the_same_optimizer_trajectory(
 def test_a_weights_only_checkpoint_loads_but_is_never_resumed_from(tiny_cfg, tmp_path) -> None:
     """learner.checkpoint_optimizer=False: the periodic checkpoint holds weights a model
     loader reads, no optimizer state, and latest_checkpoint (--resume) skips it."""
-    from dashrl.launch.model import load_causal_lm
     from dashrl.learner.checkpoint import latest_checkpoint
-    from dashrl.learner.learner import save_checkpoint
+    from dashrl.protocol.model import load_causal_lm
 
     learner = _learner(tiny_cfg, "torch")
     learner.train_micro_batch(MICRO_BATCHES[0], 1.0)
     learner.optimizer_step()
     run = tmp_path / "run"
-    save_checkpoint(learner, run / "checkpoints" / "step_1", step=1)
-    save_checkpoint(learner, run / "checkpoints" / "step_2", step=2, full=False)
+    learner.step_count = 1
+    learner.save(run / "checkpoints" / "step_1")
+    learner.step_count = 2
+    learner.save(run / "checkpoints" / "step_2", full=False)
     light, full = run / "checkpoints" / "step_2", run / "checkpoints" / "step_1"
     assert not (light / "optimizer.pt").exists() and not (light / "rng.pt").exists()
     assert (full / "optimizer.pt").exists()

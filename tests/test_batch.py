@@ -34,7 +34,7 @@ def test_collate_pads_and_indexes_prediction_positions() -> None:
 
 
 def test_token_logprobs_match_a_plain_forward(tiny_model_path) -> None:
-    from dashrl.launch.model import load_causal_lm
+    from dashrl.protocol.model import load_causal_lm
 
     model = load_causal_lm(tiny_model_path)
     samples = [sample([5, 6, 7, 11], [8, 9]), sample([1], [2, 3, 4, 10])]

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import REPO
-from dashrl.launch.config import Config
+from dashrl.protocol.config import Config
 
 START = str(REPO / "launch" / "start.py")
 
@@ -56,7 +56,7 @@ def test_a_used_run_dir_is_refused(tmp_path) -> None:
 def test_vllm_actor_env_never_preloads_two_openmp_runtimes(monkeypatch) -> None:
     """A process that imported vLLM has torch's libgomp in LD_PRELOAD; a vLLM actor started
     from it with Intel OpenMP as well would die in vLLM's start-up check."""
-    from dashrl.launch.runtime import actor_env
+    from dashrl.protocol.runtime import actor_env
 
     monkeypatch.setenv("LD_PRELOAD", "/t/torch/lib/libgomp.so.1:/other/libkeep.so")
     env = actor_env("vllm")

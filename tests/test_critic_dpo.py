@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dashrl.actors.advantages import dpo_pair, ppo_priority, rcrl_weights
+from dashrl.actors.advantages import dpo_pair, ones, ppo_priority
 from dashrl.learner import critic as C
 from dashrl.learner.loss import clipped_surrogate, dpo_loss, sequence_logprobs
 from dashrl.learner.objectives import dpo_pairs
@@ -128,7 +128,7 @@ def test_dpo_loss_by_hand() -> None:
 def test_pair_selection_on_actor_queue_and_learner() -> None:
     np.testing.assert_array_equal(dpo_pair(np.array([0.0, 1.0, 0.0, 1.0])), [-1, 1, 0, 0])
     assert dpo_pair(np.ones(4)) is None
-    np.testing.assert_array_equal(rcrl_weights(np.array([0.0, 1.0])), [1, 1])
+    np.testing.assert_array_equal(ones(np.array([0.0, 1.0])), [1, 1])
     np.testing.assert_allclose(ppo_priority(np.array([1.0, 0.0])), [0.5, -0.5])
     assert dpo_pair_units([-1.0, 1.0, 0.0, 0.0]) == [(1, 0)]
     assert dpo_pairs(["a", "a", "b", "c", "c"], [1.0, -1.0, 1.0, -1.0, 1.0]) == [(0, 1), (4, 3)]
@@ -167,7 +167,7 @@ def test_format_reward_is_added_to_the_verifier() -> None:
 
     p = Problem("x", "q", "7")
     texts = ["so 7", "so 3", "no number", "so 7"]
-    rewards, _ = score_group(Exact(), p, texts, 0.0, rcrl_weights, [True, True, True, False], 0.1)
+    rewards, _ = score_group(Exact(), p, texts, 0.0, ones, [True, True, True, False], 0.1)
     np.testing.assert_allclose(rewards, [1.1, 0.1, 0.0, 1.0], rtol=1e-6)
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import REPO
-from dashrl.launch.config import Config
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
@@ -68,8 +68,8 @@ def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
 @pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
 def test_sft_baseline_streams_reference_solutions(tiny_cfg) -> None:
     from dashrl.actors.tasks import load_task
-    from dashrl.launch.model import load_tokenizer
     from dashrl.launch.start import run
+    from dashrl.protocol.model import load_tokenizer
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.algo, cfg.data.source, cfg.data.gsm8k_dir = "sft", "gsm8k", GSM8K

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 import zmq
 
-from dashrl.launch.config import Config
-from dashrl.launch.runtime import free_port
 from dashrl.protocol import (
     Completion,
     DecodeLimits,
@@ -31,6 +29,8 @@ from dashrl.protocol import (
     decode,
     encode,
 )
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import free_port
 
 FRAMES = int(os.environ.get("DASHRL_FUZZ_FRAMES", "100000"))
 MAX_FRAME = 4096

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, children_of, tiny_job_args
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
 START = str(REPO / "launch" / "start.py")

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dashrl.learner.learner import Learner
-from dashrl.protocol import Sample
+from dashrl.learner.sources import valid_samples
+from dashrl.protocol import MicroBatchReply, Sample
+from dashrl.protocol.runtime import StopFlag
 
 
 def sample(adv: float, completion: list[int], version: int = 0) -> Sample:
@@ -30,12 +32,28 @@ def test_micro_batches_accumulate_into_one_update(tiny_cfg) -> None:
     assert all(p.grad is None for p in after)  # zeroed for the next step
 
 
+class ListSource:
+    """A MicroBatchSource serving fixed micro-batches, then empty replies."""
+
+    def __init__(self, batches: list[list[Sample]]):
+        self.batches, self.rejected_replies, self.asked = list(batches), 0, 0
+
+    def request(self, learner_version, size, unit, timeout_s=0.0) -> MicroBatchReply:
+        self.asked += 1
+        return MicroBatchReply(0, self.batches.pop(0) if self.batches else [], {})
+
+    def close(self) -> None:
+        pass
+
+
 def test_samples_outside_the_vocabulary_are_dropped(tiny_cfg) -> None:
     learner = Learner(tiny_cfg, connect=False)
     vocab = learner.model.get_input_embeddings().num_embeddings
     good, bad = sample(1.0, [5, 6]), sample(1.0, [5, vocab])
-    assert learner.valid_samples([good, bad, good]) == [good, good]
-    assert learner.rejected_samples == 1
+    assert valid_samples([good, bad, good], vocab) == [good, good]
+    feed = learner.feed(ListSource([[good, bad, good]]))
+    samples, _, _ = feed.next(0, StopFlag())
+    assert samples == [good, good] and feed.rejected_samples == 1
 
 
 def test_non_finite_gradient_skips_the_step_and_keeps_weights(tiny_cfg) -> None:
@@ -44,9 +62,37 @@ def test_non_finite_gradient_skips_the_step_and_keeps_weights(tiny_cfg) -> None:
     next(learner.model.parameters()).grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in learner.model.parameters()]
     norm, took = learner.optimizer_step()
-    assert not took and not np.isfinite(norm) and learner.skipped_steps == 1
+    assert not took and not np.isfinite(norm)
     for a, b in zip(before, learner.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_counted_once(tiny_cfg) -> None:
+    """Learner.step owns the NaN-skip: no optimizer step, no version bump, one count; the
+    next good step goes through and bumps the version."""
+    learner = Learner(tiny_cfg, connect=False)
+    nan = sample(1.0, [5, 6, 7])
+    nan.logprobs = np.full(3, np.nan, np.float32)  # what the wire would have refused
+    n = tiny_cfg.learner.micro_batches_per_step
+    good = [[sample(1.0, [5, 6]), sample(-1.0, [7, 8])] for _ in range(n)]
+    feed = learner.feed(ListSource([[nan]] * n + good))
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    out = learner.step(feed, StopFlag())
+    assert out["learner/step_taken"] == 0.0 and learner.skipped_steps == 1
+    assert learner.version == 0 and learner.step_count == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
+    out = learner.step(feed, StopFlag())
+    assert out["learner/step_taken"] == 1.0 and learner.version == 1
+    assert learner.skipped_steps == 1 and out["learner/micro_batches_per_step"] == n
+
+
+def test_a_step_is_dropped_when_the_feed_runs_dry(tiny_cfg) -> None:
+    """Stopped while waiting for data: the partial step is dropped, nothing is counted."""
+    learner = Learner(tiny_cfg, connect=False)
+    stop = StopFlag()
+    stop.stop = True
+    assert learner.step(learner.feed(ListSource([])), stop) is None
+    assert learner.step_count == 0 and learner.version == 0
 
 
 def test_kl_penalty_to_the_reference_model(tiny_cfg) -> None:

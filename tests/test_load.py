@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, children_of, tiny_job_args
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
 START = str(REPO / "launch" / "start.py")
@@ -33,7 +33,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _children(pid: int) -> dict[str, int]:
-    roles = {"dashrl.queue.server": "queue", "dashrl.learner.learner": "learner"}
+    roles = {"dashrl.queue.server": "queue", "dashrl.launch.learn": "learner"}
     return {role: p for p, args in children_of(pid) for m, role in roles.items() if m in args}
 
 

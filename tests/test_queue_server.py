@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from dashrl.launch.config import Config
-from dashrl.launch.runtime import free_port
 from dashrl.protocol import (
     Completion,
     MicroBatchReply,
@@ -22,6 +20,8 @@ from dashrl.protocol import (
     decode,
     encode,
 )
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import free_port
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from dashrl.launch.replay import compare
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.runtime import read_jsonl
 
 START = str(REPO / "launch" / "start.py")
 

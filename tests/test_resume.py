@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, children_of, tiny_job_args
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 
 START = str(REPO / "launch" / "start.py")
@@ -41,7 +41,7 @@ def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(tiny_cfg
         time.sleep(0.05)
     # the learner's pid, from the process table of the launcher's children
     for p, args in children_of(first.pid):
-        if "dashrl.learner.learner" in args:
+        if "dashrl.launch.learn" in args:
             pid = p
     assert pid is not None, children_of(first.pid)
     os.kill(pid, signal.SIGKILL)

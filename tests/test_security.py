@@ -16,9 +16,6 @@ import torch
 import zmq
 from pydantic import ValidationError
 
-from dashrl.launch.config import Config
-from dashrl.launch.runtime import free_port
-from dashrl.launch.security import client_setup, generate_keys
 from dashrl.protocol import (
     Completion,
     MicroBatchReply,
@@ -29,6 +26,9 @@ from dashrl.protocol import (
     decode,
     encode,
 )
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import free_port
+from dashrl.protocol.security import client_setup, generate_keys
 
 HOST = "127.0.0.2"
 
@@ -115,7 +115,7 @@ def test_queue_refuses_clients_without_the_key(tmp_path: Path) -> None:
 
 def test_control_socket_and_weights_refuse_strangers(tmp_path: Path) -> None:
     from dashrl.learner.nodes import NodeRegistry, WeightPublisher
-    from dashrl.learner.weights import ZmqWeightReceiver, layout_hash
+    from dashrl.protocol.weights import ZmqWeightReceiver, layout_hash
 
     keys = generate_keys(tmp_path / "keys")
     control, weights = f"tcp://{HOST}:{free_port(HOST)}", f"tcp://{HOST}:{free_port(HOST)}"

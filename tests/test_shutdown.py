@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO
-from dashrl.launch.runtime import read_jsonl
+from dashrl.protocol.runtime import read_jsonl
 
 
 def alive(pid: int) -> bool:
@@ -52,6 +52,6 @@ def test_sigterm_stops_children_and_leaves_checkpoint(tiny_cfg) -> None:
     assert summary["interrupted"] is True and summary["learner_steps"] >= 2
     state = json.loads((run_dir / "checkpoints" / "final" / "dashrl_state.json").read_text())
     assert state["step"] == summary["learner_steps"]
-    from dashrl.launch.model import load_causal_lm
+    from dashrl.protocol.model import load_causal_lm
 
     load_causal_lm(run_dir / "checkpoints" / "final")  # the checkpoint loads

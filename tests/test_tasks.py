@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from dashrl.actors.tasks import last_number, load_task, numbers_equal
-from dashrl.launch.config import DataConfig
+from dashrl.protocol.config import DataConfig
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dashrl.launch.runtime import free_port
+from dashrl.protocol.runtime import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,9 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
 ) -> None:
     from dashrl.actors.tasks import chat_prompt_ids
     from dashrl.actors.vllm_engine import VLLMEngine, hf_parameter_layout
-    from dashrl.launch.model import load_causal_lm, load_tokenizer, resolve_model
     from dashrl.learner.nodes import WeightPublisher
-    from dashrl.learner.weights import WeightSource, layout_hash
+    from dashrl.protocol.model import load_causal_lm, load_tokenizer, resolve_model
+    from dashrl.protocol.weights import WeightSource, layout_hash
 
     path = resolve_model("smollm2-135m-instruct", Path("~/.cache/dashrl/models"))
     tok = load_tokenizer(path)

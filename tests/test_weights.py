@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from dashrl.launch.runtime import free_port
+from dashrl.protocol.runtime import free_port
 
 
 def _receiver(port: int, shapes, out) -> None:
-    from dashrl.learner.weights import WeightReceiver
+    from dashrl.protocol.weights import WeightReceiver
 
     params = [torch.zeros(s) for s in shapes]
     rx = WeightReceiver(params, f"tcp://127.0.0.1:{port}", 2, 1, 60)
@@ -30,7 +30,7 @@ def _receiver(port: int, shapes, out) -> None:
 
 
 def run_pair(send_shapes, recv_shapes):
-    from dashrl.learner.weights import WeightSender
+    from dashrl.protocol.weights import WeightSender
 
     port = free_port()
     ctx = mp.get_context("spawn")
@@ -69,7 +69,7 @@ def test_zmq_source_stages_into_a_custom_loader_with_a_meta_layout() -> None:
     """What a vLLM worker does: its receiver only knows the learner's shapes (meta tensors)
     and loads each staged version through a callback, not into its own tensors."""
     from dashrl.learner.nodes import WeightPublisher
-    from dashrl.learner.weights import WeightSource, layout_hash, open_receiver
+    from dashrl.protocol.weights import WeightSource, layout_hash, open_receiver
 
     shapes = [(3, 2), (4,)]
     metas = [torch.empty(s, device="meta") for s in shapes]

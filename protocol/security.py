@@ -23,7 +23,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from dashrl.launch.config import LOOPBACK
+from dashrl.protocol.config import LOOPBACK
 
 log = logging.getLogger("dashrl.security")
 

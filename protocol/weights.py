@@ -411,7 +411,7 @@ def open_receiver(
         return WeightReceiver(params, source.init_method, source.world_size, source.rank,
                               source.timeout_s, load=load, device=device)  # fmt: skip
     if source.kind == "zmq":
-        from dashrl.launch.security import client_setup
+        from dashrl.protocol.security import client_setup
 
         keys = Path(source.curve_dir) if source.curve_dir else None
         return ZmqWeightReceiver(params, source.endpoint, client_setup(keys), load=load)

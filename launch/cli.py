@@ -1,0 +1,102 @@
+"""dashrl's command line: one tyro parser with a subcommand per entry point.
+
+    start.py [train] [--field value ...]     a training run (the default subcommand)
+    start.py --resume RUN_DIR [--field ...]  continue a run from its newest checkpoint
+    start.py eval | replay | attach | keys   see each one's --help
+
+Each subcommand's arguments are a typed model (``Config`` for train, launch/commands.py
+for the others), so ``--help`` shows every field with its docstring. Parsing imports
+nothing heavy; a subcommand's module (which imports torch) is imported only once its
+arguments have parsed, so ``--help`` stays fast. An expected error (a bad name, file,
+address or value) is printed as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import tyro
+
+from dashrl.launch.commands import AttachCommand, EvalCommand, KeysCommand, ReplayCommand
+from dashrl.protocol.config import Config
+from dashrl.protocol.runtime import setup_logging
+
+TRAIN = "train"
+SUBCOMMANDS: dict[str, tuple[type, str, str]] = {
+    TRAIN: (Config, "dashrl.launch.train", "run"),
+    "eval": (EvalCommand, "dashrl.launch.eval_command", "run_eval"),
+    "replay": (ReplayCommand, "dashrl.launch.replay", "run_replay_command"),
+    "attach": (AttachCommand, "dashrl.launch.attach", "attach"),
+    "keys": (KeysCommand, "dashrl.launch.commands", "keys_command"),
+}
+"""Subcommand -> (argument model, module, function called with the parsed arguments)."""
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TimeoutError)
+"""Errors a user can cause with a wrong argument: printed in one line, no traceback."""
+
+_TYRO = (tyro.conf.FlagConversionOff,)  # booleans as --flag True|False, as in config.json
+
+
+def _command_type() -> Any:
+    """The union of every subcommand's model (built at run time from SUBCOMMANDS)."""
+    options = tuple(
+        Annotated[model, tyro.conf.subcommand(name, default=Config() if name == TRAIN else None)]
+        for name, (model, _, _) in SUBCOMMANDS.items()
+    )
+    return Union[options]  # noqa: UP007  (a union built at run time)
+
+
+def parse(argv: list[str]) -> Any:
+    """The parsed subcommand model for ``argv`` (without the program name).
+
+    A first argument that is no subcommand means train, so ``start.py --learner.steps 4``
+    works as it always has; ``--resume RUN_DIR`` parses the overrides on top of the run's
+    saved config.
+
+    Raises:
+        SystemExit: ``--help``, or arguments tyro rejects (it prints why).
+        FileNotFoundError: ``--resume`` of a directory without config.json.
+    """
+    if argv[:1] == ["--resume"]:
+        if len(argv) < 2:
+            raise ValueError("usage: start.py --resume RUN_DIR [--field value ...]")
+        from dashrl.launch.train import resume_config  # reads the saved config: after argv
+
+        default = resume_config(Path(argv[1]))
+        return tyro.cli(Config, default=default, args=argv[2:], config=_TYRO,
+                        prog="start.py --resume RUN_DIR")  # fmt: skip
+    if not argv or argv[0] not in SUBCOMMANDS:  # start.py --help: train's fields
+        argv = [TRAIN, *argv]
+    return tyro.cli(_command_type(), args=argv, config=_TYRO, prog="start.py")
+
+
+def handler(cmd: Any) -> tuple[str, Callable[[Any], Any]]:
+    """(subcommand name, its function) for a parsed model."""
+    for name, (model, module, fn) in SUBCOMMANDS.items():
+        if type(cmd) is model:
+            return name, getattr(importlib.import_module(module), fn)
+    raise TypeError(f"not a subcommand model: {type(cmd).__name__}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, run the subcommand, and turn its result into the exit status: a replay whose
+    metrics differ from the original exits 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cmd = parse(argv)
+        name, fn = handler(cmd)
+        setup_logging(name if name != TRAIN else "launch")
+        result = fn(cmd)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if name == "replay" and result is not None and not result["identical"]:
+        sys.exit(1)
+    if name in ("attach", "keys"):
+        print(result)
+    logging.shutdown()

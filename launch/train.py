@@ -1,0 +1,266 @@
+"""``start.py [train]``: run a job end to end: queue, learner and actors as processes.
+
+What a run does, top to bottom (:func:`run`):
+  1. resolve the config (model path, free ports, run directory) and write config.json,
+     the contract every child process reads;
+  2. measure the held-out mean reward of the base model (all cores, nothing else running);
+  3. spawn the queue, the learner and the actors, each with its own thread budget, and
+     follow metrics.jsonl with a progress bar until the learner finishes, restarting a
+     dead queue or actor (:class:`Supervisor`);
+  4. stop every child by its pid, measure the held-out reward of the final checkpoint,
+     and write plot.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dashrl.actors.engine import HFEngine
+from dashrl.launch.attach import NodeClient
+from dashrl.launch.children import Children, reap_group
+from dashrl.launch.evaluate import heldout_reward
+from dashrl.launch.plot import plot_run
+from dashrl.protocol.config import PORT_FIELDS, Config, load_config
+from dashrl.protocol.model import resolve_model
+from dashrl.protocol.runtime import (
+    actor_env,
+    free_port,
+    read_jsonl,
+    set_thread_budget,
+    setup_logging,
+)
+from dashrl.queue.server import FINAL_STATS
+
+log = logging.getLogger("dashrl.launch")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill in run_dir, model path and ports; create the run directory and write config.json.
+
+    Raises:
+        FileExistsError: the run directory already holds a run.
+    """
+    run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir.resolve()
+    if (run_dir / "metrics.jsonl").exists() and not cfg.resume:  # logs only append
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.transport
+    ports = {k: getattr(t, k) or free_port(t.host) for k in PORT_FIELDS}
+    model = cfg.model.model_copy(
+        update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
+    )
+    resolved = cfg.model_copy(
+        update={"run_dir": run_dir, "transport": t.model_copy(update=ports), "model": model}
+    )
+    resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
+    (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
+    return resolved
+
+
+def resume_config(run_dir: Path) -> Config:
+    """The saved config of ``run_dir`` marked for resuming, with fresh ports.
+
+    Raises:
+        FileNotFoundError: no config.json there.
+    """
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: nothing to resume")
+    cfg = load_config(path)
+    ports = dict.fromkeys(PORT_FIELDS, 0)
+    return cfg.model_copy(update={"resume": True, "run_dir": run_dir.resolve(),
+                                  "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
+
+
+class Supervisor:
+    """Restarts a dead queue or actor while the learner runs (up to MAX_RESTARTS per role).
+
+    - The queue comes back on the same ports and reloads from its log every sample it had
+      accepted but not yet served or evicted; ZeroMQ peers reconnect by themselves.
+    - An actor comes back as a generator of node "launcher" (weights from the learner's
+      ZeroMQ publisher, since the launch-time weight group cannot take a new member); the
+      launcher registers that node and sends its heartbeats.
+    """
+
+    MAX_RESTARTS = 5
+
+    def __init__(self, cfg: Config, children: Children):
+        self.cfg, self.children = cfg, children
+        self.restarts: dict[str, int] = {}
+        self.node = None
+        self.config_path = str(cfg.run_dir / "config.json")
+
+    def restart(self, role: str) -> bool:
+        """Restart ``role`` if allowed; returns whether it did."""
+        n = self.restarts.get(role, 0)
+        if n >= self.MAX_RESTARTS or not (role == "queue" or role.startswith("actor")):
+            return False
+        self.restarts[role] = n + 1
+        dead = self.children.procs.get(role)
+        if dead is not None:  # e.g. the orphaned vLLM engine core of a killed actor
+            reap_group(dead.pid)
+        if role == "queue":
+            self.children.spawn("queue", "dashrl.queue.server", self.config_path, "--reload")
+        else:
+            t = self.cfg.transport
+            if self.node is None:
+                self.node = NodeClient(f"{t.host}:{t.control_port}", "launcher", 1, t.curve_dir)
+                self.node.register(timeout_s=60)
+            self.children.spawn(role, "dashrl.actors.actor", self.config_path,
+                                role.removeprefix("actor"), "launcher",
+                                f"tcp://{t.host}:{t.weights_port}",
+                                env_extra=actor_env(self.cfg.actor.engine))  # fmt: skip
+        log.warning("restarted %s (restart %d of %d)", role, n + 1, self.MAX_RESTARTS)
+        return True
+
+    def heartbeat(self) -> None:
+        if self.node is not None:
+            self.node.heartbeat()
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.leave()
+            self.node.close()
+
+
+@contextlib.contextmanager
+def supervisor_closed(supervisor: Supervisor):
+    try:
+        yield supervisor
+    finally:
+        supervisor.close()
+
+
+def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
+    """Show a progress bar from metrics.jsonl until the learner exits; stop it on Ctrl-C."""
+    learner = children.procs["learner"]
+    supervisor = Supervisor(cfg, children)
+    deadline = time.monotonic() + cfg.time_limit_s + 600  # the learner stops itself earlier
+    seen = 0
+    with (
+        supervisor_closed(supervisor),
+        tqdm(total=cfg.learner.steps, desc="learner steps", unit="step", dynamic_ncols=True) as bar,
+    ):
+        while learner.poll() is None:
+            if interrupted[0] or time.monotonic() > deadline:
+                log.info("stopping the learner (it saves a checkpoint first)")
+                children.stop("learner", timeout_s=300)
+                break
+            for role, p in list(children.procs.items()):
+                if role != "learner" and p.poll() is not None:
+                    log.error("%s exited with code %s: see %s", role, p.returncode,
+                              children.logs / f"{role}.log")  # fmt: skip
+                    if not supervisor.restart(role):
+                        interrupted[0] = True
+            supervisor.heartbeat()
+            rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
+            if len(rows) > seen:
+                r = rows[-1]
+                bar.update(len(rows) - seen)
+                seen = len(rows)
+                # Steps during which no new group arrived carry no actor reward: show the last.
+                rewards = [
+                    x["actor/reward_mean"] for x in rows if x.get("actor/reward_mean") is not None
+                ]
+                bar.set_postfix(
+                    reward=f"{rewards[-1] if rewards else float('nan'):.3f}",
+                    queue=int(r.get("queue/size", 0)),
+                    lag=f"{r.get('learner/staleness_mean', 0):.1f}",
+                    loss=f"{r.get('learner/loss') or 0:.3f}",
+                )
+            time.sleep(1.0)
+
+
+def heldout(cfg: Config, model: Path, when: str, summary: dict) -> None:
+    """Held-out reward of ``model`` into ``summary["heldout_<when>"]`` (and its mean into
+    ``heldout_reward_<when>``); ``when`` is "before" or "after" training."""
+    res = heldout_reward(cfg, HFEngine(model))
+    log.info("held-out reward %s training: %.4f (%.0f s)", when, res["reward_mean"],
+             res["seconds"])  # fmt: skip
+    summary[f"heldout_{when}"] = res
+    summary[f"heldout_reward_{when}"] = res["reward_mean"]
+
+
+def run(cfg: Config) -> dict:
+    """Run one training job end to end; returns the summary written to summary.json."""
+    setup_logging("launch")
+    t_start = time.monotonic()
+    cfg = resolve(cfg)
+    run_dir = cfg.run_dir
+    log.info("run directory: %s", run_dir)
+    summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
+
+    if cfg.eval.heldout and not cfg.resume:
+        set_thread_budget(cfg.eval.torch_threads)  # nothing else runs yet: all cores
+        heldout(cfg, cfg.model.path, "before", summary)
+
+    interrupted = [False]
+
+    def on_signal(signum, frame):
+        interrupted[0] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    children = Children(run_dir)
+    config_path = str(run_dir / "config.json")
+    t_train = time.monotonic()
+    try:
+        t = cfg.transport
+        log.info("nodes can attach with: python launch/start.py attach --connect %s:%d",
+                 t.host, t.control_port)  # fmt: skip
+        children.spawn("queue", "dashrl.queue.server", config_path)
+        for i in range(cfg.actor.num_actors):
+            children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i),
+                           env_extra=actor_env(cfg.actor.engine))  # fmt: skip
+        ranks, t = cfg.learner.num_ranks, cfg.transport
+        torchrun = ["torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-addr={t.host}",
+                    f"--master-port={t.learner_port}", "--module"]  # fmt: skip
+        children.spawn("learner", "dashrl.launch.learn", config_path,
+                       launcher=torchrun if ranks > 1 else None)  # fmt: skip
+        follow(cfg, children, interrupted)
+    finally:
+        children.stop_all()
+    summary["train_wall_s"] = time.monotonic() - t_train
+    summary["exit_codes"] = {r: p.returncode for r, p in children.procs.items()}
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    final = run_dir / "checkpoints" / "final"
+    if cfg.eval.heldout and (final / "config.json").exists() and not interrupted[0]:
+        heldout(cfg, final, "after", summary)
+    plot_run(
+        rows,
+        run_dir / "plot.png",
+        summary.get("heldout_reward_before"),
+        summary.get("heldout_reward_after"),
+    )
+    q = dict(last)  # the queue's final counters when it wrote them, else the last step's
+    if (run_dir / FINAL_STATS).exists():
+        q.update(json.loads((run_dir / FINAL_STATS).read_text()))
+    summary.update(
+        {
+            "learner_steps": int(last.get("step", 0)),
+            "final_version": int(last.get("version", 0)),
+            "rollouts_received": int(q.get("queue/received", 0)),
+            "rollouts_accepted": int(q.get("queue/accepted", 0)),
+            "rollouts_filtered": int(q.get("queue/filtered", 0)),
+            "rollouts_evicted_stale": int(q.get("queue/evicted_stale", 0)),
+            "rejected_frames": int(q.get("queue/rejected_frames", 0)),
+            "interrupted": interrupted[0],
+            "wall_s": time.monotonic() - t_start,
+        }
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    )
+    return summary

@@ -1,0 +1,203 @@
+"""Where the learner's micro-batches come from: one interface, three sources, one feed.
+
+:class:`MicroBatchSource` is the interface; it has three implementations:
+
+- ``dashrl.queue.client.QueueClient``: the live queue process (the normal run);
+- :class:`ResumeSource`: a resumed learner first re-trains on the micro-batches its dead
+  predecessor was served after its checkpoint (from the queue log), then asks the queue;
+- :class:`LogSource`: ``start.py replay`` answers each request with the next logged
+  micro-batch, so the learner's computation is the original run's.
+
+:class:`Feed` is what the learner loop calls: it waits on a source (asking again after
+a timeout or an empty reply, and running the weight channel's idle hook meanwhile),
+drops samples the model cannot embed, and, with several ranks, hands rank 0's
+micro-batch to every rank (learner/ranks.py). Only rank 0 ever holds a source.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from dashrl.learner.ranks import share_micro_batch
+from dashrl.protocol import MicroBatchReply, QueueEvent, Sample
+from dashrl.protocol.config import LearnerConfig
+from dashrl.protocol.runtime import StopFlag
+
+log = logging.getLogger("dashrl.learner")
+
+
+class MicroBatchSource(Protocol):
+    """Anything that answers micro-batch requests like the queue does.
+
+    Attributes:
+        rejected_replies: replies that failed to decode (counted, never raised).
+    """
+
+    rejected_replies: int
+
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
+    ) -> MicroBatchReply:
+        """One micro-batch of ``size`` (in ``unit``: "sequences" or "tokens"); an empty reply
+        means "not enough yet, ask again".
+
+        Raises:
+            TimeoutError: no answer within ``timeout_s`` seconds (ask again).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release sockets and files."""
+        ...
+
+
+class ResumeSource:
+    """The source a resumed learner asks: first the micro-batches its dead predecessor was
+    served after the checkpoint (from the queue log, in order; their updates were lost
+    with it), then the live source. So no logged sample is trained on twice or dropped.
+
+    Args:
+        logged: the micro-batches to re-train on, in their logged order.
+        live: the queue client asked once they are used up.
+    """
+
+    def __init__(self, logged: list[list[Sample]], live: MicroBatchSource):
+        self._logged, self.live = list(logged), live
+
+    @property
+    def rejected_replies(self) -> int:
+        return self.live.rejected_replies
+
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
+    ) -> MicroBatchReply:
+        """The next logged micro-batch while any is left, then the live source's answer."""
+        if self._logged:
+            return MicroBatchReply(0, self._logged.pop(0), {})
+        return self.live.request(learner_version, size, unit, timeout_s)
+
+    def close(self) -> None:
+        self.live.close()
+
+
+class LogSource:
+    """A replay's source: each request gets the next logged micro-batch.
+
+    Args:
+        served: the logged (event, samples) micro-batches, in order.
+        stop: set when the log runs out, which ends the learner's loop.
+    """
+
+    def __init__(self, served: list[tuple[QueueEvent, list[Sample]]], stop: StopFlag):
+        self._served, self._next, self.stop = served, 0, stop
+        self.rejected_replies = 0
+        self.version_mismatches = 0
+
+    def request(
+        self, learner_version: int, size: int, unit: str, timeout_s: float = 0.0
+    ) -> MicroBatchReply:
+        """The next logged micro-batch (empty, and ``stop`` set, after the last)."""
+        if self._next >= len(self._served):
+            self.stop.stop = True
+            return MicroBatchReply(0, [])
+        event, samples = self._served[self._next]
+        self._next += 1
+        if event.learner_version != learner_version:  # the replay has drifted from the run
+            self.version_mismatches += 1
+        return MicroBatchReply(event.request_id, samples, {})
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def valid_samples(samples: list[Sample], vocab_size: int) -> list[Sample]:
+    """The samples whose token ids all fit the model's embedding table.
+
+    The protocol only knows ids are non-negative; an id past the embedding table would
+    crash the forward pass, so the learner checks before collating.
+    """
+    return [s for s in samples if max(s.prompt_ids.max(), s.completion_ids.max()) < vocab_size]
+
+
+class Feed:
+    """The learner loop's supply of micro-batches (see the module docstring).
+
+    Args:
+        source: rank 0's source (None on the other ranks, or for a learner without one).
+        lc: the learner config (micro-batch size and unit, timeouts).
+        rank, world: this process's learner rank and the number of ranks.
+        vocab_size: the model's embedding rows; samples with larger ids are dropped.
+        on_idle: called while waiting (the weight channel re-publishes for late nodes).
+    """
+
+    def __init__(
+        self,
+        source: MicroBatchSource | None,
+        lc: LearnerConfig,
+        rank: int,
+        world: int,
+        vocab_size: int,
+        on_idle: Callable[[], None] = lambda: None,
+    ):
+        self.source, self.lc, self.rank, self.world = source, lc, rank, world
+        self.vocab_size, self.on_idle = vocab_size, on_idle
+        self.rejected_samples = 0
+
+    @property
+    def rejected_replies(self) -> int:
+        return self.source.rejected_replies if self.source is not None else 0
+
+    def next(
+        self, version: int, stop: StopFlag, deadline: float = math.inf
+    ) -> tuple[list[Sample], dict[str, float], float]:
+        """This rank's view of the next micro-batch: (samples, queue stats, seconds waited).
+
+        Rank 0 blocks until its source serves a non-empty micro-batch, ``stop`` is set or
+        the monotonic ``deadline`` passes (then it returns no samples, which tells every
+        rank that the step is abandoned).
+        """
+        samples, stats, waited = [], {}, 0.0
+        if self.rank == 0:
+            samples, stats, waited = self._wait(version, stop, deadline)
+        if self.world > 1:
+            samples = share_micro_batch(samples, self.rank)
+        return samples, stats, waited
+
+    def _wait(
+        self, version: int, stop: StopFlag, deadline: float
+    ) -> tuple[list[Sample], dict[str, float], float]:
+        lc = self.lc
+        t0 = time.perf_counter()
+        while not stop and time.monotonic() < deadline:
+            try:
+                reply = self.source.request(version, lc.micro_batch_size, lc.micro_batch_unit,
+                                            timeout_s=lc.queue_timeout_s)  # fmt: skip
+            except TimeoutError as e:  # the queue died or is restarting: ask again
+                log.warning("%s; asking again", e)
+                self.on_idle()
+                continue
+            samples = valid_samples(reply.samples, self.vocab_size)
+            if len(samples) < len(reply.samples):
+                self.rejected_samples += len(reply.samples) - len(samples)
+                log.warning("dropped %d samples with token ids >= vocab size %d (%d so far)",
+                            len(reply.samples) - len(samples), self.vocab_size,
+                            self.rejected_samples)  # fmt: skip
+            if samples:
+                return samples, reply.stats, time.perf_counter() - t0
+            self.on_idle()
+            time.sleep(lc.queue_poll_s)
+        return [], {}, time.perf_counter() - t0
+
+    def stop_ranks(self) -> None:
+        """Rank 0: tell the other ranks that training ended (an empty micro-batch)."""
+        if self.rank == 0 and self.world > 1:
+            share_micro_batch([], self.rank)
+
+    def close(self) -> None:
+        """Close the source."""
+        if self.source is not None:
+            self.source.close()
