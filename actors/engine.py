@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from dashrl.protocol.model import load_causal_lm, load_tokenizer
 from dashrl.protocol.weights import WeightSource, open_receiver
 
 
@@ -110,8 +111,6 @@ class HFEngine(LocalWeights):
     """
 
     def __init__(self, model_path: Path | None = None, seed: int = 0, model=None, tokenizer=None):
-        from dashrl.protocol.model import load_causal_lm, load_tokenizer
-
         if model is None:  # else: share a model that is already loaded (the learner's)
             if model_path is None:
                 raise ValueError("HFEngine needs a model_path or a loaded model")
@@ -202,7 +201,6 @@ class FakeEngine(LocalWeights):
     """
 
     def __init__(self, model_path: Path, seed: int = 0):
-        from dashrl.protocol.model import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path)

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from dashrl.actors.engine import Generation
+from dashrl.protocol.model import load_tokenizer
 from dashrl.protocol.weights import WeightSource
 
 log = logging.getLogger("dashrl.vllm")
@@ -135,8 +136,6 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-
-        from dashrl.protocol.model import load_tokenizer
 
         args = AsyncEngineArgs(
             model=str(model_path),

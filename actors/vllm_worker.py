@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from dashrl.protocol.weights import WeightSource, open_receiver
+
 log = logging.getLogger("dashrl.vllm_worker")
 
 
@@ -43,8 +45,6 @@ class WeightSyncExtension:
             version: the version the engine holds now (kept when switching sources; None:
                 the receiver's own start, see protocol/weights.py).
         """
-        from dashrl.protocol.weights import WeightSource, open_receiver
-
         old = getattr(self, "_dashrl_receiver", None)
         if old is not None and hasattr(old, "close"):
             old.close()

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Union
 import tyro
 
 from dashrl.launch.commands import AttachCommand, EvalCommand, KeysCommand, ReplayCommand
-from dashrl.protocol.config import Config
+from dashrl.protocol.config import PORT_FIELDS, Config, load_config
 from dashrl.protocol.runtime import setup_logging
 
 TRAIN = "train"
@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[type, str, str]] = {
     "eval": (EvalCommand, "dashrl.launch.eval_command", "run_eval"),
     "replay": (ReplayCommand, "dashrl.launch.replay", "run_replay_command"),
     "attach": (AttachCommand, "dashrl.launch.attach", "attach"),
-    "keys": (KeysCommand, "dashrl.launch.commands", "keys_command"),
+    "keys": (KeysCommand, "dashrl.launch.keys", "keys_command"),
 }
 """Subcommand -> (argument model, module, function called with the parsed arguments)."""
 
@@ -51,6 +51,21 @@ def _command_type() -> Any:
     return Union[options]  # noqa: UP007  (a union built at run time)
 
 
+def resume_config(run_dir: Path) -> Config:
+    """The saved config of ``run_dir`` marked for resuming, with fresh ports.
+
+    Raises:
+        FileNotFoundError: no config.json there.
+    """
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: nothing to resume")
+    cfg = load_config(path)
+    ports = dict.fromkeys(PORT_FIELDS, 0)
+    return cfg.model_copy(update={"resume": True, "run_dir": run_dir.resolve(),
+                                  "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
+
+
 def parse(argv: list[str]) -> Any:
     """The parsed subcommand model for ``argv`` (without the program name).
 
@@ -65,8 +80,6 @@ def parse(argv: list[str]) -> Any:
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
             raise ValueError("usage: start.py --resume RUN_DIR [--field value ...]")
-        from dashrl.launch.train import resume_config  # reads the saved config: after argv
-
         default = resume_config(Path(argv[1]))
         return tyro.cli(Config, default=default, args=argv[2:], config=_TYRO,
                         prog="start.py --resume RUN_DIR")  # fmt: skip

@@ -11,7 +11,6 @@ from pydantic import Field
 from tyro.conf import Positional
 
 from dashrl.protocol.config import Strict
-from dashrl.protocol.security import generate_keys
 
 
 class EvalCommand(Strict):
@@ -91,14 +90,3 @@ class KeysCommand(Strict):
 
     out: Positional[Path]
     """The folder to create (it must not exist)."""
-
-
-def keys_command(cmd: KeysCommand) -> str:
-    """``start.py keys DIR``: write the keys; returns the line telling what to do next.
-
-    Raises:
-        FileExistsError: DIR already holds keys.
-    """
-    out = generate_keys(cmd.out)
-    return (f"CurveZMQ keys written to {out}; use --transport.curve-dir {out} "
-            "(and copy the folder to attaching nodes)")  # fmt: skip

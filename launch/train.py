@@ -28,7 +28,7 @@ from dashrl.launch.attach import NodeClient
 from dashrl.launch.children import Children, reap_group
 from dashrl.launch.evaluate import heldout_reward
 from dashrl.launch.plot import plot_run
-from dashrl.protocol.config import PORT_FIELDS, Config, load_config
+from dashrl.protocol.config import PORT_FIELDS, Config
 from dashrl.protocol.model import resolve_model
 from dashrl.protocol.runtime import (
     actor_env,
@@ -64,21 +64,6 @@ def resolve(cfg: Config) -> Config:
     resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
     return resolved
-
-
-def resume_config(run_dir: Path) -> Config:
-    """The saved config of ``run_dir`` marked for resuming, with fresh ports.
-
-    Raises:
-        FileNotFoundError: no config.json there.
-    """
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: nothing to resume")
-    cfg = load_config(path)
-    ports = dict.fromkeys(PORT_FIELDS, 0)
-    return cfg.model_copy(update={"resume": True, "run_dir": run_dir.resolve(),
-                                  "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
 
 
 class Supervisor:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dashrl.protocol.config import LearnerConfig
+from dashrl.protocol.runtime import free_port
 
 log = logging.getLogger("dashrl.learner")
 
@@ -148,8 +149,6 @@ class DeepSpeedBackend(TorchBackend):
             if "WORLD_SIZE" in os.environ:  # started by torchrun / the DeepSpeed launcher
                 deepspeed.init_distributed(dist_backend=backend)
             else:  # a lone rank: a private rendezvous (DeepSpeed insists on LOCAL_RANK)
-                from dashrl.protocol.runtime import free_port
-
                 os.environ.setdefault("LOCAL_RANK", "0")
                 deepspeed.init_distributed(
                     dist_backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from dashrl.protocol import ProtocolError, WeightsVersion, decode, encode
+from dashrl.protocol.security import client_setup
 
 log = logging.getLogger("dashrl.weights")
 
@@ -411,8 +412,6 @@ def open_receiver(
         return WeightReceiver(params, source.init_method, source.world_size, source.rank,
                               source.timeout_s, load=load, device=device)  # fmt: skip
     if source.kind == "zmq":
-        from dashrl.protocol.security import client_setup
-
         keys = Path(source.curve_dir) if source.curve_dir else None
         return ZmqWeightReceiver(params, source.endpoint, client_setup(keys), load=load)
     raise ValueError(f"unknown weight source kind {source.kind!r}")
