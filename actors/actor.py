@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from dashrl.actors.advantages import Estimator, dedupe_advantages, estimator_for, grpo_advantages
-from dashrl.actors.engine import FakeEngine, Generation, GenerationEngine, HFEngine
+from dashrl.actors.engine import FakeEngine, GenerationEngine, HFEngine
 from dashrl.actors.tasks import (
     Problem,
     Task,
@@ -39,7 +39,7 @@ from dashrl.actors.tasks import (
     rcrl_question,
     time_limit,
 )
-from dashrl.protocol import Completion, RolloutGroup, encode
+from dashrl.protocol import ActorStats, Completion, RolloutGroup, encode
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, load_config
 from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
@@ -131,6 +131,7 @@ class Actor:
         self.groups_sent = 0
         self.tokens_generated = 0
         self.updated_in_flight = 0
+        self.faults: dict[str, float] = {}  # verifier_timeouts / verifier_errors so far
         self._on_group = False  # whether weights come from the launch-time group
         self._started = False
         self._busy_s, self._busy_since, self._in_engine = 0.0, 0.0, 0
@@ -201,38 +202,33 @@ class Actor:
             )
         return self._prompt_cache[key]
 
-    def reference_generation(self, problem: Problem) -> Generation:
+    def reference_generation(self, problem: Problem) -> Completion:
         """The problem's reference solution as a one-completion "group" (algo sft).
 
         Its behaviour logprobs are unknown and sent as 0; the SFT loss does not use them.
         """
         ids = self.tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
         ids = ids[: self.cfg.actor.max_new_tokens - 1] + [self.tokenizer.eos_token_id]
-        return Generation(np.asarray(ids, np.int32), np.zeros(len(ids), np.float32), "stop")
+        return Completion(np.asarray(ids, np.int32), np.zeros(len(ids), np.float32))
 
     def build_groups(
-        self, problems: list[Problem], generations, version: int, gen_s: float
+        self, problems: list[Problem], completions: list[list[Completion]], version: int
     ) -> list[RolloutGroup]:
-        """Score one generate call's output as RolloutGroups stamped with ``version``."""
+        """Score one generate call's completions (reward, advantage and ``version`` are set
+        on the engine's own Completion objects) and group them by prompt."""
         a = self.cfg.actor
         groups = []
-        for problem, gens in zip(problems, generations, strict=True):
-            t0 = time.perf_counter()
-            texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-            faults: dict[str, float] = {}
+        for problem, comps in zip(problems, completions, strict=True):
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
             rewards, adv = score_group(
                 self.task, problem, texts, a.advantage_eps, self.estimator,
-                [g.finish_reason == "stop" for g in gens], self.cfg.reward.format_coef,
-                a.verifier_timeout_s, faults,
+                [c.finish_reason == "stop" for c in comps], self.cfg.reward.format_coef,
+                a.verifier_timeout_s, self.faults,
             )  # fmt: skip
             if self.algo.dedupe:
-                adv = dedupe_advantages(adv, [tuple(g.token_ids.tolist()) for g in gens])
-            comps = [
-                Completion(g.token_ids, g.logprobs, float(r), float(x), g.finish_reason, version)
-                for g, r, x in zip(gens, rewards, adv, strict=True)
-            ]
-            timings = {"generate_s": gen_s / len(problems), "score_s": time.perf_counter() - t0,
-                       **faults}  # fmt: skip
+                adv = dedupe_advantages(adv, [tuple(c.token_ids.tolist()) for c in comps])
+            for c, r, x in zip(comps, rewards, adv, strict=True):
+                c.reward, c.advantage, c.policy_version = float(r), float(x), version
             if self.algo.prompt_tags:  # relabel: each sample under the tag of its own return
                 parts = [(f"{problem.id}#{tag}", [c for c in comps if (c.reward >= 1) == good],
                           self.prompt_ids(problem, good))
@@ -246,7 +242,6 @@ class Actor:
                     completions=cs,
                     actor_id=self.actor_id,
                     task=self.task.name,
-                    timings=timings,
                     created_at=time.time(),
                 )
                 for pid, cs, ids in parts
@@ -322,6 +317,14 @@ class Actor:
         busy = self._busy_s + (now - self._busy_since if self._in_engine else 0.0)
         return min(1.0, busy / max(now - self._started_at, 1e-9))
 
+    def stats(self, generate_s: float = 0.0) -> ActorStats:
+        """This actor's running statistics (sent after every batch)."""
+        return ActorStats(
+            self.actor_id, self.groups_sent, self.tokens_generated, self.busy_frac(),
+            self.updated_in_flight, int(self.faults.get("verifier_timeouts", 0)),
+            int(self.faults.get("verifier_errors", 0)), generate_s,
+        )  # fmt: skip
+
     async def _weight_loop(self, stop: StopFlag) -> None:
         while not stop:
             await self.refresh_weights()
@@ -364,13 +367,13 @@ class Actor:
             gen_s = time.perf_counter() - t0
             if in_flight and self.engine.version != version:  # straddled a weight update
                 self.updated_in_flight += sum(len(g) for g in gens)
-            for group in self.build_groups(problems, gens, version, gen_s):
-                group.timings["busy_frac"] = self.busy_frac()
-                group.timings["updated_in_flight"] = float(self.updated_in_flight)
+            for group in self.build_groups(problems, gens, version):
                 if not await self._send(sock, encode(group), stop):
                     return
                 self.groups_sent += 1
                 self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+            if not await self._send(sock, encode(self.stats(gen_s)), stop):
+                return
             if sent is not None:
                 sent.set()
             if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch

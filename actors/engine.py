@@ -16,30 +16,15 @@ equal the learner's ``log_softmax(logits / T)`` of the same weights up to float 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from dashrl.protocol import Completion
 from dashrl.protocol.model import load_causal_lm, load_tokenizer
 from dashrl.protocol.weights import WeightSource, open_receiver
-
-
-@dataclass
-class Generation:
-    """One sampled completion.
-
-    Attributes:
-        token_ids: int32 array [T], EOS included when sampled.
-        logprobs: float32 array [T], log mu(token | prefix) under the sampling distribution.
-        finish_reason: "stop" (EOS) or "length" (max_new_tokens reached).
-    """
-
-    token_ids: np.ndarray
-    logprobs: np.ndarray
-    finish_reason: str
 
 
 class GenerationEngine(Protocol):
@@ -51,8 +36,10 @@ class GenerationEngine(Protocol):
 
     async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
-    ) -> list[list[Generation]]:
-        """Sample ``n`` completions per prompt (temperature 0: greedy): [len(prompts)][n]."""
+    ) -> list[list[Completion]]:
+        """Sample ``n`` completions per prompt (temperature 0: greedy): [len(prompts)][n]
+        Completions with tokens, behaviour logprobs and finish reason (the actor then sets
+        reward, advantage and policy version on the same objects)."""
         ...
 
     async def connect_weights(self, source: WeightSource) -> None:
@@ -82,7 +69,7 @@ class LocalWeights:
 
     async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         return await asyncio.to_thread(self.generate, prompts, n, max_new_tokens, temperature)
 
     async def connect_weights(self, source: WeightSource) -> None:
@@ -131,7 +118,7 @@ class HFEngine(LocalWeights):
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         from transformers import GenerationConfig
 
         width = max(len(p) for p in prompts)
@@ -169,7 +156,7 @@ class HFEngine(LocalWeights):
             dim=1,
         )
         is_eos = torch.isin(new, torch.tensor(self.eos_ids))
-        results: list[list[Generation]] = []
+        results: list[list[Completion]] = []
         for i in range(len(prompts)):
             group = []
             for j in range(n):
@@ -177,7 +164,7 @@ class HFEngine(LocalWeights):
                 eos_at = torch.nonzero(is_eos[row])
                 end = int(eos_at[0]) + 1 if len(eos_at) else new.shape[1]
                 group.append(
-                    Generation(
+                    Completion(
                         token_ids=new[row, :end].numpy().astype(np.int32),
                         logprobs=logprobs[row, :end].numpy().astype(np.float32),
                         finish_reason="stop" if len(eos_at) else "length",
@@ -209,7 +196,7 @@ class FakeEngine(LocalWeights):
 
     def generate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         out = []
         for _ in prompts:
             group = []
@@ -218,7 +205,9 @@ class FakeEngine(LocalWeights):
                 ids = self.rng.integers(0, self.vocab, length).astype(np.int32)
                 logp = self.rng.uniform(-3.0, -0.01, length).astype(np.float32)
                 group.append(
-                    Generation(ids, logp, "length" if length == max_new_tokens else "stop")
+                    Completion(
+                        ids, logp, finish_reason="length" if length == max_new_tokens else "stop"
+                    )
                 )
             out.append(group)
         return out

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dashrl.actors.engine import Generation
+from dashrl.protocol import Completion
 from dashrl.protocol.model import load_tokenizer
 from dashrl.protocol.weights import WeightSource
 
@@ -159,7 +159,7 @@ class VLLMEngine:
 
     async def agenerate(
         self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float
-    ) -> list[list[Generation]]:
+    ) -> list[list[Completion]]:
         """Sample ``n`` completions per prompt, all prompts in flight at once: [len(prompts)][n].
 
         Temperature 0 is greedy. Aborted requests (engine shut down) raise RuntimeError.
@@ -179,7 +179,7 @@ class VLLMEngine:
         )
         return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
 
-    async def _one(self, prompt: list[int], params) -> list[Generation]:
+    async def _one(self, prompt: list[int], params) -> list[Completion]:
         final = None
         rid = f"{self._seed}-{next(self._ids)}"
         async for out in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=rid):
@@ -195,7 +195,7 @@ class VLLMEngine:
                 [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids, strict=True)],
                 dtype=np.float32,
             )
-            gens.append(Generation(ids, logp, c.finish_reason))
+            gens.append(Completion(ids, logp, finish_reason=c.finish_reason))
         return gens
 
     async def connect_weights(self, source: WeightSource) -> None:

@@ -40,7 +40,7 @@ def main() -> None:
 
     def sample(i: int) -> Sample:
         c = rng.integers(100, 2000, 24).astype(np.int32)
-        return Sample(f"p{i}", rng.integers(100, 2000, 40).astype(np.int32), c,
+        return Sample.make(f"p{i}", rng.integers(100, 2000, 40).astype(np.int32), c,
                       np.full(24, -1.0, np.float32), 1.0, 1.0 if i % 2 else -1.0, 0)  # fmt: skip
 
     batches = [[sample(8 * b + i) for i in range(8)] for b in range(2)]

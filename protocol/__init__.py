@@ -1,9 +1,23 @@
-"""Wire format shared by actors, queue and learner: ``messages`` (types) and ``codec``."""
+"""The base layer every dashrl process agrees on, and nothing above it is imported here.
+
+- the wire format: :mod:`~dashrl.protocol.messages` (each message and field declared once)
+  and :mod:`~dashrl.protocol.codec` (encoding and strict decoding derived from them);
+- :mod:`~dashrl.protocol.config`: the config schema (``config.json`` is the contract the
+  launcher hands every child process) and :mod:`~dashrl.protocol.algorithms`, the
+  registry of what each ``--algo`` changes in each role;
+- :mod:`~dashrl.protocol.weights`: the weight-transfer format and its senders/receivers;
+- what every role uses to run: :mod:`~dashrl.protocol.runtime` (role-tagged logging, stop
+  flag, thread budget, metrics), :mod:`~dashrl.protocol.security` (CurveZMQ) and
+  :mod:`~dashrl.protocol.model` (model loading without a hub).
+
+Importing ``dashrl.protocol`` loads only the wire format (numpy and msgpack).
+"""
 
 from dashrl.protocol.codec import decode, decode_object, encode
 from dashrl.protocol.messages import (
     DEFAULT_LIMITS,
     SCHEMA_VERSION,
+    ActorStats,
     Completion,
     DecodeLimits,
     MicroBatchReply,
@@ -21,6 +35,7 @@ from dashrl.protocol.messages import (
 __all__ = [
     "DEFAULT_LIMITS",
     "SCHEMA_VERSION",
+    "ActorStats",
     "Completion",
     "DecodeLimits",
     "MicroBatchReply",

@@ -1,13 +1,21 @@
-"""The dashrl wire format, part 2: encoding to and strict decoding from msgpack frames.
+"""The dashrl wire format, part 2: encoding and strict decoding, derived from the declarations.
 
-See :mod:`dashrl.protocol.messages` for the envelope and the message fields. Decoding
-checks everything a frame claims before trusting it and raises :class:`ProtocolError`
-(one type) for any malformed input.
+:mod:`dashrl.protocol.messages` declares each field once with its :class:`Wire` rule; this
+module walks those rules. Decoding checks everything a frame claims before trusting it
+(exact key set, types, ranges, lengths, finiteness) and raises :class:`ProtocolError`
+(one type) for any malformed input, naming the field, e.g.
+``rollout_group.completions[2].logprobs: NaN or inf logprob``.
+
+Queue logs written by an earlier schema stay readable: :data:`LOG_UPGRADES` rewrites an
+old envelope into the current one before it is validated, and only the log reader asks
+for it (``decode_object(..., upgrade=True)``); sockets accept the current schema only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -15,106 +23,61 @@ import numpy as np
 
 from dashrl.protocol.messages import (
     DEFAULT_LIMITS,
-    FINISH_REASONS,
     LOGPROB_DTYPE,
-    MICRO_BATCH_UNITS,
-    NODE_HELLO_KINDS,
-    QUEUE_EVENT_KINDS,
+    MESSAGES,
     SCHEMA_VERSION,
     TOKEN_DTYPE,
-    Completion,
     DecodeLimits,
     Message,
-    MicroBatchReply,
-    MicroBatchRequest,
-    NodeHello,
-    NodeWelcome,
     ProtocolError,
-    QueueEvent,
-    RolloutGroup,
-    Sample,
-    WeightsVersion,
+    Wire,
 )
+
+_BY_NAME: dict[str, type] = {m.WIRE_NAME: m for m in MESSAGES}
+
+
+def _fields(cls: type) -> list[tuple[str, Wire]]:
+    return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls)]
+
+
+_FIELDS: dict[type, list[tuple[str, Wire]]] = {}
+
+
+def fields_of(cls: type) -> list[tuple[str, Wire]]:
+    """(name, rule) of every wire field of a message class, in declaration order."""
+    if cls not in _FIELDS:
+        _FIELDS[cls] = _fields(cls)
+    return _FIELDS[cls]
+
 
 # --------------------------------------------------------------------------- encoding
 
 
-def _arr(a: np.ndarray, dtype: np.dtype) -> bytes:
-    return np.ascontiguousarray(a, dtype=dtype).tobytes()
+def _encode_value(rule: Wire, v: Any) -> Any:
+    k = rule.kind
+    if k == "int":
+        return int(v)
+    if k == "float":
+        return float(v)
+    if k == "str":
+        return v
+    if k == "tokens":
+        return np.ascontiguousarray(v, dtype=TOKEN_DTYPE).tobytes()
+    if k == "logprobs":
+        return np.ascontiguousarray(v, dtype=LOGPROB_DTYPE).tobytes()
+    if k == "refs":
+        return np.ascontiguousarray(np.asarray(v).reshape(-1), dtype=TOKEN_DTYPE).tobytes()
+    if k == "floats":
+        return {str(key): float(x) for key, x in v.items()}
+    if k == "list":
+        return [_encode_body(x) for x in v]
+    if k == "message":
+        return _encode_body(v)
+    raise TypeError(f"unknown wire kind {k!r}")
 
 
-def _completion_body(c: Completion) -> dict[str, Any]:
-    return {
-        "token_ids": _arr(c.token_ids, TOKEN_DTYPE),
-        "logprobs": _arr(c.logprobs, LOGPROB_DTYPE),
-        "reward": float(c.reward),
-        "advantage": float(c.advantage),
-        "finish_reason": c.finish_reason,
-        "policy_version": int(c.policy_version),
-    }
-
-
-def _sample_body(s: Sample) -> dict[str, Any]:
-    return {
-        "prompt_id": s.prompt_id,
-        "prompt_ids": _arr(s.prompt_ids, TOKEN_DTYPE),
-        "completion_ids": _arr(s.completion_ids, TOKEN_DTYPE),
-        "logprobs": _arr(s.logprobs, LOGPROB_DTYPE),
-        "reward": float(s.reward),
-        "advantage": float(s.advantage),
-        "policy_version": int(s.policy_version),
-    }
-
-
-def _body(msg: Message) -> tuple[str, dict[str, Any]]:
-    if isinstance(msg, RolloutGroup):
-        return "rollout_group", {
-            "prompt_id": msg.prompt_id,
-            "prompt_ids": _arr(msg.prompt_ids, TOKEN_DTYPE),
-            "completions": [_completion_body(c) for c in msg.completions],
-            "actor_id": msg.actor_id,
-            "task": msg.task,
-            "timings": {str(k): float(v) for k, v in msg.timings.items()},
-            "created_at": float(msg.created_at),
-        }
-    if isinstance(msg, MicroBatchRequest):
-        return "micro_batch_request", {
-            "request_id": int(msg.request_id),
-            "learner_version": int(msg.learner_version),
-            "size": int(msg.size),
-            "unit": msg.unit,
-        }
-    if isinstance(msg, MicroBatchReply):
-        return "micro_batch_reply", {
-            "request_id": int(msg.request_id),
-            "samples": [_sample_body(s) for s in msg.samples],
-            "stats": {str(k): float(v) for k, v in msg.stats.items()},
-        }
-    if isinstance(msg, WeightsVersion):
-        return "weights_version", {
-            "version": int(msg.version),
-            "num_bytes": int(msg.num_bytes),
-            "dtype": msg.dtype,
-            "layout_hash": msg.layout_hash,
-            "sent_at": float(msg.sent_at),
-        }
-    if isinstance(msg, QueueEvent):
-        return "queue_event", {
-            "kind": msg.kind,
-            "refs": _arr(np.asarray(msg.refs).reshape(-1), TOKEN_DTYPE),
-            "learner_version": int(msg.learner_version),
-            "request_id": int(msg.request_id),
-        }
-    if isinstance(msg, NodeHello):
-        return "node_hello", {"node_id": msg.node_id, "kind": msg.kind, "actors": int(msg.actors)}
-    if isinstance(msg, NodeWelcome):
-        return "node_welcome", {
-            "node_id": msg.node_id,
-            "version": int(msg.version),
-            "config_json": msg.config_json,
-            "weights_endpoint": msg.weights_endpoint,
-        }
-    raise TypeError(f"not a dashrl message: {type(msg).__name__}")
+def _encode_body(msg: Any) -> dict[str, Any]:
+    return {name: _encode_value(rule, getattr(msg, name)) for name, rule in fields_of(type(msg))}
 
 
 def encode(msg: Message) -> bytes:
@@ -123,204 +86,149 @@ def encode(msg: Message) -> bytes:
     Raises:
         TypeError: ``msg`` is not one of the protocol's message classes.
     """
-    kind, body = _body(msg)
-    return msgpack.packb({"schema": SCHEMA_VERSION, "type": kind, "body": body}, use_bin_type=True)
+    if type(msg) not in MESSAGES:
+        raise TypeError(f"not a dashrl message: {type(msg).__name__}")
+    frame = {"schema": SCHEMA_VERSION, "type": msg.WIRE_NAME, "body": _encode_body(msg)}
+    return msgpack.packb(frame, use_bin_type=True)
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-class _Fields:
-    """Strict accessor over one decoded map: exact key set, typed getters."""
-
-    def __init__(self, obj: Any, where: str, keys: tuple[str, ...]):
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"{where}: expected a map, got {type(obj).__name__}")
-        missing = [k for k in keys if k not in obj]
-        extra = [k for k in obj if k not in keys]
-        if missing or extra:
-            raise ProtocolError(f"{where}: missing fields {missing}, unknown fields {extra}")
-        self.obj, self.where = obj, where
-
-    def int(self, key: str, lo: int | None = None, hi: int | None = None) -> int:
-        v = self.obj[key]
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ProtocolError(f"{self.where}.{key}: expected int, got {type(v).__name__}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ProtocolError(f"{self.where}.{key}={v} outside [{lo}, {hi}]")
-        return v
-
-    def float(self, key: str) -> float:
-        v = self.obj[key]
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ProtocolError(f"{self.where}.{key}: expected float, got {type(v).__name__}")
-        if not math.isfinite(v):
-            raise ProtocolError(f"{self.where}.{key}: not finite ({v})")
-        return float(v)
-
-    def str(self, key: str, choices: tuple[str, ...] | None = None, max_len: int = 4096) -> str:
-        v = self.obj[key]
-        if not isinstance(v, str):
-            raise ProtocolError(f"{self.where}.{key}: expected str, got {type(v).__name__}")
-        if len(v) > max_len or (choices is not None and v not in choices):
-            raise ProtocolError(f"{self.where}.{key}={v[:64]!r} not allowed")
-        return v
-
-    def list(self, key: str, max_len: int) -> list[Any]:
-        v = self.obj[key]
-        if not isinstance(v, list):
-            raise ProtocolError(f"{self.where}.{key}: expected list, got {type(v).__name__}")
-        if len(v) > max_len:
-            raise ProtocolError(f"{self.where}.{key}: {len(v)} items > limit {max_len}")
-        return v
-
-    def floats(self, key: str) -> dict[str, float]:
-        v = self.obj[key]
-        if not isinstance(v, dict):
-            raise ProtocolError(f"{self.where}.{key}: expected map, got {type(v).__name__}")
-        out: dict[str, float] = {}
-        for k, x in v.items():
-            if not isinstance(k, str) or isinstance(x, bool) or not isinstance(x, int | float):
-                raise ProtocolError(f"{self.where}.{key}: entries must be str -> float")
-            if not math.isfinite(x):
-                raise ProtocolError(f"{self.where}.{key}[{k!r}]: not finite")
-            out[k] = float(x)
-        return out
-
-    def array(self, key: str, dtype: np.dtype, max_len: int, min_len: int = 1) -> np.ndarray:
-        v = self.obj[key]
-        if not isinstance(v, bytes):
-            raise ProtocolError(f"{self.where}.{key}: expected raw bytes, got {type(v).__name__}")
-        if len(v) % dtype.itemsize:
-            raise ProtocolError(f"{self.where}.{key}: {len(v)} bytes is not a whole {dtype}")
-        a = np.frombuffer(v, dtype=dtype)
-        if not min_len <= a.shape[0] <= max_len:
-            raise ProtocolError(
-                f"{self.where}.{key}: length {a.shape[0]} not in [{min_len}, {max_len}]"
-            )
-        return a
+def _limit(rule: Wire, lim: DecodeLimits) -> int:
+    return getattr(lim, rule.max_len) if isinstance(rule.max_len, str) else rule.max_len
 
 
-def _token_ids(f: _Fields, key: str, lim: DecodeLimits) -> np.ndarray:
-    a = f.array(key, TOKEN_DTYPE, lim.max_seq_len)
-    if a.min() < 0:
-        raise ProtocolError(f"{f.where}.{key}: negative token id {int(a.min())}")
+def _int(v: Any, rule: Wire, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(f"{where}: expected int, got {type(v).__name__}")
+    if (rule.lo is not None and v < rule.lo) or (rule.hi is not None and v > rule.hi):
+        raise ProtocolError(f"{where}={v} outside [{rule.lo}, {rule.hi}]")
+    return v
+
+
+def _float(v: Any, rule: Wire, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ProtocolError(f"{where}: expected float, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ProtocolError(f"{where}: not finite ({v})")
+    if (rule.lo is not None and v < rule.lo) or (rule.hi is not None and v > rule.hi):
+        raise ProtocolError(f"{where}={v} outside [{rule.lo}, {rule.hi}]")
+    return float(v)
+
+
+def _str(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(f"{where}: expected str, got {type(v).__name__}")
+    if len(v) > _limit(rule, lim) or (rule.choices is not None and v not in rule.choices):
+        raise ProtocolError(f"{where}={v[:64]!r} not allowed")
+    return v
+
+
+def _array(v: Any, dtype: np.dtype, lo: int, hi: int, where: str) -> np.ndarray:
+    if not isinstance(v, bytes):
+        raise ProtocolError(f"{where}: expected raw bytes, got {type(v).__name__}")
+    if len(v) % dtype.itemsize:
+        raise ProtocolError(f"{where}: {len(v)} bytes is not a whole {dtype}")
+    a = np.frombuffer(v, dtype=dtype)
+    if not lo <= a.shape[0] <= hi:
+        raise ProtocolError(f"{where}: length {a.shape[0]} not in [{lo}, {hi}]")
     return a
 
 
-def _logprobs(f: _Fields, key: str, n: int, lim: DecodeLimits) -> np.ndarray:
-    a = f.array(key, LOGPROB_DTYPE, lim.max_seq_len)
+def _tokens(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> np.ndarray:
+    a = _array(v, TOKEN_DTYPE, rule.min_len, _limit(rule, lim), where)
+    if a.size and a.min() < 0:
+        raise ProtocolError(f"{where}: negative token id {int(a.min())}")
+    return a
+
+
+def _logprobs(v: Any, rule: Wire, where: str, lim: DecodeLimits, n: int) -> np.ndarray:
+    a = _array(v, LOGPROB_DTYPE, rule.min_len, _limit(rule, lim), where)
     if a.shape[0] != n:
-        raise ProtocolError(f"{f.where}.{key}: {a.shape[0]} logprobs for {n} tokens")
+        raise ProtocolError(f"{where}: {a.shape[0]} logprobs for {n} tokens")
     if not np.isfinite(a).all():
-        raise ProtocolError(f"{f.where}.{key}: NaN or inf logprob")
+        raise ProtocolError(f"{where}: NaN or inf logprob")
     if a.max() > 1e-3:  # log-probabilities are <= 0; allow float rounding only
-        raise ProtocolError(f"{f.where}.{key}: positive logprob {float(a.max()):.4g}")
+        raise ProtocolError(f"{where}: positive logprob {float(a.max()):.4g}")
     return a
 
 
-def _completion(obj: Any, where: str, lim: DecodeLimits) -> Completion:
-    f = _Fields(
-        obj,
-        where,
-        ("token_ids", "logprobs", "reward", "advantage", "finish_reason", "policy_version"),
-    )
-    ids = _token_ids(f, "token_ids", lim)
-    return Completion(
-        token_ids=ids,
-        logprobs=_logprobs(f, "logprobs", ids.shape[0], lim),
-        reward=f.float("reward"),
-        advantage=f.float("advantage"),
-        finish_reason=f.str("finish_reason", FINISH_REASONS),
-        policy_version=f.int("policy_version", lo=0),
-    )
+def _refs(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> np.ndarray:
+    a = _array(v, TOKEN_DTYPE, 2 * rule.min_len, 2 * _limit(rule, lim), where)
+    if a.size % 2 or (a.size and a.min() < 0):
+        raise ProtocolError(f"{where}: need non-negative (log index, completion) pairs")
+    return a.reshape(-1, 2)
 
 
-def _sample(obj: Any, where: str, lim: DecodeLimits) -> Sample:
-    keys = ("prompt_id", "prompt_ids", "completion_ids", "logprobs", "reward", "advantage")
-    f = _Fields(obj, where, (*keys, "policy_version"))
-    ids = _token_ids(f, "completion_ids", lim)
-    return Sample(
-        prompt_id=f.str("prompt_id"),
-        prompt_ids=_token_ids(f, "prompt_ids", lim),
-        completion_ids=ids,
-        logprobs=_logprobs(f, "logprobs", ids.shape[0], lim),
-        reward=f.float("reward"),
-        advantage=f.float("advantage"),
-        policy_version=f.int("policy_version", lo=0),
-    )
+def _floats(v: Any, where: str) -> dict[str, float]:
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{where}: expected map, got {type(v).__name__}")
+    out: dict[str, float] = {}
+    for k, x in v.items():
+        if not isinstance(k, str) or isinstance(x, bool) or not isinstance(x, int | float):
+            raise ProtocolError(f"{where}: entries must be str -> float")
+        if not math.isfinite(x):
+            raise ProtocolError(f"{where}[{k!r}]: not finite")
+        out[k] = float(x)
+    return out
 
 
-def _decode_body(kind: str, body: Any, lim: DecodeLimits) -> Message:
-    if kind == "rollout_group":
-        keys = ("prompt_id", "prompt_ids", "completions", "actor_id", "task", "timings")
-        f = _Fields(body, kind, (*keys, "created_at"))
-        comps = f.list("completions", lim.max_group_size)
-        if not comps:
-            raise ProtocolError("rollout_group.completions: empty group")
-        return RolloutGroup(
-            prompt_id=f.str("prompt_id"),
-            prompt_ids=_token_ids(f, "prompt_ids", lim),
-            completions=[
-                _completion(c, f"{kind}.completions[{i}]", lim) for i, c in enumerate(comps)
-            ],
-            actor_id=f.str("actor_id"),
-            task=f.str("task"),
-            timings=f.floats("timings"),
-            created_at=f.float("created_at"),
-        )
-    if kind == "micro_batch_request":
-        f = _Fields(body, kind, ("request_id", "learner_version", "size", "unit"))
-        return MicroBatchRequest(
-            request_id=f.int("request_id", lo=0),
-            learner_version=f.int("learner_version", lo=0),
-            size=f.int("size", lo=1, hi=lim.max_samples * lim.max_seq_len),
-            unit=f.str("unit", MICRO_BATCH_UNITS),
-        )
-    if kind == "micro_batch_reply":
-        f = _Fields(body, kind, ("request_id", "samples", "stats"))
-        samples = f.list("samples", lim.max_samples)
-        return MicroBatchReply(
-            request_id=f.int("request_id", lo=0),
-            samples=[_sample(s, f"{kind}.samples[{i}]", lim) for i, s in enumerate(samples)],
-            stats=f.floats("stats"),
-        )
-    if kind == "weights_version":
-        f = _Fields(body, kind, ("version", "num_bytes", "dtype", "layout_hash", "sent_at"))
-        return WeightsVersion(
-            version=f.int("version", lo=-1),
-            num_bytes=f.int("num_bytes", lo=0),
-            dtype=f.str("dtype", max_len=32),
-            layout_hash=f.str("layout_hash", max_len=128),
-            sent_at=f.float("sent_at"),
-        )
-    if kind == "queue_event":
-        f = _Fields(body, kind, ("kind", "refs", "learner_version", "request_id"))
-        refs = f.array("refs", TOKEN_DTYPE, 2 * lim.max_samples, min_len=0)
-        if refs.size % 2 or (refs.size and refs.min() < 0):
-            raise ProtocolError("queue_event.refs: need non-negative (log index, completion) pairs")
-        return QueueEvent(
-            kind=f.str("kind", QUEUE_EVENT_KINDS),
-            refs=refs.reshape(-1, 2),
-            learner_version=f.int("learner_version", lo=0),
-            request_id=f.int("request_id", lo=0),
-        )
-    if kind == "node_hello":
-        f = _Fields(body, kind, ("node_id", "kind", "actors"))
-        return NodeHello(
-            node_id=f.str("node_id", max_len=128),
-            kind=f.str("kind", NODE_HELLO_KINDS),
-            actors=f.int("actors", lo=0, hi=4096),
-        )
-    if kind == "node_welcome":
-        f = _Fields(body, kind, ("node_id", "version", "config_json", "weights_endpoint"))
-        return NodeWelcome(
-            node_id=f.str("node_id", max_len=128),
-            version=f.int("version", lo=0),
-            config_json=f.str("config_json", max_len=1 << 20),
-            weights_endpoint=f.str("weights_endpoint", max_len=256),
-        )
-    raise ProtocolError(f"unknown message type {kind!r}")
+def _list(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> list[Any]:
+    if not isinstance(v, list):
+        raise ProtocolError(f"{where}: expected list, got {type(v).__name__}")
+    if len(v) > _limit(rule, lim):
+        raise ProtocolError(f"{where}: {len(v)} items > limit {_limit(rule, lim)}")
+    if len(v) < rule.min_len:
+        raise ProtocolError(f"{where}: empty ({len(v)} items < {rule.min_len})")
+    return [_decode_body(rule.of, x, f"{where}[{i}]", lim) for i, x in enumerate(v)]
+
+
+def _decode_body(cls: type, obj: Any, where: str, lim: DecodeLimits) -> Any:
+    """One message of class ``cls`` from its decoded map, every field checked by its rule."""
+    rules = fields_of(cls)
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{where}: expected a map, got {type(obj).__name__}")
+    missing = [k for k, _ in rules if k not in obj]
+    extra = [k for k in obj if k not in dict(rules)]
+    if missing or extra:
+        raise ProtocolError(f"{where}: missing fields {missing}, unknown fields {extra}")
+    out: dict[str, Any] = {}
+    for name, rule in rules:
+        v, at, k = obj[name], f"{where}.{name}", rule.kind
+        if k == "int":
+            out[name] = _int(v, rule, at)
+        elif k == "float":
+            out[name] = _float(v, rule, at)
+        elif k == "str":
+            out[name] = _str(v, rule, at, lim)
+        elif k == "tokens":
+            out[name] = _tokens(v, rule, at, lim)
+        elif k == "logprobs":  # declared after the tokens field it matches
+            out[name] = _logprobs(v, rule, at, lim, out[rule.of].shape[0])
+        elif k == "refs":
+            out[name] = _refs(v, rule, at, lim)
+        elif k == "floats":
+            out[name] = _floats(v, at)
+        elif k == "list":
+            out[name] = _list(v, rule, at, lim)
+        else:  # "message"
+            out[name] = _decode_body(rule.of, v, at, lim)
+    return cls(**out)
+
+
+def _upgrade_v1(obj: dict) -> dict:
+    """Schema 1 -> 2 for log records: a RolloutGroup carried actor statistics in
+    ``timings`` (now the ActorStats message; a replay does not need them); a QueueEvent
+    is unchanged."""
+    body = obj.get("body")
+    if obj.get("type") == "rollout_group" and isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k != "timings"}
+    return {"schema": 2, "type": obj.get("type"), "body": body}
+
+
+LOG_UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_v1}
+"""Old schema -> the function that rewrites its envelope to the next schema (logs only)."""
 
 
 def decode(
@@ -341,8 +249,8 @@ def decode(
     Raises:
         ProtocolError: for anything but a well-formed message of the current schema
             (oversized frame, invalid msgpack, unknown schema version or type, missing,
-            extra or mistyped fields, mismatched lengths, NaN/inf values, or a message
-            of a class not in ``expect``).
+            extra or mistyped fields, out-of-range numbers, mismatched lengths, NaN/inf
+            values, or a message of a class not in ``expect``).
     """
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise ProtocolError(f"frame must be bytes, got {type(frame).__name__}")
@@ -359,17 +267,32 @@ def decode_object(
     obj: Any,
     limits: DecodeLimits = DEFAULT_LIMITS,
     expect: type[Message] | tuple[type, ...] | None = None,
+    upgrade: bool = False,
 ) -> Message:
     """Validate an already unpacked envelope (e.g. from a ``msgpack.Unpacker`` stream).
+
+    Args:
+        upgrade: accept older schemas that :data:`LOG_UPGRADES` can rewrite (queue logs).
 
     Raises:
         ProtocolError: as :func:`decode`, except for the frame-level checks.
     """
-    env = _Fields(obj, "envelope", ("schema", "type", "body"))
-    schema = env.int("schema")
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"envelope: expected a map, got {type(obj).__name__}")
+    keys = ("schema", "type", "body")
+    missing, extra = [k for k in keys if k not in obj], [k for k in obj if k not in keys]
+    if missing or extra:
+        raise ProtocolError(f"envelope: missing fields {missing}, unknown fields {extra}")
+    schema = _int(obj["schema"], Wire("int"), "envelope.schema")
+    while upgrade and schema in LOG_UPGRADES:
+        obj = LOG_UPGRADES[schema](obj)
+        schema = obj["schema"]
     if schema != SCHEMA_VERSION:
         raise ProtocolError(f"unknown schema version {schema} (this build speaks {SCHEMA_VERSION})")
-    msg = _decode_body(env.str("type", max_len=64), obj["body"], limits)
-    if expect is not None and not isinstance(msg, expect):
-        raise ProtocolError(f"unexpected message {type(msg).__name__} on this socket")
-    return msg
+    kind = _str(obj["type"], Wire("str", max_len=64), "envelope.type", limits)
+    if kind not in _BY_NAME:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    cls = _BY_NAME[kind]
+    if expect is not None and not issubclass(cls, expect):
+        raise ProtocolError(f"unexpected message {cls.__name__} on this socket")
+    return _decode_body(cls, obj["body"], kind, limits)

@@ -1,31 +1,48 @@
-"""The dashrl wire format, part 1: the messages, their limits and the error type.
+"""The dashrl wire format, part 1: the messages, each field declared once with its wire rule.
 
 Every frame is one msgpack map ``{"schema": SCHEMA_VERSION, "type": <name>, "body": {...}}``.
-Token ids travel as raw little-endian int32 bytes and logprobs as raw little-endian float32
-bytes (numpy buffers), never as lists of Python ints: a 1k-token completion costs 8 KB on
-the wire and decodes with one ``np.frombuffer``.
+Each message is a dataclass whose fields carry a :class:`Wire` rule in their metadata; the
+codec (:mod:`dashrl.protocol.codec`) derives both the encoding and the strict validation
+from those rules, so a field is written down exactly once. Token ids travel as raw
+little-endian int32 bytes and logprobs as raw little-endian float32 bytes (numpy
+buffers), never as lists of Python ints: a 1k-token completion costs 8 KB on the wire and
+decodes with one ``np.frombuffer``.
+
+One rollout is one record from the engine to the learner: the engine returns a
+:class:`Completion` (tokens, behaviour logprobs, finish reason), the actor fills in its
+reward, advantage and policy version and sends the group's completions in a
+:class:`RolloutGroup`, and the queue serves each as a :class:`Sample`, which is the
+prompt plus that same Completion object (never a copy). Actor statistics travel as
+their own :class:`ActorStats` message.
 
 Decoding is strict because every long-running process (queue, learner, actors) reads
 frames from a socket that anything on the host could write to: an unknown schema
-version, an unknown message type, a missing or extra field, a wrong type, mismatched
-array lengths, a NaN/inf logprob or reward, or an oversized frame all raise
-:class:`ProtocolError`, which the receiver counts, logs in one line and survives.
-Nothing here uses pickle. Encoding and strict decoding live in :mod:`dashrl.protocol.codec`.
+version, an unknown message type, a missing or extra field, a wrong type, a number out
+of its declared range, mismatched array lengths, a NaN/inf logprob or reward, or an
+oversized frame all raise :class:`ProtocolError`, which the receiver counts, logs in one
+line and survives. Nothing here uses pickle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-"""Bump on any incompatible change of a message body; decoders reject other versions."""
+SCHEMA_VERSION = 2
+"""Bump on any incompatible change of a message body; decoders reject other versions. 2:
+a Sample nests its Completion, and actor statistics left RolloutGroup for ActorStats
+(version-1 queue logs are still read: codec.LOG_UPGRADES)."""
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
 FINISH_REASONS = ("stop", "length")
 MICRO_BATCH_UNITS = ("sequences", "tokens")
+NODE_HELLO_KINDS = ("register", "heartbeat", "leave")
+QUEUE_EVENT_KINDS = ("served", "evicted_stale", "evicted_capacity")
+MAX_COUNT = 2**53
+"""Largest count or version accepted on the wire (exact in a float64, fits an int64)."""
 
 
 class ProtocolError(ValueError):
@@ -52,29 +69,67 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How one field is encoded and what a decoder accepts for it.
+
+    Attributes:
+        kind: "int", "float" (finite), "str", "tokens" (int32 bytes, ids >= 0), "logprobs"
+            (float32 bytes, finite, <= 0 up to rounding, as many as the ``of`` field),
+            "refs" (int32 bytes of non-negative (log index, completion) pairs), "floats"
+            (a map str -> finite float), "list" (of ``of`` messages) or "message" (one
+            ``of`` message).
+        lo, hi: inclusive bounds of an int or float.
+        choices: the allowed values of a str.
+        max_len: longest str / array / list; an int, or the name of a DecodeLimits field.
+        min_len: shortest array or list.
+        of: the tokens field a "logprobs" field matches, or the message class of a "list"
+            or "message" field.
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+    max_len: int | str = 4096
+    min_len: int = 1
+    of: Any = None
+
+
+def wire(kind: str, default: Any = MISSING, **rule: Any) -> Any:
+    """A dataclass field with its :class:`Wire` rule (and an optional default)."""
+    return field(default=default, metadata={"wire": Wire(kind, **rule)})
+
+
+def _tokens() -> Any:
+    return wire("tokens", max_len="max_seq_len")
+
+
 # --------------------------------------------------------------------------- messages
 
 
 @dataclass
 class Completion:
-    """One sampled completion of a prompt, scored.
+    """One sampled completion of a prompt: the rollout record, from engine to learner.
 
     Attributes:
         token_ids: int32 array [T], the sampled tokens (EOS included when it was sampled).
         logprobs: float32 array [T], behaviour logprobs log mu(token | prefix) of the
             sampled tokens under the sampling distribution (temperature applied).
-        reward: verifier reward (finite float).
-        advantage: advantage of the whole completion (finite float).
+        reward: verifier reward (finite float; 0 until the actor scores it).
+        advantage: advantage of the whole completion (finite float; set by the actor).
         finish_reason: "stop" (EOS sampled) or "length" (hit max_new_tokens).
-        policy_version: learner version of the weights that generated it.
+        policy_version: learner version of the weights that generated it (the version it
+            started on, for a rollout that straddled an in-flight update).
     """
 
-    token_ids: np.ndarray
-    logprobs: np.ndarray
-    reward: float
-    advantage: float
-    finish_reason: str
-    policy_version: int
+    WIRE_NAME: ClassVar[str] = "completion"
+    token_ids: np.ndarray = _tokens()
+    logprobs: np.ndarray = wire("logprobs", max_len="max_seq_len", of="token_ids")
+    reward: float = wire("float", 0.0)
+    advantage: float = wire("float", 0.0)
+    finish_reason: str = wire("str", "stop", choices=FINISH_REASONS)
+    policy_version: int = wire("int", 0, lo=0, hi=MAX_COUNT)
 
 
 @dataclass
@@ -87,17 +142,44 @@ class RolloutGroup:
         completions: the G completions.
         actor_id: which actor produced the group.
         task: the task/dataset name.
-        timings: seconds spent per phase, e.g. {"generate_s": 3.1, "score_s": 0.01}.
         created_at: unix time (seconds) when the group was sent.
     """
 
-    prompt_id: str
-    prompt_ids: np.ndarray
-    completions: list[Completion]
-    actor_id: str
-    task: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    created_at: float = 0.0
+    WIRE_NAME: ClassVar[str] = "rollout_group"
+    prompt_id: str = wire("str")
+    prompt_ids: np.ndarray = _tokens()
+    completions: list[Completion] = wire("list", of=Completion, max_len="max_group_size")
+    actor_id: str = wire("str")
+    task: str = wire("str", "")
+    created_at: float = wire("float", 0.0)
+
+
+@dataclass
+class ActorStats:
+    """One actor's running statistics, sent on the rollout socket after each batch; the
+    queue keeps each actor's latest and reports them in its micro-batch stats.
+
+    Attributes:
+        actor_id: the actor (as in its RolloutGroups).
+        groups_sent: groups sent so far.
+        tokens_generated: completion tokens generated so far.
+        busy_frac: share of wall time since the first batch that the engine held at least
+            one of this actor's requests, in [0, 1].
+        updated_in_flight: rollouts so far that straddled an in-flight weight update.
+        verifier_timeouts: completions so far whose verifier ran past its time limit.
+        verifier_errors: completions so far whose verifier raised.
+        generate_s: seconds the last batch took to generate.
+    """
+
+    WIRE_NAME: ClassVar[str] = "actor_stats"
+    actor_id: str = wire("str")
+    groups_sent: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    tokens_generated: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    busy_frac: float = wire("float", 0.0, lo=0.0, hi=1.0)
+    updated_in_flight: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    verifier_timeouts: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    verifier_errors: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    generate_s: float = wire("float", 0.0, lo=0.0, hi=1e9)
 
 
 @dataclass
@@ -106,26 +188,57 @@ class Sample:
 
     Attributes:
         prompt_id: id of the prompt.
-        prompt_ids: int32 array [P].
-        completion_ids: int32 array [T].
-        logprobs: float32 array [T], behaviour logprobs.
-        reward: verifier reward.
-        advantage: advantage of the completion.
-        policy_version: version of the weights that generated it.
+        prompt_ids: int32 array [P] (shared by every sample of the group).
+        completion: the group's Completion itself (tokens, behaviour logprobs, reward,
+            advantage, policy version).
     """
 
-    prompt_id: str
-    prompt_ids: np.ndarray
-    completion_ids: np.ndarray
-    logprobs: np.ndarray
-    reward: float
-    advantage: float
-    policy_version: int
+    WIRE_NAME: ClassVar[str] = "sample"
+    prompt_id: str = wire("str")
+    prompt_ids: np.ndarray = _tokens()
+    completion: Completion = wire("message", of=Completion)
+
+    @classmethod
+    def make(
+        cls,
+        prompt_id: str,
+        prompt_ids: np.ndarray,
+        completion_ids: np.ndarray,
+        logprobs: np.ndarray,
+        reward: float,
+        advantage: float,
+        policy_version: int,
+    ) -> Sample:
+        """A sample built from its parts (tests, benchmarks)."""
+        c = Completion(completion_ids, logprobs, reward, advantage, "stop", policy_version)
+        return cls(prompt_id, prompt_ids, c)
+
+    @property
+    def completion_ids(self) -> np.ndarray:
+        """int32 [T], the completion's tokens."""
+        return self.completion.token_ids
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        """float32 [T], the behaviour logprobs."""
+        return self.completion.logprobs
+
+    @property
+    def reward(self) -> float:
+        return self.completion.reward
+
+    @property
+    def advantage(self) -> float:
+        return self.completion.advantage
+
+    @property
+    def policy_version(self) -> int:
+        return self.completion.policy_version
 
     @property
     def num_tokens(self) -> int:
         """Prompt plus completion length, in tokens."""
-        return int(self.prompt_ids.shape[0] + self.completion_ids.shape[0])
+        return int(self.prompt_ids.shape[0] + self.completion.token_ids.shape[0])
 
 
 @dataclass
@@ -139,10 +252,11 @@ class MicroBatchRequest:
         unit: "sequences" (number of samples) or "tokens" (prompt + completion tokens).
     """
 
-    request_id: int
-    learner_version: int
-    size: int
-    unit: str = "sequences"
+    WIRE_NAME: ClassVar[str] = "micro_batch_request"
+    request_id: int = wire("int", lo=0, hi=MAX_COUNT)
+    learner_version: int = wire("int", lo=0, hi=MAX_COUNT)
+    size: int = wire("int", lo=1, hi=DEFAULT_LIMITS.max_samples * DEFAULT_LIMITS.max_seq_len)
+    unit: str = wire("str", "sequences", choices=MICRO_BATCH_UNITS)
 
 
 @dataclass
@@ -155,9 +269,10 @@ class MicroBatchReply:
         stats: queue and actor metrics, e.g. {"queue/size": 40.0}.
     """
 
-    request_id: int
-    samples: list[Sample]
-    stats: dict[str, float] = field(default_factory=dict)
+    WIRE_NAME: ClassVar[str] = "micro_batch_reply"
+    request_id: int = wire("int", lo=0, hi=MAX_COUNT)
+    samples: list[Sample] = wire("list", of=Sample, max_len="max_samples", min_len=0)
+    stats: dict[str, float] = field(default_factory=dict, metadata={"wire": Wire("floats")})
 
 
 @dataclass
@@ -173,14 +288,12 @@ class WeightsVersion:
         sent_at: unix time (seconds) when the learner started sending.
     """
 
-    version: int
-    num_bytes: int
-    dtype: str
-    layout_hash: str
-    sent_at: float = 0.0
-
-
-NODE_HELLO_KINDS = ("register", "heartbeat", "leave")
+    WIRE_NAME: ClassVar[str] = "weights_version"
+    version: int = wire("int", lo=-1, hi=MAX_COUNT)
+    num_bytes: int = wire("int", lo=0, hi=MAX_COUNT)
+    dtype: str = wire("str", max_len=32)
+    layout_hash: str = wire("str", max_len=128)
+    sent_at: float = wire("float", 0.0)
 
 
 @dataclass
@@ -195,9 +308,10 @@ class NodeHello:
         actors: how many actor processes the node runs.
     """
 
-    node_id: str
-    kind: str
-    actors: int = 1
+    WIRE_NAME: ClassVar[str] = "node_hello"
+    node_id: str = wire("str", max_len=128)
+    kind: str = wire("str", choices=NODE_HELLO_KINDS)
+    actors: int = wire("int", 1, lo=0, hi=4096)
 
 
 @dataclass
@@ -211,13 +325,11 @@ class NodeWelcome:
         weights_endpoint: ZeroMQ address where the learner publishes every new version.
     """
 
-    node_id: str
-    version: int
-    config_json: str
-    weights_endpoint: str
-
-
-QUEUE_EVENT_KINDS = ("served", "evicted_stale", "evicted_capacity")
+    WIRE_NAME: ClassVar[str] = "node_welcome"
+    node_id: str = wire("str", max_len=128)
+    version: int = wire("int", lo=0, hi=MAX_COUNT)
+    config_json: str = wire("str", max_len=1 << 20)
+    weights_endpoint: str = wire("str", max_len=256)
 
 
 @dataclass
@@ -238,14 +350,28 @@ class QueueEvent:
         request_id: the request a "served" micro-batch answered (0 for evictions).
     """
 
-    kind: str
-    refs: np.ndarray
-    learner_version: int
-    request_id: int = 0
+    WIRE_NAME: ClassVar[str] = "queue_event"
+    kind: str = wire("str", choices=QUEUE_EVENT_KINDS)
+    refs: np.ndarray = wire("refs", max_len="max_samples", min_len=0)
+    learner_version: int = wire("int", lo=0, hi=MAX_COUNT)
+    request_id: int = wire("int", 0, lo=0, hi=MAX_COUNT)
 
+
+MESSAGES: tuple[type, ...] = (
+    RolloutGroup,
+    ActorStats,
+    MicroBatchRequest,
+    MicroBatchReply,
+    WeightsVersion,
+    QueueEvent,
+    NodeHello,
+    NodeWelcome,
+)
+"""The top-level messages a frame can hold (Completion and Sample are only nested)."""
 
 Message = (
     RolloutGroup
+    | ActorStats
     | MicroBatchRequest
     | MicroBatchReply
     | WeightsVersion
@@ -256,16 +382,6 @@ Message = (
 
 
 def group_to_samples(group: RolloutGroup) -> list[Sample]:
-    """Split a group into per-completion samples that share the prompt's token array."""
-    return [
-        Sample(
-            prompt_id=group.prompt_id,
-            prompt_ids=group.prompt_ids,
-            completion_ids=c.token_ids,
-            logprobs=c.logprobs,
-            reward=c.reward,
-            advantage=c.advantage,
-            policy_version=c.policy_version,
-        )
-        for c in group.completions
-    ]
+    """The group's completions as samples: each shares the prompt's token array and *is*
+    the group's Completion object (nothing is copied)."""
+    return [Sample(group.prompt_id, group.prompt_ids, c) for c in group.completions]

@@ -9,8 +9,10 @@ index in it). From the log alone one can therefore rebuild every micro-batch the
 received, in order (``launch/start.py replay``), and the set of samples that were accepted
 but neither served nor evicted (what a restarted queue must hold again).
 
-The writer flushes after every frame, so a queue killed with SIGKILL leaves at most one
-truncated frame at the end, which the reader reports and skips.
+Each frame carries its schema version; a log written by an older schema is still read
+(protocol/codec.py ``LOG_UPGRADES``), so a run recorded before a protocol change can be
+replayed after it. The writer flushes after every frame, so a queue killed with SIGKILL
+leaves at most one truncated frame at the end, which the reader reports and skips.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from dashrl.protocol import ProtocolError, QueueEvent, RolloutGroup, Sample, decode_object, encode
@@ -32,8 +35,6 @@ ROLLOUT_LOG = "queue/rollouts.msgpack"
 
 
 def _frames(path: Path) -> Iterator[object]:
-    import msgpack
-
     with Path(path).open("rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=True, max_buffer_size=1 << 30)
         try:
@@ -85,7 +86,7 @@ def read_queue_log(path: Path) -> QueueLog:
     """
     out = QueueLog()
     for obj in _frames(path):
-        msg = decode_object(obj, expect=(RolloutGroup, QueueEvent))
+        msg = decode_object(obj, expect=(RolloutGroup, QueueEvent), upgrade=True)
         if isinstance(msg, RolloutGroup):
             out.order.append(("group", len(out.groups)))
             out.groups.append(msg)

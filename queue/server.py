@@ -8,7 +8,8 @@ outlives a learner crash, so nothing already accepted is lost. Its CPU cost is s
 (decoding, a sorted insert and a file append per group).
 
 Sockets (all bound on the configured loopback host):
-- PULL  ``rollout_port``: actors PUSH RolloutGroup frames. PUSH/PULL never drops a
+- PULL  ``rollout_port``: actors PUSH RolloutGroup frames (and an ActorStats frame after
+  each batch). PUSH/PULL never drops a
   frame silently: when the queue lags, the actor's send blocks at its high-water mark.
 - ROUTER ``request_port``: the learner's DEALER sends MicroBatchRequest and gets a
   MicroBatchReply (empty when fewer samples than a micro-batch are held).
@@ -32,6 +33,7 @@ from pathlib import Path
 import zmq
 
 from dashrl.protocol import (
+    ActorStats,
     DecodeLimits,
     MicroBatchReply,
     MicroBatchRequest,
@@ -56,6 +58,20 @@ DRAIN_BATCH = 256
 
 FINAL_STATS = "queue/final_stats.json"
 """The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
+
+
+def actor_totals(stats: list[ActorStats]) -> dict[str, float]:
+    """Metrics over the actors' latest statistics: faults and in-flight updates summed,
+    generator utilisation (``actor/busy_frac``) averaged; empty before any arrived."""
+    if not stats:
+        return {}
+    return {
+        "actor/verifier_timeouts": float(sum(s.verifier_timeouts for s in stats)),
+        "actor/verifier_errors": float(sum(s.verifier_errors for s in stats)),
+        "actor/busy_frac": sum(s.busy_frac for s in stats) / len(stats),
+        "actor/rollouts_updated_in_flight": float(sum(s.updated_in_flight for s in stats)),
+        "actor/groups_sent": float(sum(s.groups_sent for s in stats)),
+    }
 
 
 class QueueServer:
@@ -84,9 +100,8 @@ class QueueServer:
         self.rejected_frames = 0
         self.handler_errors = 0
         self.groups_received = 0
-        self.faults: dict[str, float] = {}  # actor-side verifier faults, cumulative
+        self.actor_stats: dict[str, ActorStats] = {}  # actor id -> its latest statistics
         self.gate = None  # CurveZMQ refusals (protocol/security.py), when keys are in use
-        self._latest: dict[str, dict[str, float]] = {}  # stat -> actor id -> latest value
         self._window: dict[str, float] = {}  # actor-side stats since the last served batch
         self._reset_window()
         if (cfg.resume or reload) and self.log is not None:  # a restart holds what it held
@@ -108,12 +123,15 @@ class QueueServer:
         ``queue/handler_errors`` and logged: the queue never dies on one message.
         """
         try:
-            group = decode(frame, self.limits, expect=RolloutGroup)
+            msg = decode(frame, self.limits, expect=(RolloutGroup, ActorStats))
         except ProtocolError as e:
             self._reject("rollout", e)
             return
         try:
-            self._accept(group, frame)
+            if isinstance(msg, ActorStats):  # each actor's latest running statistics
+                self.actor_stats[msg.actor_id] = msg
+            else:
+                self._accept(msg, frame)
         except Exception:
             self.handler_errors += 1
             log.exception("error handling a rollout group (%d so far)", self.handler_errors)
@@ -126,11 +144,6 @@ class QueueServer:
             w["n"] += 1
             w["tokens"] += len(c.token_ids)
             w["length"] += c.finish_reason == "length"
-        for k in ("verifier_timeouts", "verifier_errors"):
-            self.faults[k] = self.faults.get(k, 0.0) + group.timings.get(k, 0.0)
-        for k in ("busy_frac", "updated_in_flight"):  # each actor's latest value
-            if k in group.timings:
-                self._latest.setdefault(k, {})[group.actor_id] = group.timings[k]
         samples = group_to_samples(group)
         result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
         if self.log is not None and result.accepted:
@@ -200,12 +213,8 @@ class QueueServer:
             "queue/handler_errors": float(self.handler_errors),
             "queue/groups_received": float(self.groups_received),
             "queue/refused_clients": float(self.gate.refused if self.gate else 0),
-            **{f"actor/{k}": v for k, v in self.faults.items()},
+            **actor_totals(list(self.actor_stats.values())),
         }
-        if busy := self._latest.get("busy_frac"):  # mean over actors: generator utilisation
-            out["actor/busy_frac"] = sum(busy.values()) / len(busy)
-        if updated := self._latest.get("updated_in_flight"):
-            out["actor/rollouts_updated_in_flight"] = sum(updated.values())
         if served:
             lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]
             out["queue/served_lag_mean"] = sum(lags) / len(lags)

@@ -13,6 +13,7 @@ import zmq
 
 from dashrl.actors.actor import Actor
 from dashrl.actors.engine import FakeEngine
+from dashrl.protocol import decode
 from dashrl.protocol.runtime import free_port
 
 
@@ -73,10 +74,9 @@ def test_extra_batches_in_flight_start_after_the_first_batch_is_out(tiny_cfg) ->
 
     try:
         asyncio.run(main())
-        frames = 0
+        kinds = []
         while sink.poll(0):
-            sink.recv()
-            frames += 1
+            kinds.append(type(decode(sink.recv())).__name__)
     finally:
         sink.close(0)
         ctx.term()
@@ -87,4 +87,6 @@ def test_extra_batches_in_flight_start_after_the_first_batch_is_out(tiny_cfg) ->
     # afterwards: three loops at once (they overlap)
     later = [(s, e) for s, e in calls[1:] if s < first_end + 0.05]
     assert len(later) == 3, calls
-    assert frames == len(calls) * cfg.actor.prompts_per_batch  # every batch's groups were sent
+    # every batch's groups were sent, each batch followed by the actor's statistics
+    assert kinds.count("RolloutGroup") == len(calls) * cfg.actor.prompts_per_batch
+    assert kinds.count("ActorStats") == len(calls) and kinds[-1] == "ActorStats"

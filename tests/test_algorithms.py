@@ -148,7 +148,7 @@ def test_every_algorithm_takes_a_learner_step(tiny_cfg, algo: str) -> None:
 
     cfg = tiny_cfg.model_copy(update={"algo": algo})
     learner = Learner(cfg, connect=False)
-    samples = [Sample("p", np.array([1, 50], np.int32), np.array(c, np.int32),
+    samples = [Sample.make("p", np.array([1, 50], np.int32), np.array(c, np.int32),
                       np.full(len(c), -3.0, np.float32), r, a, 0)
                for c, r, a in (([5, 6, 7], 1.0, 1.0), ([8, 9], 0.0, -1.0))]  # fmt: skip
     before = [p.detach().clone() for p in learner.model.parameters()]
@@ -164,7 +164,7 @@ def test_every_algorithm_takes_a_learner_step(tiny_cfg, algo: str) -> None:
 def _samples(rewards_advs, prompt="p"):
     from dashrl.protocol import Sample
 
-    return [Sample(prompt, np.array([1, 50, 60], np.int32), np.array(c, np.int32),
+    return [Sample.make(prompt, np.array([1, 50, 60], np.int32), np.array(c, np.int32),
                    np.full(len(c), -3.0, np.float32), r, a, 0)
             for c, r, a in rewards_advs]  # fmt: skip
 

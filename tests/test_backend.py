@@ -17,7 +17,7 @@ pytest.importorskip("deepspeed")
 
 def _sample(adv: float, completion: list[int], reward: float = 1.0) -> Sample:
     c = np.array(completion, np.int32)
-    return Sample("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
+    return Sample.make("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
                   reward, adv, 0)  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from dashrl.protocol import Sample
 
 def sample(prompt: list[int], completion: list[int], lp: list[float] | None = None) -> Sample:
     c = np.array(completion, np.int32)
-    return Sample(
+    return Sample.make(
         "p",
         np.array(prompt, np.int32),
         c,

@@ -16,7 +16,7 @@ from dashrl.queue.buffer import (
 
 
 def sample(adv: float, version: int = 0, completion_len: int = 2, tag: str = "") -> Sample:
-    return Sample(
+    return Sample.make(
         tag or f"a={adv}",
         np.arange(3, dtype=np.int32),
         np.arange(completion_len, dtype=np.int32),
@@ -143,7 +143,7 @@ def test_length_window_serves_similar_lengths_and_loses_nothing() -> None:
     from dashrl.protocol import Sample
 
     def sample(i: int, n: int, adv: float) -> Sample:
-        return Sample(f"p{i}", np.ones(4, np.int32), np.ones(n, np.int32),
+        return Sample.make(f"p{i}", np.ones(4, np.int32), np.ones(n, np.int32),
                       np.zeros(n, np.float32), 1.0, adv, 0)  # fmt: skip
 
     lengths = [30, 5, 29, 6, 28, 7, 27, 8]

@@ -135,7 +135,7 @@ def test_pair_selection_on_actor_queue_and_learner() -> None:
 
 
 def _s(pid: str, adv: float, version: int = 0, n: int = 3) -> Sample:
-    return Sample(pid, np.array([1, 2], np.int32), np.arange(n, dtype=np.int32),
+    return Sample.make(pid, np.array([1, 2], np.int32), np.arange(n, dtype=np.int32),
                   np.full(n, -1.0, np.float32), float(adv > 0), adv, version)  # fmt: skip
 
 

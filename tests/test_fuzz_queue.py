@@ -46,7 +46,7 @@ def valid_group(rng: random.Random) -> RolloutGroup:
                                 float(j % 2), rng.uniform(-2, 2), rng.choice(["stop", "length"]),
                                 rng.randrange(3)))  # fmt: skip
     return RolloutGroup(f"p{rng.randrange(1000)}", np.arange(rng.randint(1, 9), dtype=np.int32),
-                        comps, "fuzz", "t", {"generate_s": 0.1}, 1.0)  # fmt: skip
+                        comps, "fuzz", "t", 1.0)  # fmt: skip
 
 
 def type_confused(rng: random.Random, frame: bytes) -> bytes:

@@ -14,7 +14,7 @@ from dashrl.protocol.runtime import StopFlag
 
 def sample(adv: float, completion: list[int], version: int = 0) -> Sample:
     c = np.array(completion, np.int32)
-    return Sample("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
+    return Sample.make("p", np.array([1, 50, 60], np.int32), c, np.full(len(c), -2.0, np.float32),
                   1.0, adv, version)  # fmt: skip
 
 
@@ -72,7 +72,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted_once(tiny_cfg) -> 
     next good step goes through and bumps the version."""
     learner = Learner(tiny_cfg, connect=False)
     nan = sample(1.0, [5, 6, 7])
-    nan.logprobs = np.full(3, np.nan, np.float32)  # what the wire would have refused
+    nan.completion.logprobs = np.full(3, np.nan, np.float32)  # what the wire would have refused
     n = tiny_cfg.learner.micro_batches_per_step
     good = [[sample(1.0, [5, 6]), sample(-1.0, [7, 8])] for _ in range(n)]
     feed = learner.feed(ListSource([[nan]] * n + good))

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from dashrl.protocol import (
     SCHEMA_VERSION,
+    ActorStats,
     Completion,
     DecodeLimits,
     MicroBatchReply,
     MicroBatchRequest,
     ProtocolError,
+    QueueEvent,
     RolloutGroup,
     Sample,
     WeightsVersion,
@@ -45,13 +47,12 @@ def make_group(g: int = 3, t: int = 5) -> RolloutGroup:
         comps,
         "actor1",
         "chain_sum",
-        {"generate_s": 1.5, "score_s": 0.01},
         1.7e9,
     )
 
 
 def make_sample(adv: float = 1.0) -> Sample:
-    return Sample(
+    return Sample.make(
         "p",
         np.arange(4, dtype=np.int32),
         np.arange(3, dtype=np.int32),
@@ -74,11 +75,10 @@ def pack(obj: dict) -> bytes:
 
 
 def assert_group_equal(a: RolloutGroup, b: RolloutGroup) -> None:
-    assert (a.prompt_id, a.actor_id, a.task, a.timings, a.created_at) == (
+    assert (a.prompt_id, a.actor_id, a.task, a.created_at) == (
         b.prompt_id,
         b.actor_id,
         b.task,
-        b.timings,
         b.created_at,
     )
     np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
@@ -159,8 +159,9 @@ def corrupt(mutate) -> bytes:
         (lambda o: o["body"].update(prompt_ids=b"\x00" * 7), "not a whole"),
         (lambda o: o["body"].update(prompt_ids=b""), "length 0"),
         (lambda o: o["body"].update(prompt_ids=np.array([-1], "<i4").tobytes()), "negative token"),
-        (lambda o: o["body"].update(completions=[]), "empty group"),
-        (lambda o: o["body"].update(timings={"x": float("nan")}), "not finite"),
+        (lambda o: o["body"].update(completions=[]), "empty"),
+        (lambda o: o["body"].update(timings={"generate_s": 1.0}), "unknown fields"),
+        (lambda o: o["body"].update(created_at=float("nan")), "not finite"),
         (lambda o: o["body"]["completions"][0].update(logprobs=b"\x00" * 8), "logprobs for"),
         (lambda o: o["body"]["completions"][0].update(reward=float("inf")), "not finite"),
         (lambda o: o["body"]["completions"][0].update(advantage=True), "expected float"),
@@ -273,3 +274,62 @@ def test_queue_event_round_trip_and_validation() -> None:
                 QueueEvent("served", np.array([1, 2, 3]), 0)):  # fmt: skip
         with pytest.raises(ProtocolError):
             decode(encode(bad))
+
+
+def test_actor_stats_round_trip_and_bounds() -> None:
+    st = ActorStats("actor0", 12, 3400, 0.97, 5, 1, 2, 3.5)
+    assert decode(encode(st)) == st
+    obj = raw(encode(st))
+    for field, bad, message in (
+        ("busy_frac", 1.5, "outside"),
+        ("busy_frac", float("inf"), "not finite"),
+        ("groups_sent", -1, "outside"),
+        ("verifier_errors", 2**62, "outside"),
+        ("generate_s", 1e308, "outside"),
+        ("actor_id", 7, "expected str"),
+    ):
+        bad_obj = {**obj, "body": {**obj["body"], field: bad}}
+        with pytest.raises(ProtocolError, match=message):
+            decode(pack(bad_obj))
+
+
+def test_a_sample_is_its_completion_not_a_copy() -> None:
+    """One rollout record: the sample the queue serves holds the group's Completion."""
+    g = make_group()
+    s = group_to_samples(g)[1]
+    assert s.completion is g.completions[1]
+    assert s.advantage == g.completions[1].advantage and s.num_tokens == 11 + 6
+    back = decode(encode(MicroBatchReply(1, [s])))
+    assert raw(encode(MicroBatchReply(1, [s])))["body"]["samples"][0].keys() == {
+        "prompt_id",
+        "prompt_ids",
+        "completion",
+    }
+    np.testing.assert_array_equal(back.samples[0].logprobs, s.logprobs)
+
+
+def test_versions_past_the_wire_bound_are_refused() -> None:
+    """A policy version near 2**64 would overflow the learner's int64 tensors."""
+    obj = raw(encode(make_group()))
+    obj["body"]["completions"][0]["policy_version"] = 2**63
+    with pytest.raises(ProtocolError, match="outside"):
+        decode(pack(obj))
+    req = raw(encode(MicroBatchRequest(1, 0, 4)))
+    req["body"]["learner_version"] = 2**62
+    with pytest.raises(ProtocolError, match="outside"):
+        decode(pack(req))
+
+
+def test_a_version_1_log_record_is_upgraded_only_when_asked() -> None:
+    """Queue logs written by schema 1 (actor timings inside the group) still read."""
+    from dashrl.protocol import decode_object
+
+    v1 = raw(encode(make_group()))
+    v1["schema"] = 1
+    v1["body"]["timings"] = {"generate_s": 1.5, "busy_frac": 1.0}
+    with pytest.raises(ProtocolError, match="unknown schema version 1"):
+        decode_object(v1)
+    assert_group_equal(decode_object(v1, upgrade=True), make_group())
+    ev = raw(encode(QueueEvent("served", np.array([[0, 1]], np.int32), 3, 9)))
+    ev["schema"] = 1
+    assert decode_object(ev, upgrade=True).refs.tolist() == [[0, 1]]
