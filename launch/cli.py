@@ -39,16 +39,19 @@ SUBCOMMANDS: dict[str, tuple[type, str, str]] = {
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TimeoutError)
 """Errors a user can cause with a wrong argument: printed in one line, no traceback."""
 
-_TYRO = (tyro.conf.FlagConversionOff,)  # booleans as --flag True|False, as in config.json
+_TYRO = (tyro.conf.FlagConversionOff,)  # train's booleans as --flag True|False (config.json)
 
 
 def _command_type() -> Any:
-    """The union of every subcommand's model (built at run time from SUBCOMMANDS)."""
-    options = tuple(
-        Annotated[model, tyro.conf.subcommand(name, default=Config() if name == TRAIN else None)]
-        for name, (model, _, _) in SUBCOMMANDS.items()
-    )
-    return Union[options]  # noqa: UP007  (a union built at run time)
+    """The union of every subcommand's model (built at run time from SUBCOMMANDS). Train
+    and eval take booleans as ``--flag True|False`` (as written in config.json); replay,
+    attach and keys as plain ``--flag`` switches."""
+    options = []
+    for name, (model, _, _) in SUBCOMMANDS.items():
+        default = Config() if name == TRAIN else None
+        marks = [tyro.conf.FlagConversionOff] if name in (TRAIN, "eval") else []
+        options.append(Annotated[model, tyro.conf.subcommand(name, default=default), *marks])
+    return Union[tuple(options)]  # noqa: UP007  (a union built at run time)
 
 
 def resume_config(run_dir: Path) -> Config:
@@ -85,7 +88,7 @@ def parse(argv: list[str]) -> Any:
                         prog="start.py --resume RUN_DIR")  # fmt: skip
     if not argv or argv[0] not in SUBCOMMANDS:  # start.py --help: train's fields
         argv = [TRAIN, *argv]
-    return tyro.cli(_command_type(), args=argv, config=_TYRO, prog="start.py")
+    return tyro.cli(_command_type(), args=argv, prog="start.py")
 
 
 def handler(cmd: Any) -> tuple[str, Callable[[Any], Any]]:

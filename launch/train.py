@@ -32,7 +32,7 @@ from dashrl.protocol.config import PORT_FIELDS, Config
 from dashrl.protocol.model import resolve_model
 from dashrl.protocol.runtime import (
     actor_env,
-    free_port,
+    free_ports,
     read_jsonl,
     set_thread_budget,
     setup_logging,
@@ -54,7 +54,8 @@ def resolve(cfg: Config) -> Config:
         raise FileExistsError(f"{run_dir} already holds a run; choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.transport
-    ports = {k: getattr(t, k) or free_port(t.host) for k in PORT_FIELDS}
+    fresh = iter(free_ports(len(PORT_FIELDS), t.host))  # distinct from each other
+    ports = {k: getattr(t, k) or next(fresh) for k in PORT_FIELDS}
     model = cfg.model.model_copy(
         update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
     )

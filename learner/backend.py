@@ -139,7 +139,7 @@ class DeepSpeedBackend(TorchBackend):
 
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, lc: LearnerConfig):
+    def __init__(self, model: torch.nn.Module, lc: LearnerConfig, rendezvous_port: int = 0):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -149,9 +149,12 @@ class DeepSpeedBackend(TorchBackend):
             if "WORLD_SIZE" in os.environ:  # started by torchrun / the DeepSpeed launcher
                 deepspeed.init_distributed(dist_backend=backend)
             else:  # a lone rank: a private rendezvous (DeepSpeed insists on LOCAL_RANK)
+                # on the port the launcher reserved for the learner's ranks: a port picked
+                # here could be one the launcher gave another socket that is not bound yet
+                port = rendezvous_port or free_port()
                 os.environ.setdefault("LOCAL_RANK", "0")
                 deepspeed.init_distributed(
-                    dist_backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                    dist_backend=backend, init_method=f"tcp://127.0.0.1:{port}",
                     rank=0, world_size=1, auto_mpi_discovery=False,
                 )  # fmt: skip
         self.lc = lc
@@ -244,12 +247,15 @@ class DeepSpeedBackend(TorchBackend):
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint with tag 'state'")
 
 
-def make_backend(model: torch.nn.Module, lc: LearnerConfig) -> TorchBackend:
+def make_backend(
+    model: torch.nn.Module, lc: LearnerConfig, rendezvous_port: int = 0
+) -> TorchBackend:
     """The backend ``learner.backend`` asks for ("auto": DeepSpeed when it imports).
+    ``rendezvous_port``: a lone DeepSpeed rank's private process-group port (0: any free).
 
     Raises:
         ImportError: "deepspeed" asked for explicitly but not importable.
     """
     if lc.backend == "torch" or (lc.backend == "auto" and not deepspeed_available()):
         return TorchBackend(model, lc)
-    return DeepSpeedBackend(model, lc)
+    return DeepSpeedBackend(model, lc, rendezvous_port)

@@ -81,7 +81,8 @@ class Learner:
         # a resumed run starts from its newest checkpoint's weights (optimizer state below)
         self.resume_from = latest_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
         weights = self.resume_from or cfg.model.path
-        self.backend = make_backend(PolicyForward(load_causal_lm(weights, train=True)), lc)
+        policy = PolicyForward(load_causal_lm(weights, train=True))
+        self.backend = make_backend(policy, lc, rendezvous_port=cfg.transport.learner_port)
         self.model = self.backend.module.model  # the HF model (eval, checkpoints)
         needs_ref = lc.kl_coef > 0 or self.algo.reference
         self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None

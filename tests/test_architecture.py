@@ -103,3 +103,17 @@ def test_nothing_imports_the_entry_points() -> None:
         if m.startswith("dashrl.launch")
     ]
     assert not users, users
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Which dashrl packages each package imports (``python tests/test_architecture.py``)."""
+    out: dict[str, set[str]] = {pkg: set() for pkg in PACKAGES}
+    for rel, path in _modules().items():
+        pkg = rel.split("/")[0]
+        out[pkg] |= {m.split(".")[1] for m, _ in _imports(path)} - {pkg}
+    return out
+
+
+if __name__ == "__main__":
+    for pkg, deps in package_graph().items():
+        print(f"{pkg:9} -> {', '.join(sorted(deps)) or '(nothing of ours)'}")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import REPO
+from dashrl.launch.train import run
 from dashrl.protocol.config import Config
 from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
@@ -16,8 +17,6 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 @pytest.mark.slow
 def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -> None:
-    from dashrl.launch.start import run
-
     tiny_cfg.eval.every_steps = 2  # the learner evaluates itself once, after step 2
     summary = run(tiny_cfg)
     run_dir = tiny_cfg.run_dir
@@ -51,8 +50,6 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
 @pytest.mark.slow
 @pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
 def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
-    from dashrl.launch.start import run
-
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.data.source, cfg.data.gsm8k_dir = "gsm8k", GSM8K
     cfg.learner.steps = 1
@@ -68,7 +65,6 @@ def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
 @pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
 def test_sft_baseline_streams_reference_solutions(tiny_cfg) -> None:
     from dashrl.actors.tasks import load_task
-    from dashrl.launch.start import run
     from dashrl.protocol.model import load_tokenizer
 
     cfg = tiny_cfg.model_copy(deep=True)
@@ -96,8 +92,6 @@ def test_two_rank_deepspeed_learner(tiny_cfg) -> None:
     """torchrun starts 2 learner ranks (ZeRO-2 over gloo): rank 0 serves the queue and the
     actors, rank 1 trains on its share of every micro-batch, both stop together."""
     pytest.importorskip("deepspeed")
-    from dashrl.launch.start import run
-
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.learner.num_ranks, cfg.learner.backend, cfg.learner.zero_stage = 2, "deepspeed", 2
     summary = run(cfg)
@@ -118,8 +112,6 @@ def test_two_rank_deepspeed_learner(tiny_cfg) -> None:
 def test_sync_mode_trains_each_step_on_exactly_one_fresh_batch(tiny_cfg) -> None:
     """mode sync (the standard GRPO loop, the baseline of bench/time_to_reward.py): the actor
     waits for every step, so each step trains on one whole batch of the current version."""
-    from dashrl.launch.start import run
-
     tiny_cfg.mode = "sync"
     tiny_cfg.queue.max_staleness = 0  # tiny_cfg has no gradient filter already
     tiny_cfg.learner.steps = 4
