@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,13 @@ class Children:
         for role in sorted(self.procs, key=lambda r: order.get(r, 1)):
             self.stop(role)
 
+    def failure(self, role: str) -> dict:
+        """What a dead child left: {"role", "exit_code", "error" (its log's last error
+        line), "log"} (for the launcher's summary and its exit status)."""
+        p, path = self.procs.get(role), self.logs / f"{role}.log"
+        return {"role": role, "exit_code": None if p is None else p.returncode,
+                "error": last_error_line(path), "log": str(path)}  # fmt: skip
+
 
 def reap_group(pid: int) -> None:
     """SIGKILL what is left of the process group that child ``pid`` led (it was started in
@@ -89,3 +97,20 @@ def reap_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def last_error_line(path: Path, tail_bytes: int = 65536) -> str:
+    """The last line of a log that names an exception (``ValueError: ...``), else its last
+    non-empty line ("" for a missing or empty log)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in lines if line.strip()]
+    errors = [line for line in lines if _ERROR_LINE.match(line)]
+    return (errors or lines or [""])[-1][:500]

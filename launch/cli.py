@@ -36,7 +36,7 @@ SUBCOMMANDS: dict[str, tuple[type, str, str]] = {
 }
 """Subcommand -> (argument model, module, function called with the parsed arguments)."""
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TimeoutError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, TimeoutError)
 """Errors a user can cause with a wrong argument: printed in one line, no traceback."""
 
 _TYRO = (tyro.conf.FlagConversionOff,)  # train's booleans as --flag True|False (config.json)
@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if name == "replay" and result is not None and not result["identical"]:
+        sys.exit(1)
+    if name == TRAIN and result.get("failure"):  # a role died: say which and why
+        f = result["failure"]
+        print(f"error: {f['role']} failed (exit code {f['exit_code']}): {f['error']} "
+              f"(log: {f['log']})", file=sys.stderr)  # fmt: skip
         sys.exit(1)
     if name in ("attach", "keys"):
         print(result)

@@ -29,7 +29,7 @@ from dashrl.protocol import Sample, group_to_samples
 from dashrl.protocol.config import load_config
 from dashrl.protocol.model import load_tokenizer
 from dashrl.protocol.runtime import StopFlag, read_jsonl, set_thread_budget
-from dashrl.queue.log import ROLLOUT_LOG, QueueLog, read_queue_log
+from dashrl.queue.log import ROLLOUT_LOG, DamagedLogError, QueueLog, read_queue_log
 
 log = logging.getLogger("dashrl.replay")
 
@@ -99,7 +99,7 @@ def replay(cmd: ReplayCommand) -> dict:
     cfg.learner.steps, cfg.learner.checkpoint_every, cfg.eval.every_steps = steps, 0, 0
     cfg.learner.num_ranks = 1
     set_thread_budget(cfg.learner.torch_threads)  # same threads, same float reductions
-    served = read_queue_log(run_dir / ROLLOUT_LOG).served()
+    served = read_queue_log(run_dir / ROLLOUT_LOG, strict=True).served()
     stop = StopFlag()
     source = LogSource(served, stop)
     train(cfg, stop, learner=Learner(cfg, connect=False), source=source)
@@ -182,6 +182,10 @@ def run_replay_command(cmd: ReplayCommand) -> dict | None:
         if not log_path.exists():
             raise FileNotFoundError(f"{log_path}: no queue log")
         qlog = read_queue_log(log_path)
+        print(f"log: {qlog.report.describe()}")
+        if not qlog.report.accountable:  # its log indices cannot be trusted
+            raise DamagedLogError(f"{log_path}: damaged beyond a torn tail: "
+                                  f"{qlog.report.describe()}")  # fmt: skip
         if cmd.inspect:
             print_inspect(inspect(qlog))
         if cmd.show:

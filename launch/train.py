@@ -24,10 +24,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dashrl.actors.engine import HFEngine
+from dashrl.actors.tasks import load_task
 from dashrl.launch.attach import NodeClient
 from dashrl.launch.children import Children, reap_group
 from dashrl.launch.evaluate import heldout_reward
 from dashrl.launch.plot import plot_run
+from dashrl.learner.checkpoint import resumable_checkpoint
 from dashrl.protocol.config import PORT_FIELDS, Config
 from dashrl.protocol.model import resolve_model
 from dashrl.protocol.runtime import (
@@ -47,7 +49,11 @@ def resolve(cfg: Config) -> Config:
 
     Raises:
         FileExistsError: the run directory already holds a run.
+        ValueError, FileNotFoundError: the data config names no task or file that exists.
     """
+    load_task(cfg.data, cfg.seed)  # a bad task, source or data file fails here, in seconds
+    if cfg.resume:  # no checkpoint, or a damaged one: one line now, not a dead learner later
+        resumable_checkpoint(Path(cfg.run_dir))
     run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir.resolve()
     if (run_dir / "metrics.jsonl").exists() and not cfg.resume:  # logs only append
@@ -126,8 +132,14 @@ def supervisor_closed(supervisor: Supervisor):
         supervisor.close()
 
 
-def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
-    """Show a progress bar from metrics.jsonl until the learner exits; stop it on Ctrl-C."""
+def follow(cfg: Config, children: Children, interrupted: list[bool], failures: list[dict]) -> None:
+    """Show a progress bar from metrics.jsonl until the learner exits; stop it on Ctrl-C.
+
+    A queue or actor that dies once training runs is restarted (:class:`Supervisor`). One
+    that dies before the first learner step (a bad task, model or setting: restarting
+    would only repeat it, and the learner would wait for it for an hour), or past its
+    restarts, is a failure: it is added to ``failures`` and the job stops at once.
+    """
     learner = children.procs["learner"]
     supervisor = Supervisor(cfg, children)
     deadline = time.monotonic() + cfg.time_limit_s + 600  # the learner stops itself earlier
@@ -145,8 +157,11 @@ def follow(cfg: Config, children: Children, interrupted: list[bool]) -> None:
                 if role != "learner" and p.poll() is not None:
                     log.error("%s exited with code %s: see %s", role, p.returncode,
                               children.logs / f"{role}.log")  # fmt: skip
-                    if not supervisor.restart(role):
-                        interrupted[0] = True
+                    if not seen or not supervisor.restart(role):
+                        failures.append(children.failure(role))
+                        log.info("stopping the learner (it saves a checkpoint first)")
+                        children.stop("learner", timeout_s=300)
+                        return
             supervisor.heartbeat()
             rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
             if len(rows) > seen:
@@ -196,7 +211,7 @@ def run(cfg: Config) -> dict:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    children = Children(run_dir)
+    children, failures = Children(run_dir), []
     config_path = str(run_dir / "config.json")
     t_train = time.monotonic()
     try:
@@ -212,16 +227,22 @@ def run(cfg: Config) -> dict:
                     f"--master-port={t.learner_port}", "--module"]  # fmt: skip
         children.spawn("learner", "dashrl.launch.learn", config_path,
                        launcher=torchrun if ranks > 1 else None)  # fmt: skip
-        follow(cfg, children, interrupted)
+        follow(cfg, children, interrupted, failures)
     finally:
         children.stop_all()
     summary["train_wall_s"] = time.monotonic() - t_train
     summary["exit_codes"] = {r: p.returncode for r, p in children.procs.items()}
+    if children.procs["learner"].returncode not in (0, None) and not failures:
+        failures.append(children.failure("learner"))  # it died: not stopped by us
+    if failures:
+        summary["failure"] = failures[0]
+        log.error("%s failed (exit code %s): %s", failures[0]["role"],
+                  failures[0]["exit_code"], failures[0]["error"])  # fmt: skip
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
     final = run_dir / "checkpoints" / "final"
-    if cfg.eval.heldout and (final / "config.json").exists() and not interrupted[0]:
+    if cfg.eval.heldout and (final / "config.json").exists() and not (interrupted[0] or failures):
         heldout(cfg, final, "after", summary)
     plot_run(
         rows,
@@ -242,6 +263,7 @@ def run(cfg: Config) -> dict:
             "rollouts_evicted_stale": int(q.get("queue/evicted_stale", 0)),
             "rejected_frames": int(q.get("queue/rejected_frames", 0)),
             "interrupted": interrupted[0],
+            "failed_role": failures[0]["role"] if failures else None,
             "wall_s": time.monotonic() - t_start,
         }
     )

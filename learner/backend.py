@@ -242,9 +242,29 @@ class DeepSpeedBackend(TorchBackend):
         path = ckpt / "deepspeed"
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no DeepSpeed state to resume from")
+        # DeepSpeed's checkpoint engine unpickles with weights_only=False, which runs any
+        # code a planted file holds: load tensors and plain containers only
+        self.engine.checkpoint_engine.load = _tensors_only_load
         loaded, _ = self.engine.load_checkpoint(str(path), tag="state")
         if loaded is None:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint with tag 'state'")
+
+
+def _tensors_only_load(path: str, map_location=None):
+    """DeepSpeed checkpoint-engine ``load`` with ``weights_only=True``: tensors, plain
+    containers and the few DeepSpeed value types its states hold, nothing executable.
+
+    Raises:
+        pickle.UnpicklingError: the file holds anything else (e.g. a planted object).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # the value types DeepSpeed 0.19's ZeRO 0-3 states hold (found by loading each stage's
+    # checkpoint with weights_only=True): plain data holders, no code on construction
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def make_backend(

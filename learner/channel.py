@@ -120,5 +120,6 @@ def open_weight_channel(
         lambda node: NodeWelcome(node, version(), cfg.model_dump_json(), weights_at),
         t.node_timeout_s,
         t.curve_dir,
+        t.max_nodes,
     )
     return WeightChannel(sender, publisher, nodes)

@@ -5,6 +5,12 @@ by transformers and vLLM), ``dashrl_state.json`` (policy version, step, backend)
 backend's optimizer state (torch ``optimizer.pt`` or DeepSpeed's sharded checkpoint),
 ``rng.pt`` and, for PPO, ``heads.pt`` (critic/ORM heads and their optimizer).
 
+A checkpoint is written into ``<name>.partial`` and renamed into place only when complete,
+with ``manifest.json`` listing every file's size and SHA-256; :func:`verify_checkpoint`
+checks them before anything is loaded, so a damaged or half-written checkpoint is one
+error line naming the file, never a traceback deep in a loader. Nothing is unpickled
+beyond tensors (``weights_only=True`` everywhere, DeepSpeed's states included).
+
 Resuming (``start.py --resume RUN_DIR``) loads the newest checkpoint and trains again on
 the micro-batches the queue log says were served after it (learner/sources.py
 ``ResumeSource``): the dead learner consumed them but its updates died with it. On CPU
@@ -13,10 +19,14 @@ this redoes exactly the lost steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dashrl.learner.backend import TorchBackend
 
@@ -40,7 +50,11 @@ def save_checkpoint(
     ``full=False`` writes the weights, tokenizer and ``dashrl_state.json`` (marked
     ``"resumable": false``) only: a checkpoint to evaluate, about a third of the bytes
     (AdamW keeps two more copies of the weights); :func:`latest_checkpoint` skips it."""
-    out.mkdir(parents=True, exist_ok=True)
+    final, out = out, out.with_name(out.name + PARTIAL)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    _barrier()
     state = backend.full_state_dict()
     if rank == 0:
         backend.module.model.save_pretrained(out, state_dict=state)
@@ -50,7 +64,7 @@ def save_checkpoint(
             info = {"version": version, "step": step, "backend": backend.name,
                     "resumable": False}  # fmt: skip
             (out / "dashrl_state.json").write_text(json.dumps(info))
-        return out
+        return _commit(out, final, rank)
     if rank == 0:
         if heads:
             saved = {k: h.state_dict() for k, h in heads.items()}
@@ -60,7 +74,77 @@ def save_checkpoint(
         info = {"version": version, "step": step, "backend": backend.name}
         (out / "dashrl_state.json").write_text(json.dumps(info))
     backend.save_state(out)
-    return out
+    return _commit(out, final, rank)
+
+
+PARTIAL = ".partial"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file."""
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _commit(tmp: Path, final: Path, rank: int) -> Path:
+    """Every rank has written into ``tmp``: rank 0 writes the manifest, fsyncs, and renames
+    ``tmp`` to ``final`` (an older ``final`` is replaced only once the new one is whole)."""
+    _barrier()
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    for p in files}  # fmt: skip
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in [*files, tmp / MANIFEST]:
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file of ``ckpt`` against its manifest (size, then SHA-256).
+
+    Raises:
+        CheckpointError: no manifest, or a file missing, truncated or altered (named).
+    """
+    manifest_path = ckpt / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable or missing ({e})") from None
+    for name, want in manifest.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {want['bytes']}")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: contents differ from the manifest (SHA-256)")
 
 
 def load_checkpoint_state(
@@ -95,6 +179,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     weights-only checkpoints (``learner.checkpoint_optimizer=False``) are skipped."""
     best, best_step = None, -1
     for d in (run_dir / "checkpoints").glob("*/dashrl_state.json"):
+        if d.parent.name.endswith((PARTIAL, ".old")):
+            continue  # not (or no longer) a whole checkpoint
         try:
             info = json.loads(d.read_text())
             step = int(info["step"])
@@ -105,6 +191,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if step > best_step:
             best, best_step = d.parent, step
     return best
+
+
+def resumable_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from: the newest resumable one, verified.
+
+    Raises:
+        CheckpointError: the run has none (a resume never silently starts from the base
+            model), or it is damaged (the message names the file).
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'}: no resumable checkpoint, nothing to resume "
+            "(start a new run, or save with learner.checkpoint_optimizer True)"
+        )
+    verify_checkpoint(ckpt)
+    return ckpt
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -34,8 +34,8 @@ from dashrl.learner.backend import init_ranks, make_backend
 from dashrl.learner.batch import PolicyForward, collate, token_logprobs
 from dashrl.learner.channel import NoChannel, open_weight_channel
 from dashrl.learner.checkpoint import (
-    latest_checkpoint,
     load_checkpoint_state,
+    resumable_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -79,7 +79,7 @@ class Learner:
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = int(self.tokenizer.pad_token_id)
         # a resumed run starts from its newest checkpoint's weights (optimizer state below)
-        self.resume_from = latest_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
+        self.resume_from = resumable_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
         weights = self.resume_from or cfg.model.path
         policy = PolicyForward(load_causal_lm(weights, train=True))
         self.backend = make_backend(policy, lc, rendezvous_port=cfg.transport.learner_port)
@@ -121,7 +121,7 @@ class Learner:
         if not self.cfg.resume:
             return queue
         path = Path(self.cfg.run_dir) / ROLLOUT_LOG
-        served = read_queue_log(path).served() if path.exists() else []
+        served = read_queue_log(path, strict=True).served() if path.exists() else []
         done = self.step_count * self.cfg.learner.micro_batches_per_step
         log.info("re-training on %d logged micro-batches served after step %d",
                  max(len(served) - done, 0), self.step_count)  # fmt: skip

@@ -44,13 +44,20 @@ class NodeRegistry:
         welcome: returns the NodeWelcome for a registering node id.
         timeout_s: drop a node after this many seconds without a heartbeat.
         curve_dir: CurveZMQ keys folder (protocol/security.py), None on the loopback.
+        max_nodes: most nodes attached at once; registers beyond it are refused (counted).
+
+    A node id belongs to the socket identity that registered it: a "heartbeat" or "leave"
+    for it from any other peer is refused and counted, so a stranger on the control
+    socket can neither detach a node nor keep a dead one alive.
     """
 
     def __init__(self, bind: str, welcome: Callable[[str], NodeWelcome], timeout_s: float,
-                 curve_dir: Path | None = None):  # fmt: skip
-        self.welcome, self.timeout_s = welcome, timeout_s
+                 curve_dir: Path | None = None, max_nodes: int = 64):  # fmt: skip
+        self.welcome, self.timeout_s, self.max_nodes = welcome, timeout_s, max_nodes
         self.nodes: dict[str, float] = {}  # node id -> last time heard (monotonic)
+        self.owners: dict[str, bytes] = {}  # node id -> the socket identity that registered it
         self.rejected_frames = 0
+        self.refused = 0  # hellos refused: another peer's node id, or the registry is full
         self.joined = self.left = self.timed_out = 0
         self._lock = threading.Lock()
         self._ctx = zmq.Context()
@@ -83,19 +90,33 @@ class NodeRegistry:
         now = time.monotonic()
         with self._lock:
             known = msg.node_id in self.nodes
+            if known and self.owners.get(msg.node_id) != ident:
+                # only the peer that registered a node may heartbeat it or detach it
+                self._refuse(f"node {msg.node_id!r} belongs to another peer ({msg.kind})")
+                return
             if msg.kind == "leave":
                 if self.nodes.pop(msg.node_id, None) is not None:
+                    self.owners.pop(msg.node_id, None)
                     self.left += 1
                     log.info("node %s left (%d attached)", msg.node_id, len(self.nodes))
                 return
             if msg.kind == "heartbeat" and not known:
                 return  # a node dropped for silence must register again
+            if not known and len(self.nodes) >= self.max_nodes:
+                self._refuse(f"registry full ({self.max_nodes} nodes): {msg.node_id!r} refused")
+                return
             self.nodes[msg.node_id] = now
+            self.owners[msg.node_id] = ident
         if msg.kind == "register":
             if not known:
                 self.joined += 1
                 log.info("node %s attached with %d actor(s)", msg.node_id, msg.actors)
             self._sock.send_multipart([ident, encode(self.welcome(msg.node_id))])
+
+    def _refuse(self, why: str) -> None:
+        self.refused += 1
+        if self.refused <= 100 or self.refused % 1000 == 0:
+            log.warning("control socket: %s (%d refused so far)", why, self.refused)
 
     def expire(self) -> list[str]:
         """Drop nodes silent for longer than the timeout; returns their ids."""
@@ -104,6 +125,7 @@ class NodeRegistry:
             gone = [n for n, t in self.nodes.items() if now - t > self.timeout_s]
             for n in gone:
                 del self.nodes[n]
+                self.owners.pop(n, None)
         for n in gone:
             self.timed_out += 1
             log.warning("node %s dropped: no heartbeat for %.0f s", n, self.timeout_s)

@@ -231,6 +231,24 @@ LOG_UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_v1}
 """Old schema -> the function that rewrites its envelope to the next schema (logs only)."""
 
 
+MAX_ITEMS_BASE = 256
+BYTES_PER_ITEM = 12
+"""A frame may hold at most MAX_ITEMS_BASE + len(frame) / BYTES_PER_ITEM msgpack items (list
+elements and map entries, counted as each container finishes). Real frames hold a few per
+kilobyte (token ids travel as one bytes item); a frame of tiny items would otherwise cost
+about 72 bytes of Python objects per wire byte. With the budget, and each item at least one
+wire byte, the decoded objects of a frame stay within about 5 times its size plus one
+MAX_ARRAY_LEN list (about 4 MiB): measured in tests/test_protocol.py."""
+MAX_ARRAY_LEN = 65536
+MAX_MAP_LEN = 1024
+"""Longest msgpack array and map any message needs (a micro-batch of 65536 samples; the
+stats map)."""
+
+
+class _TooManyItems(Exception):
+    pass
+
+
 def decode(
     frame: bytes,
     limits: DecodeLimits = DEFAULT_LIMITS,
@@ -248,16 +266,34 @@ def decode(
 
     Raises:
         ProtocolError: for anything but a well-formed message of the current schema
-            (oversized frame, invalid msgpack, unknown schema version or type, missing,
-            extra or mistyped fields, out-of-range numbers, mismatched lengths, NaN/inf
-            values, or a message of a class not in ``expect``).
+            (oversized frame, invalid msgpack, more items than the frame's size allows,
+            unknown schema version or type, missing, extra or mistyped fields,
+            out-of-range numbers, mismatched lengths, NaN/inf values, or a message of a
+            class not in ``expect``).
     """
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise ProtocolError(f"frame must be bytes, got {type(frame).__name__}")
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes > limit {limits.max_frame_bytes}")
+    budget = [MAX_ITEMS_BASE + len(frame) // BYTES_PER_ITEM]
+
+    def spend(container):  # msgpack calls it for each finished list and map
+        budget[0] -= len(container) + 1
+        if budget[0] < 0:
+            raise _TooManyItems
+        return container
+
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, list_hook=spend, object_hook=spend,
+            max_str_len=1 << 20, max_bin_len=limits.max_frame_bytes, max_ext_len=0,
+            max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+        )  # fmt: skip
+    except _TooManyItems:
+        raise ProtocolError(
+            f"frame of {len(frame)} bytes holds more than {MAX_ITEMS_BASE} + 1 per "
+            f"{BYTES_PER_ITEM} bytes of msgpack items"
+        ) from None
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
     return decode_object(obj, limits, expect)

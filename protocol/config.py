@@ -26,7 +26,9 @@ PORT_FIELDS = ("rollout_port", "request_port", "dist_port", "learner_port", "con
 class Strict(BaseModel):
     """Base of every config model: unknown keys are an error; docstrings become --help."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # NaN and inf are refused in every float field (a NaN learning rate used to be written
+    # to config.json as null and kill every child)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -50,9 +52,9 @@ class DataConfig(Strict):
     )
     """Keyword arguments of the reasoning-gym task (difficulty). The default (2 one-digit
     terms) gives SmolLM2-135M-Instruct a base mean reward of about 0.38 (see README)."""
-    train_size: int = 20000
+    train_size: int = Field(20000, ge=1, le=10_000_000)
     """Number of training prompts generated (reasoning-gym) or read (gsm8k)."""
-    heldout_size: int = 64
+    heldout_size: int = Field(64, ge=1, le=1_000_000)
     """Number of held-out prompts for evaluation, disjoint from the training prompts."""
     gsm8k_dir: Path = Path("../shared/data/gsm8k")
     """Directory with GSM8K train.jsonl / test.jsonl."""
@@ -110,7 +112,7 @@ class ActorConfig(Strict):
     torch_threads: int = Field(1, ge=1)
     """Torch/OpenMP threads per actor. On 2 cores, 1 actor thread + 1 learner thread avoids
     oversubscription (measured in README)."""
-    advantage_eps: float = 1e-6
+    advantage_eps: float = Field(1e-6, ge=0, le=1)
     """eps in the GRPO advantage (r - mean) / (std + eps)."""
     verifier_timeout_s: float = Field(5.0, ge=0)
     """Time limit of one verifier call, in seconds (0: none); a completion whose verifier
@@ -133,12 +135,24 @@ class QueueConfig(Strict):
     plus the closest-length samples among the top length_window * micro_batch_size
     (queue/buffer.py length_aware_pick); cuts padding (bench/learner_tokens.py). 1: strict
     priority order."""
-    max_frame_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=1 << 31)
     """Largest frame the queue decodes, in bytes; larger frames are rejected and counted."""
-    max_seq_len: int = 8192
+    max_seq_len: int = Field(8192, ge=1, le=1 << 20)
     """Longest prompt or completion accepted, in tokens."""
-    max_group_size: int = 1024
+    max_group_size: int = Field(1024, ge=1, le=65536)
     """Most completions in one group."""
+    max_abs_reward: float = Field(100.0, gt=0, le=1e9)
+    """A group holding a reward with |r| above this is refused (counted in
+    queue/rejected_values): verifier rewards are O(1), and one huge value would set the
+    direction of a whole update."""
+    max_abs_advantage: float = Field(100.0, gt=0, le=1e9)
+    """A group holding an advantage with |A| above this is refused (counted in
+    queue/rejected_values). GRPO's largest is sqrt(G - 1) (one success among G)."""
+    max_version_jump: int = Field(1, ge=1)
+    """Most a micro-batch request's learner_version may exceed the last one the queue saw
+    (the learner's version grows by one per step and it asks at least once per step); a
+    request beyond it is refused and counted, so a stray client cannot make the queue
+    evict everything as stale. The first request after the queue starts may carry any."""
     log_rollouts: bool = True
     """Append every accepted rollout group to <run_dir>/queue/rollouts.msgpack for replay."""
 
@@ -146,9 +160,9 @@ class QueueConfig(Strict):
 class LearnerConfig(Strict):
     steps: int = Field(60, ge=1)
     """Optimizer steps (each one bumps the policy version and broadcasts weights)."""
-    lr: float = 2e-5
+    lr: float = Field(2e-5, gt=0, le=1)
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas."""
@@ -158,11 +172,11 @@ class LearnerConfig(Strict):
     """Whether micro_batch_size counts sequences or prompt+completion tokens."""
     micro_batches_per_step: int = Field(2, ge=1)
     """Gradient accumulation: micro-batches per optimizer step (DASH preemptive sampling)."""
-    clip_eps_low: float = 0.2
+    clip_eps_low: float = Field(0.2, ge=0, lt=1)
     """PPO clip epsilon below 1 for a fresh (lag 0) sample."""
-    clip_eps_high: float = 0.28
+    clip_eps_high: float = Field(0.28, ge=0, le=10)
     """PPO clip epsilon above 1 for a fresh sample (DAPO clip-higher)."""
-    staleness_clip_decay: float = 0.5
+    staleness_clip_decay: float = Field(0.5, ge=0, le=100)
     """Staleness-aware clipping: eps(lag) = eps / (1 + decay * lag). 0 disables it."""
     tis_cap: float = Field(0.0, ge=0)
     """Truncated importance sampling cap C (0: off). On: the surrogate becomes AReaL's
@@ -172,14 +186,14 @@ class LearnerConfig(Strict):
     """How the loss averages tokens: token_mean (DAPO), seq_mean_token_mean (GRPO),
     seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: the algorithm's
     default (protocol/algorithms.py: seq_sum_const for dr_grpo, token_mean otherwise)."""
-    kl_coef: float = 0.0
+    kl_coef: float = Field(0.0, ge=0, le=100)
     """KL penalty to the reference model (k3 estimator); 0 = off (DASH finds it hurts)."""
     ref_update_every: int = Field(0, ge=0)
     """Copy the policy into the reference model (KL and DPO) every N steps; 0 keeps the
     initial model as the reference."""
     dpo_beta: float = Field(0.1, gt=0)
     """iterative_dpo: inverse temperature beta of DPO's implicit reward."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     """Gradient clipping by global norm."""
     backend: Literal["auto", "deepspeed", "torch"] = "auto"
     """How the policy is stepped: DeepSpeed (deepspeed.initialize, ZeRO) or plain torch, with
@@ -204,9 +218,9 @@ class LearnerConfig(Strict):
     queue_timeout_s: float = Field(10.0, gt=0)
     """How long the learner waits for the queue's answer before asking again, in seconds
     (a restarted queue answers the next request)."""
-    queue_poll_s: float = 0.2
+    queue_poll_s: float = Field(0.2, gt=0, le=60)
     """How long to wait before asking an empty queue again, in seconds."""
-    weight_sync_timeout_s: float = 3600.0
+    weight_sync_timeout_s: float = Field(3600.0, gt=0, le=86400)
     """Timeout of one weight broadcast (torch.distributed), in seconds."""
 
 
@@ -258,24 +272,26 @@ class TransportConfig(Strict):
     curve_dir: Path | None = None
     """CurveZMQ keys folder from ``start.py keys DIR``: every socket then authenticates
     with it and refuses clients without the authorised key (protocol/security.py)."""
-    rollout_port: int = 0
+    rollout_port: int = Field(0, ge=0, le=65535)
     """Queue PULL port for rollouts (0: pick a free port)."""
-    request_port: int = 0
+    request_port: int = Field(0, ge=0, le=65535)
     """Queue ROUTER port for micro-batch requests (0: pick a free port)."""
-    dist_port: int = 0
+    dist_port: int = Field(0, ge=0, le=65535)
     """torch.distributed rendezvous port for the weight broadcast (0: pick a free port)."""
-    learner_port: int = 0
+    learner_port: int = Field(0, ge=0, le=65535)
     """Rendezvous port of the learner's own ranks (torchrun; 0: pick a free port)."""
-    control_port: int = 0
+    control_port: int = Field(0, ge=0, le=65535)
     """The learner's control socket, where attached generator nodes register and send
     heartbeats (``start.py attach --connect HOST:PORT``; 0: pick a free port)."""
-    weights_port: int = 0
+    weights_port: int = Field(0, ge=0, le=65535)
     """ZeroMQ PUB port on which the learner publishes each new version to attached nodes."""
     heartbeat_s: float = Field(1.0, gt=0)
     """Seconds between an attached node's heartbeats."""
+    max_nodes: int = Field(64, ge=1, le=4096)
+    """Most generator nodes attached at once; the control socket refuses registers beyond."""
     node_timeout_s: float = Field(6.0, gt=0)
     """An attached node silent for this long is dropped from the weight broadcast."""
-    send_hwm: int = 64
+    send_hwm: int = Field(64, ge=1, le=1_000_000)
     """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
     falls behind, sends block (backpressure) instead of dropping."""
 
@@ -290,13 +306,13 @@ class Config(Strict):
     and objective (learner); see protocol/algorithms.py."""
     run_dir: Path | None = None
     """Run directory; default runs/<timestamp> under the current directory."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seed of the whole run (each actor adds its index)."""
     resume: bool = False
     """Set by ``start.py --resume RUN_DIR``: continue the run in run_dir from its newest
     checkpoint (weights, optimizer, version, RNG) and its queue log (pending samples reload;
     micro-batches served after the checkpoint are trained on again, in their logged order)."""
-    time_limit_s: float = 900.0
+    time_limit_s: float = Field(900.0, gt=0, le=30 * 86400)
     """Wall-clock budget of training, in seconds; the learner stops cleanly when it runs out."""
     mode: Literal["async", "sync"] = "async"
     """async: actors stream without waiting for the learner (DASH, the default). sync: the
@@ -316,8 +332,8 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.learner.clip_eps_low >= 1 or self.learner.clip_eps_low < 0:
-            raise ValueError("learner.clip_eps_low must be in [0, 1)")
+        if not all(0 <= b < 1 for b in self.learner.betas):
+            raise ValueError(f"learner.betas must be in [0, 1), got {self.learner.betas}")
         algo = get_algorithm(self.algo)
         if self.reward.dense != "none" and algo.objective != "ppo":
             raise ValueError("reward.dense needs token-level advantages: use it with --algo ppo")

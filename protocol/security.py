@@ -14,6 +14,7 @@ Frames that do get through are still decoded strictly (msgpack, no pickle, no ev
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ class CurveKeys:
 
 
 def generate_keys(out: Path) -> Path:
-    """Create a server and a client keypair in ``out`` and authorise the client.
+    """Create a server and a client keypair in ``out`` and authorise the client. The folder
+    is mode 0700 and the secret keys 0600 (they are the job's only credential).
 
     Raises:
         FileExistsError: ``out`` already holds keys (never overwrite a job's keys).
@@ -50,11 +52,18 @@ def generate_keys(out: Path) -> Path:
     out = Path(out)
     if (out / "server.key_secret").exists():
         raise FileExistsError(f"{out} already holds keys")
-    out.mkdir(parents=True, exist_ok=True)
-    zmq.auth.create_certificates(out, "server")
-    zmq.auth.create_certificates(out, "client")
-    (out / "authorized_clients").mkdir(exist_ok=True)
-    shutil.copy(out / "client.key", out / "authorized_clients" / "client.key")
+    old = os.umask(0o077)  # nothing readable by others, even for a moment
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.chmod(out, 0o700)
+        zmq.auth.create_certificates(out, "server")
+        zmq.auth.create_certificates(out, "client")
+        (out / "authorized_clients").mkdir(exist_ok=True)
+        shutil.copy(out / "client.key", out / "authorized_clients" / "client.key")
+    finally:
+        os.umask(old)
+    for secret in out.glob("*.key_secret"):
+        os.chmod(secret, 0o600)
     return out
 
 
@@ -63,11 +72,19 @@ def load_keys(folder: Path) -> CurveKeys:
 
     Raises:
         FileNotFoundError: a key file is missing.
+        PermissionError: a secret key is readable by group or others.
     """
     folder = Path(folder).expanduser()
     for name in ("server.key_secret", "client.key_secret"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name}: run `start.py keys {folder}` first")
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: run `start.py keys {folder}` first")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(
+                f"{path}: secret key readable by others (mode {mode:o}); chmod 600 it "
+                "(and 700 its folder), or make new keys"
+            )
     s_pub, s_sec = zmq.auth.load_certificate(folder / "server.key_secret")
     c_pub, c_sec = zmq.auth.load_certificate(folder / "client.key_secret")
     return CurveKeys(s_pub, s_sec, c_pub, c_sec, folder / "authorized_clients")

@@ -15,6 +15,7 @@ newest sample, which has the smallest version lag.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
@@ -299,8 +300,18 @@ class ReplayBuffer:
         self.counters.evicted_stale += len(out)
         return out
 
-    def pop_micro_batch(self, size: int, unit: str = "sequences") -> list[Sample]:
+    def pop_micro_batch(
+        self,
+        size: int,
+        unit: str = "sequences",
+        commit: Callable[[list[Sample]], None] | None = None,
+    ) -> list[Sample]:
         """Remove and return the highest-priority micro-batch, or [] if too few samples are held.
+
+        Args:
+            commit: called with the micro-batch before anything is removed (the queue writes
+                its serve record there); if it raises, the buffer is left as it was and the
+                exception propagates.
 
         Raises:
             ValueError: unknown unit.
@@ -309,11 +320,6 @@ class ReplayBuffer:
             window = list(itertools.islice(self._items, self.length_window * size))
             lengths = [max(s.num_tokens for s in e.samples) for e in window]
             picked = length_aware_pick(lengths, [len(e.samples) for e in window], size)
-            for i in reversed(picked):  # from the back, so earlier positions stay valid
-                self._remove_at(i)
-            taken = [s for i in picked for s in window[i].samples]
-            self.counters.served += len(taken)
-            return taken
         else:
             counts, total = [], 0
             for e in self._items:  # only walk as far as one micro-batch reaches
@@ -321,8 +327,13 @@ class ReplayBuffer:
                 total += counts[-1]
                 if total > size:
                     break
-            count = micro_batch_count(counts, size, unit)
-        taken = [s for _ in range(count) for s in self._remove_at(0).samples]
+            picked = list(range(micro_batch_count(counts, size, unit)))
+            window = list(itertools.islice(self._items, len(picked)))
+        taken = [s for i in picked for s in window[i].samples]
+        if taken and commit is not None:
+            commit(taken)
+        for i in reversed(picked):  # from the back, so earlier positions stay valid
+            self._remove_at(i)
         self.counters.served += len(taken)
         return taken
 

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from dashrl.protocol import (
@@ -38,6 +40,7 @@ from dashrl.protocol import (
     MicroBatchReply,
     MicroBatchRequest,
     ProtocolError,
+    QueueEvent,
     RolloutGroup,
     Sample,
     decode,
@@ -49,12 +52,14 @@ from dashrl.protocol.config import Config, load_config
 from dashrl.protocol.runtime import StopFlag, setup_logging
 from dashrl.protocol.security import server_setup
 from dashrl.queue.buffer import UNITS, ReplayBuffer, version_lag
-from dashrl.queue.log import ROLLOUT_LOG, RolloutLog, read_queue_log
+from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
 
 log = logging.getLogger("dashrl.queue")
 
 DRAIN_BATCH = 256
 """Most rollout frames taken in before pending learner requests are answered."""
+REQUESTS_PER_TURN = 8
+"""Most micro-batch requests answered before rollouts are taken in again."""
 
 FINAL_STATS = "queue/final_stats.json"
 """The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
@@ -97,7 +102,14 @@ class QueueServer:
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
         # an entry is the algorithm's unit: a sample, or DPO's (chosen, rejected) pair
         self.units = UNITS[get_algorithm(cfg.algo).unit]
+        self.cfg = cfg
+        self._backlog: list[bytes] = []  # records not yet written (the log failed), in order
+        self._held: list[bytes] = []  # rollout frames received while blocked
+        self._serve_failed = False
         self.rejected_frames = 0
+        self.rejected_values = 0  # groups refused for out-of-range rewards or advantages
+        self.rejected_requests = 0  # requests refused for an implausible learner version
+        self._requests_seen = 0
         self.handler_errors = 0
         self.groups_received = 0
         self.actor_stats: dict[str, ActorStats] = {}  # actor id -> its latest statistics
@@ -122,6 +134,9 @@ class QueueServer:
         Any other error while handling it (a bug, a full disk) is counted as
         ``queue/handler_errors`` and logged: the queue never dies on one message.
         """
+        if self.blocked:  # the log cannot take it now: keep it, in order, for later
+            self._held.append(frame)
+            return
         try:
             msg = decode(frame, self.limits, expect=(RolloutGroup, ActorStats))
         except ProtocolError as e:
@@ -136,7 +151,22 @@ class QueueServer:
             self.handler_errors += 1
             log.exception("error handling a rollout group (%d so far)", self.handler_errors)
 
+    def _out_of_bounds(self, group: RolloutGroup) -> str | None:
+        """Why a decoded group's values are refused (None: they are within the limits)."""
+        q = self.cfg.queue
+        for i, c in enumerate(group.completions):
+            if abs(c.reward) > q.max_abs_reward:
+                return f"completions[{i}].reward={c.reward:.3g} beyond +-{q.max_abs_reward:g}"
+            if abs(c.advantage) > q.max_abs_advantage:
+                return (f"completions[{i}].advantage={c.advantage:.3g} beyond "
+                        f"+-{q.max_abs_advantage:g}")  # fmt: skip
+        return None
+
     def _accept(self, group: RolloutGroup, frame: bytes | None = None) -> None:
+        if (why := self._out_of_bounds(group)) is not None:
+            self.rejected_values += 1
+            self._reject("rollout", ProtocolError(f"rollout_group {group.prompt_id!r}: {why}"))
+            return
         self.groups_received += 1
         w = self._window
         for c in group.completions:
@@ -149,7 +179,9 @@ class QueueServer:
         if self.log is not None and result.accepted:
             whole = len(result.accepted) == len(group.completions)  # the frame is the record
             group.completions = [group.completions[i] for i in result.accepted]
-            g = self.log.append_group(group, frame if whole else None)
+            g = self.log.num_groups  # its log index, even if the write has to wait
+            self.log.num_groups += 1
+            self._write(frame if whole else encode(group))
             for c, i in enumerate(result.accepted):
                 self._refs[id(samples[i])] = (g, c)
             self._log_event("evicted_capacity", result.evicted_samples)
@@ -159,6 +191,9 @@ class QueueServer:
         restarted queue's state), with its log name; returns how many. Filters and the
         staleness rule apply again when the learner's version arrives."""
         qlog = read_queue_log(path)
+        if not qlog.report.accountable:  # log indices after the damage cannot be trusted
+            log.error("%s: not reloading from a damaged log (%s)", path, qlog.report.describe())
+            return 0
         by_group: dict[int, list[int]] = {}
         for g, c in qlog.pending_refs():
             by_group.setdefault(g, []).append(c)
@@ -172,26 +207,95 @@ class QueueServer:
         log.info("reloaded %d pending samples from %s", self.reloaded, path)
         return self.reloaded
 
+    @property
+    def blocked(self) -> bool:
+        """True while the log cannot be written: the queue then reads no rollouts (the
+        actors' sends block at their high-water mark) and serves nothing."""
+        return bool(self._backlog) or self._serve_failed
+
+    def _write(self, frame: bytes) -> None:
+        """Append a record of something that already happened in memory (an accepted group,
+        an eviction); if the log fails, it waits in the backlog, in order."""
+        if not self._backlog:
+            try:
+                self.log.write_frame(frame)
+                return
+            except LogWriteError as e:
+                log.error("queue log not writable (%s): pausing intake and serving", e)
+        self._backlog.append(frame)
+
+    def flush_backlog(self) -> bool:
+        """Retry the records that could not be written (the socket loop calls it on every
+        turn); once all are written, take in the rollouts held meanwhile. Returns whether
+        the queue is unblocked."""
+        while self._backlog:
+            try:
+                self.log.write_frame(self._backlog[0])
+            except LogWriteError:
+                return False
+            self._backlog.pop(0)
+        if self._serve_failed:
+            self._serve_failed = False
+            log.warning("queue log writable again: resuming intake and serving")
+        held, self._held = self._held, []
+        for frame in held:
+            self.on_rollout_frame(frame)
+        return not self.blocked
+
+    def _refs_of(self, samples: list[Sample]) -> list[tuple[int, int]]:
+        return [self._refs[id(s)] for s in samples if id(s) in self._refs]
+
     def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
-        """Record samples leaving the queue (served or evicted) in the log."""
+        """Record samples that left the queue (evicted) in the log."""
         if self.log is None or not samples:
             return
-        refs = [self._refs.pop(id(s)) for s in samples if id(s) in self._refs]
-        self.log.append_event(kind, refs, self.buffer.learner_version, request_id)
+        refs = self._refs_of(samples)
+        for s in samples:
+            self._refs.pop(id(s), None)
+        arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
+        self._write(encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id)))
+
+    def _commit_served(self, request_id: int):
+        """The buffer's commit hook for a micro-batch: its serve record is written and
+        fsynced before anything leaves the buffer (raises LogWriteError if it cannot be)."""
+
+        def commit(samples: list[Sample]) -> None:
+            if self.log is None:
+                return
+            refs = self._refs_of(samples)
+            arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
+            event = QueueEvent("served", arr, self.buffer.learner_version, request_id)
+            self.log.write_frame(encode(event), durable=True)
+            for s in samples:
+                self._refs.pop(id(s), None)
+
+        return commit
 
     def on_request_frame(self, frame: bytes) -> bytes | None:
         """Answer one micro-batch request frame; returns the reply frame, or None if rejected."""
         try:
             req = decode(frame, self.limits, expect=MicroBatchRequest)
+            known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump
+            if self._requests_seen and req.learner_version > known + jump:
+                self.rejected_requests += 1
+                raise ProtocolError(f"learner_version {req.learner_version} jumps more than "
+                                    f"{jump} past {known}")  # fmt: skip
         except ProtocolError as e:
             self._reject("request", e)
             return None
+        self._requests_seen += 1
         try:
             self._log_event("evicted_stale", self.buffer.set_learner_version(req.learner_version))
-            samples = self.buffer.pop_micro_batch(req.size, req.unit)
-            reply = encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
-            self._log_event("served", samples, req.request_id)
-            return reply
+            samples: list[Sample] = []
+            if not self.blocked:  # serve nothing that cannot be logged first
+                try:
+                    samples = self.buffer.pop_micro_batch(
+                        req.size, req.unit, commit=self._commit_served(req.request_id)
+                    )
+                except LogWriteError as e:  # nothing left the buffer
+                    log.error("serve record not writable (%s): serving paused", e)
+                    self._serve_failed = True
+            return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
         except Exception:
             self.handler_errors += 1
             log.exception("error answering a request (%d so far)", self.handler_errors)
@@ -210,7 +314,12 @@ class QueueServer:
             "queue/evicted_capacity": float(c.evicted_capacity),
             "queue/served": float(c.served),
             "queue/rejected_frames": float(self.rejected_frames),
+            "queue/rejected_values": float(self.rejected_values),
+            "queue/rejected_requests": float(self.rejected_requests),
             "queue/handler_errors": float(self.handler_errors),
+            "queue/log_blocked": float(self.blocked),
+            "queue/log_write_errors": float(self.log.write_errors if self.log else 0),
+            "queue/log_backlog": float(len(self._backlog)),
             "queue/groups_received": float(self.groups_received),
             "queue/refused_clients": float(self.gate.refused if self.gate else 0),
             **actor_totals(list(self.actor_stats.values())),
@@ -231,12 +340,26 @@ class QueueServer:
             self.log.close()
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit (1,024 is a common soft
+    limit, and idle connections beyond it would lock new actors out); returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d: %s", soft, e)
+    return soft
+
+
 def serve(
     cfg: Config, run_dir: Path | None, stop: StopFlag | None = None, reload: bool = False
 ) -> None:
     """Run the queue's socket loop until SIGTERM/SIGINT (or ``stop`` is set); ``reload``:
     this queue replaces one that died, so it reloads pending samples from the log."""
     stop = stop or StopFlag()
+    raise_fd_limit()  # many actors and nodes: each connection holds a descriptor
     server = QueueServer(cfg, run_dir, reload)
     ctx = zmq.Context()
     secure, server.gate = server_setup(ctx, cfg.transport.curve_dir, "queue")
@@ -258,6 +381,8 @@ def serve(
     last_report = time.monotonic()
     try:
         while not stop:
+            # a blocked log (full disk): take in nothing until it is writable again
+            poller.register(pull, 0 if not server.flush_backlog() else zmq.POLLIN)
             events = dict(poller.poll(timeout=200))
             # Take in what has arrived, but at most DRAIN_BATCH frames: with many actors
             # the PULL socket never runs dry, and a learner request must not wait for it.
@@ -267,7 +392,11 @@ def serve(
                         server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-            while router.poll(0):  # then answer every waiting request
+            # then answer waiting requests, at most REQUESTS_PER_TURN: clients that flood
+            # requests (and never read the replies) must not starve rollout intake
+            for _ in range(REQUESTS_PER_TURN):
+                if not router.poll(0):
+                    break
                 parts = router.recv_multipart()
                 if len(parts) != 2:
                     server._reject("request", ProtocolError(f"{len(parts)}-part message"))

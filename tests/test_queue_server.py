@@ -133,7 +133,9 @@ def test_the_log_names_every_served_and_evicted_sample(tmp_path: Path) -> None:
     from dashrl.queue.log import read_queue_log
     from dashrl.queue.server import QueueServer
 
-    cfg = Config.model_validate({"queue": {"capacity": 6, "max_staleness": 1}})
+    cfg = Config.model_validate(
+        {"queue": {"capacity": 6, "max_staleness": 1, "max_version_jump": 8}}
+    )
     server = QueueServer(cfg, tmp_path)
     server.on_rollout_frame(encode(group(0, [1, 0, 0, 0])))  # 4 accepted
     server.on_rollout_frame(encode(group(1, [1, 1, 0, 0])))  # 4 more: 2 evicted for capacity
