@@ -160,7 +160,9 @@ def follow(cfg: Config, children: Children, interrupted: list[bool], failures: l
                     if not seen or not supervisor.restart(role):
                         failures.append(children.failure(role))
                         log.info("stopping the learner (it saves a checkpoint first)")
-                        children.stop("learner", timeout_s=300)
+                        # before its first step it may be blocked joining the weight group,
+                        # deaf to SIGTERM, and has nothing to save: do not wait long
+                        children.stop("learner", timeout_s=300 if seen else 10)
                         return
             supervisor.heartbeat()
             rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
