@@ -157,12 +157,13 @@ def follow(cfg: Config, children: Children, interrupted: list[bool], failures: l
                 if role != "learner" and p.poll() is not None:
                     log.error("%s exited with code %s: see %s", role, p.returncode,
                               children.logs / f"{role}.log")  # fmt: skip
-                    if not seen or not supervisor.restart(role):
+                    started = seen or read_jsonl(cfg.run_dir / "metrics.jsonl")  # a step yet?
+                    if not started or not supervisor.restart(role):
                         failures.append(children.failure(role))
                         log.info("stopping the learner (it saves a checkpoint first)")
                         # before its first step it may be blocked joining the weight group,
                         # deaf to SIGTERM, and has nothing to save: do not wait long
-                        children.stop("learner", timeout_s=300 if seen else 10)
+                        children.stop("learner", timeout_s=300 if started else 10)
                         return
             supervisor.heartbeat()
             rows = read_jsonl(cfg.run_dir / "metrics.jsonl")

@@ -92,11 +92,15 @@ def test_live_queue_survives_fuzzed_frames(tmp_path: Path) -> None:
     limits = DecodeLimits(max_frame_bytes=MAX_FRAME)
     corpus = [encode(valid_group(rng)) for _ in range(64)]
     frames, good, accepted_samples = [], 0, 0
+    q = Config().queue  # the live queue's value bounds
     for _ in range(FRAMES):
         frame = mutate(rng, rng.choice(corpus))
         frames.append(frame)
-        try:  # what the decoder says is what the queue must do
+        try:  # what the decoder and the value bounds say is what the queue must do
             msg = decode(frame, limits, expect=RolloutGroup)
+            if any(abs(c.reward) > q.max_abs_reward or abs(c.advantage) > q.max_abs_advantage
+                   for c in msg.completions):  # fmt: skip
+                continue  # decodes, but refused as out of range (queue/rejected_values)
             good += 1
             accepted_samples += sum(abs(c.advantage) > 0 and c.policy_version >= 0
                                     for c in msg.completions)  # fmt: skip
