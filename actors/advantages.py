@@ -24,7 +24,7 @@ def _check(rewards: np.ndarray) -> np.ndarray:
 
 
 def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """GRPO group-normalised advantage (Shao et al. 2024; ../shared/papers.md "Formulas").
+    """GRPO group-normalised advantage (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300).
 
     A_i = (r_i - mean(r)) / (std(r) + eps), with the population std over the group.
     A group whose rewards are all equal gets A = 0 for every completion (DASH gradient
@@ -45,7 +45,8 @@ def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def dr_grpo_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
-    """Dr.GRPO advantage (Liu et al. 2025; ../shared/papers.md "Formulas"): A_i = r_i - mean(r).
+    """Dr.GRPO advantage: A_i = r_i - mean(r) (Liu et al. 2025, "Understanding R1-Zero-Like
+    Training", arXiv 2503.20783).
 
     No division by the group std (which up-weights nearly-solved and nearly-failed
     prompts); Dr.GRPO pairs it with a constant length normaliser in the loss

@@ -2,8 +2,8 @@
 
 A :class:`Problem` is one question with what its verifier needs; a task turns a
 completion into a reward in [0, 1]. The answer is taken leniently as the last number in
-the completion (a 135M model rarely follows strict answer formats, see
-../shared/notes/cpu-feasibility.md) and then judged by the task's own verifier:
+the completion (a 135M model rarely follows strict answer formats: measured
+compliance was 0-4% with a 96-128-token budget) and then judged by the task's own verifier:
 reasoning-gym's ``score_answer`` for its tasks, exact numeric match with the number after
 ``####`` for GSM8K.
 

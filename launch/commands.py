@@ -32,8 +32,9 @@ class EvalCommand(Strict):
     """Completion budget in tokens."""
     temperature: float = Field(0.7, gt=0)
     """Sampling temperature of the k samples."""
-    data_dir: Path = Path("../shared/data")
-    """Folder holding gsm8k/ and eval/ (see its README)."""
+    data_dir: Path = Path("data")
+    """Folder holding gsm8k/ and eval/ (the benchmark files; relative to the working
+    directory)."""
     out_dir: Path | None = None
     """Where results go; default <run_dir>/eval for a run directory, else runs/eval-<time>."""
     seed: int = 0

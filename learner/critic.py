@@ -2,7 +2,8 @@
 
 Havrilla et al. (2024) train PPO with a value head and GAE on sparse rewards (1 at the
 last token of a correct answer) and on dense rewards from a learned outcome reward model
-(ORM); ../shared/papers.md, section 2. This module holds the pure tensor functions
+(ORM); Havrilla et al. 2024, "Teaching Large Language Models to Reason with Reinforcement
+Learning", arXiv 2403.04642, section 2. This module holds the pure tensor functions
 (token rewards, potential shaping, GAE, whitening, the losses) and the small scalar head
 used for both the critic and the ORM.
 

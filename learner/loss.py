@@ -34,8 +34,8 @@ def aggregate(
 ) -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar over the masked tokens.
 
-    - "token_mean": sum / number of tokens in the batch (DAPO, ../shared/papers.md): every
-      token weighs the same, so long completions are not down-weighted.
+    - "token_mean": sum / number of tokens in the batch (DAPO, Yu et al. 2025, arXiv
+      2503.14476): every token weighs the same, so long completions are not down-weighted.
     - "seq_mean_token_mean": mean over sequences of each sequence's token mean (the
       original GRPO objective).
     - "seq_sum_const": mean over sequences of each sequence's token sum / ``const_len``
@@ -102,7 +102,7 @@ def clipped_surrogate(
     L = - sum_{b,t} mask * min(rho * A_b, clip(rho, lo_b, hi_b) * A_b) / sum mask,
     rho = exp(logprobs - behaviour_logprobs). The clipped objective is PPO's (Schulman et
     al. 2017, Eq. 7) as used by GRPO; the token-level mean over the batch and the
-    asymmetric eps_low/eps_high are DAPO's (../shared/papers.md "Formulas"); the
+    asymmetric eps_low/eps_high are DAPO's (Yu et al. 2025, arXiv 2503.14476); the
     per-sample bounds lo_b, hi_b are dashrl's staleness rule (module docstring).
 
     Args:
@@ -212,7 +212,8 @@ def weighted_nll(
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020; ../shared/papers.md).
+    """Token-mean k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020, "Approximating KL
+    Divergence", blog note).
 
     KL ~ exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1, per token, >= 0.
 
@@ -257,8 +258,8 @@ def dpo_loss(
     L = -mean_pairs log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w))
                                         - (log pi(y_l) - log pi_ref(y_l))]).
 
-    Iterative (online) DPO, the Minimal-RL baseline (Xiong et al. 2025, "Iterative DPO";
-    ../shared/papers.md): the pairs are the best and the worst sample of a freshly
+    Iterative (online) DPO, the Minimal-RL baseline (Xiong et al. 2025, "A Minimalist
+    Approach to LLM Reasoning", arXiv 2504.11343): the pairs are the best and the worst sample of a freshly
     generated group, so the preference data follows the current policy.
 
     Args:

@@ -173,7 +173,7 @@ def algorithm_table() -> str:
         default = " (default)" if a.name == "grpo" else ""
         flags = "" if a.name == "grpo" else f" --algo {a.name}"
         if a.data == "reference_solutions":
-            flags += " --data.source gsm8k --actor.max-new-tokens 256"
+            flags += " --data.source gsm8k --data.gsm8k-dir PATH --actor.max-new-tokens 256"
         rows.append(
             f"| `{a.name}`{default} | `python launch/start.py{flags}` | {a.summary} | {a.source} |"
         )

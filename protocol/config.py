@@ -44,7 +44,7 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     source: Literal["reasoning_gym", "gsm8k"] = "reasoning_gym"
-    """Where prompts come from: a reasoning-gym task, or GSM8K from ../shared/data/gsm8k."""
+    """Where prompts come from: a reasoning-gym task, or GSM8K from data.gsm8k_dir."""
     task: str = "chain_sum"
     """reasoning-gym task name (ignored for gsm8k)."""
     task_kwargs: dict[str, int | float | str] = Field(
@@ -56,8 +56,10 @@ class DataConfig(Strict):
     """Number of training prompts generated (reasoning-gym) or read (gsm8k)."""
     heldout_size: int = Field(64, ge=1, le=1_000_000)
     """Number of held-out prompts for evaluation, disjoint from the training prompts."""
-    gsm8k_dir: Path = Path("../shared/data/gsm8k")
-    """Directory with GSM8K train.jsonl / test.jsonl."""
+    gsm8k_dir: Path = Path("data/gsm8k")
+    """Directory with GSM8K train.jsonl / test.jsonl (one JSON object per line with
+    "question" and "answer", as in openai/gsm8k); relative paths are from the working
+    directory."""
     prompt_suffix: str = ""
     """Text appended to every question before the chat template is applied."""
 

@@ -33,7 +33,7 @@ def set_thread_budget(threads: int) -> None:
     """Pin this process to ``threads`` torch/OpenMP threads.
 
     Two processes that each use every core oversubscribe a 2-core machine and both slow
-    several-fold (../shared/notes/cpu-feasibility.md), so every role gets an explicit
+    several-fold (measured on 2 cores: 3-10x), so every role gets an explicit
     budget from the config. Must run before torch does any parallel work.
     """
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
