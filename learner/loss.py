@@ -259,8 +259,8 @@ def dpo_loss(
                                         - (log pi(y_l) - log pi_ref(y_l))]).
 
     Iterative (online) DPO, the Minimal-RL baseline (Xiong et al. 2025, "A Minimalist
-    Approach to LLM Reasoning", arXiv 2504.11343): the pairs are the best and the worst sample of a freshly
-    generated group, so the preference data follows the current policy.
+    Approach to LLM Reasoning", arXiv 2504.11343): the pairs are the best and the worst
+    sample of a freshly generated group, so the preference data follows the current policy.
 
     Args:
         chosen_logp, rejected_logp: [N] sequence logprobs under pi_theta (with grad).
