@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dashrl.actors.tasks import RCRL_GOOD, chat_prompt_ids, last_number, load_task, rcrl_question
+from dashrl.actors.tasks import (
+    RCRL_GOOD,
+    Task,
+    chat_prompt_ids,
+    last_number,
+    load_task,
+    rcrl_question,
+)
 from dashrl.launch.eval_metrics import avg_at_k, maj_at_k, mean_ci95, pass_at_k
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
@@ -163,10 +170,10 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heldout_spec(cfg: Config, limit: int | None = None) -> EvalSpec:
+def heldout_spec(cfg: Config, limit: int | None = None, task: Task | None = None) -> EvalSpec:
     """The training task's held-out prompts (first ``limit``), graded by the task's verifier
     (its reward, partial credit included); the extracted answer is the last number."""
-    task = load_task(cfg.data, cfg.seed)
+    task = task or load_task(cfg.data, cfg.seed)  # a caller that has it loaded passes it
     probs = task.heldout[:limit]
     suffix = cfg.data.prompt_suffix
     rcrl = get_algorithm(cfg.algo).prompt_tags  # an RCRL policy is evaluated under the good tag
@@ -181,7 +188,9 @@ def heldout_spec(cfg: Config, limit: int | None = None) -> EvalSpec:
     )
 
 
-def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, float]:
+def heldout_reward(
+    cfg: Config, engine, batch_prompts: int = 16, task: Task | None = None
+) -> dict[str, float]:
     """Mean reward (the task's verifier, as in training) of k samples per held-out prompt at
     the training temperature; pass_at_k counts prompts with a fully correct sample.
 
@@ -191,7 +200,7 @@ def heldout_reward(cfg: Config, engine, batch_prompts: int = 16) -> dict[str, fl
     import torch
 
     t0 = time.perf_counter()
-    spec = heldout_spec(cfg)
+    spec = heldout_spec(cfg, task=task)
     rng_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 777)  # same sampling noise before, during and after training
     try:

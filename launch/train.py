@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dashrl.actors.engine import HFEngine
-from dashrl.actors.tasks import load_task
+from dashrl.actors.tasks import Task, load_task
 from dashrl.launch.attach import NodeClient
 from dashrl.launch.children import Children, reap_group
 from dashrl.launch.evaluate import heldout_reward
@@ -49,9 +49,7 @@ def resolve(cfg: Config) -> Config:
 
     Raises:
         FileExistsError: the run directory already holds a run.
-        ValueError, FileNotFoundError: the data config names no task or file that exists.
     """
-    load_task(cfg.data, cfg.seed)  # a bad task, source or data file fails here, in seconds
     if cfg.resume:  # no checkpoint, or a damaged one: one line now, not a dead learner later
         resumable_checkpoint(Path(cfg.run_dir))
     run_dir = cfg.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -184,10 +182,10 @@ def follow(cfg: Config, children: Children, interrupted: list[bool], failures: l
             time.sleep(1.0)
 
 
-def heldout(cfg: Config, model: Path, when: str, summary: dict) -> None:
+def heldout(cfg: Config, model: Path, when: str, summary: dict, task: Task) -> None:
     """Held-out reward of ``model`` into ``summary["heldout_<when>"]`` (and its mean into
     ``heldout_reward_<when>``); ``when`` is "before" or "after" training."""
-    res = heldout_reward(cfg, HFEngine(model))
+    res = heldout_reward(cfg, HFEngine(model), task=task)
     log.info("held-out reward %s training: %.4f (%.0f s)", when, res["reward_mean"],
              res["seconds"])  # fmt: skip
     summary[f"heldout_{when}"] = res
@@ -195,9 +193,15 @@ def heldout(cfg: Config, model: Path, when: str, summary: dict) -> None:
 
 
 def run(cfg: Config) -> dict:
-    """Run one training job end to end; returns the summary written to summary.json."""
+    """Run one training job end to end; returns the summary written to summary.json.
+
+    Raises:
+        ValueError, FileNotFoundError: the data config names no task or file that exists,
+            or the run directory or model is unusable (before any child starts).
+    """
     setup_logging("launch")
     t_start = time.monotonic()
+    task = load_task(cfg.data, cfg.seed)  # a bad task, source or data file fails here, in seconds
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
     log.info("run directory: %s", run_dir)
@@ -205,7 +209,7 @@ def run(cfg: Config) -> dict:
 
     if cfg.eval.heldout and not cfg.resume:
         set_thread_budget(cfg.eval.torch_threads)  # nothing else runs yet: all cores
-        heldout(cfg, cfg.model.path, "before", summary)
+        heldout(cfg, cfg.model.path, "before", summary, task)
 
     interrupted = [False]
 
@@ -246,7 +250,7 @@ def run(cfg: Config) -> dict:
     last = rows[-1] if rows else {}
     final = run_dir / "checkpoints" / "final"
     if cfg.eval.heldout and (final / "config.json").exists() and not (interrupted[0] or failures):
-        heldout(cfg, final, "after", summary)
+        heldout(cfg, final, "after", summary, task)
     plot_run(
         rows,
         run_dir / "plot.png",

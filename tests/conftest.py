@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +66,19 @@ def tiny_job_args(run_dir: Path, **fields: object) -> list[str]:
     }  # fmt: skip
     flags.update({k.replace("_", "-"): v for k, v in fields.items()})
     return [f"--{k}={v}" for k, v in flags.items()]
+
+
+@contextlib.contextmanager
+def queue_process(cfg: Config) -> Iterator[subprocess.Popen]:
+    """A live queue process for ``cfg`` (its config written to run_dir/config.json, its
+    output to run_dir/queue.log), stopped by its pid with SIGTERM on exit."""
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "config.json").write_text(cfg.model_dump_json())
+    with (run_dir / "queue.log").open("wb") as log:
+        cmd = [sys.executable, "-m", "dashrl.queue.server", str(run_dir / "config.json")]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(30)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import queue_process
 from dashrl.protocol import (
     Completion,
     DecodeLimits,
@@ -114,10 +112,12 @@ def test_live_queue_survives_fuzzed_frames(tmp_path: Path) -> None:
                   "log_rollouts": False},
         "transport": {"rollout_port": free_port(), "request_port": free_port()},
     })  # fmt: skip
-    (tmp_path / "config.json").write_text(cfg.model_dump_json())
-    log = (tmp_path / "queue.log").open("wb")
-    cmd = [sys.executable, "-m", "dashrl.queue.server", str(tmp_path / "config.json")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with queue_process(cfg) as proc:
+        _fuzz_live_queue(proc, cfg, frames, good, accepted_samples)
+    assert proc.returncode == 0
+
+
+def _fuzz_live_queue(proc, cfg: Config, frames, good: int, accepted_samples: int) -> None:
     ctx = zmq.Context()
     push, dealer = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
     try:
@@ -148,7 +148,3 @@ def test_live_queue_survives_fuzzed_frames(tmp_path: Path) -> None:
         push.close(0)
         dealer.close(0)
         ctx.term()
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
-    assert proc.returncode == 0

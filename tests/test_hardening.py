@@ -18,7 +18,7 @@ import pytest
 import zmq
 from pydantic import ValidationError
 
-from conftest import REPO
+from conftest import REPO, queue_process
 from dashrl.protocol import (
     Completion,
     DecodeLimits,
@@ -479,8 +479,6 @@ def test_deepspeed_states_are_loaded_without_unpickling_objects(tiny_cfg, tmp_pa
 def test_request_floods_do_not_starve_rollout_intake(tmp_path: Path) -> None:
     """Four clients flood micro-batch requests and never read a reply; 3,000 groups pushed
     meanwhile must still all be taken in within seconds."""
-    import signal
-
     from dashrl.protocol.runtime import free_ports
 
     rollout, req_port = free_ports(2)
@@ -489,10 +487,11 @@ def test_request_floods_do_not_starve_rollout_intake(tmp_path: Path) -> None:
         "queue": {"capacity": 10**6, "log_rollouts": False},
         "transport": {"rollout_port": rollout, "request_port": req_port},
     })  # fmt: skip
-    (tmp_path / "config.json").write_text(cfg.model_dump_json())
-    log = (tmp_path / "queue.log").open("wb")
-    cmd = [sys.executable, "-m", "dashrl.queue.server", str(tmp_path / "config.json")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with queue_process(cfg):
+        _flood_and_push(rollout, req_port)
+
+
+def _flood_and_push(rollout: int, req_port: int) -> None:
     ctx = zmq.Context()
     floods = [ctx.socket(zmq.DEALER) for _ in range(4)]
     push, probe = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
@@ -522,10 +521,8 @@ def test_request_floods_do_not_starve_rollout_intake(tmp_path: Path) -> None:
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
         assert received == 3000 and elapsed < 20, (received, elapsed)
+        print(f"3000 groups taken in under a request flood in {elapsed:.1f} s")
     finally:
         for s in [*floods, push, probe]:
             s.close(0)
         ctx.term()
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
