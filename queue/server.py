@@ -242,32 +242,31 @@ class QueueServer:
             self.on_rollout_frame(frame)
         return not self.blocked
 
-    def _refs_of(self, samples: list[Sample]) -> list[tuple[int, int]]:
-        return [self._refs[id(s)] for s in samples if id(s) in self._refs]
+    def _event(self, kind: str, samples: list[Sample], request_id: int = 0) -> bytes:
+        """The QueueEvent frame naming ``samples`` by their log references."""
+        refs = [self._refs[id(s)] for s in samples if id(s) in self._refs]
+        arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
+        return encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id))
+
+    def _forget(self, samples: list[Sample]) -> None:
+        for s in samples:
+            self._refs.pop(id(s), None)
 
     def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
         """Record samples that left the queue (evicted) in the log."""
         if self.log is None or not samples:
             return
-        refs = self._refs_of(samples)
-        for s in samples:
-            self._refs.pop(id(s), None)
-        arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
-        self._write(encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id)))
+        self._write(self._event(kind, samples, request_id))
+        self._forget(samples)
 
     def _commit_served(self, request_id: int):
         """The buffer's commit hook for a micro-batch: its serve record is written and
         fsynced before anything leaves the buffer (raises LogWriteError if it cannot be)."""
 
         def commit(samples: list[Sample]) -> None:
-            if self.log is None:
-                return
-            refs = self._refs_of(samples)
-            arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
-            event = QueueEvent("served", arr, self.buffer.learner_version, request_id)
-            self.log.write_frame(encode(event), durable=True)
-            for s in samples:
-                self._refs.pop(id(s), None)
+            if self.log is not None:
+                self.log.write_frame(self._event("served", samples, request_id), durable=True)
+                self._forget(samples)
 
         return commit
 
