@@ -114,7 +114,7 @@ def open_weight_channel(
         timeout_s=cfg.learner.weight_sync_timeout_s,
     )
     weights_at = f"tcp://{t.host}:{t.weights_port}"
-    publisher = WeightPublisher(weights_at, sender.layout, t.curve_dir)
+    publisher = WeightPublisher(weights_at, sender.layout, t.curve_dir, t.max_nodes)
     nodes = NodeRegistry(
         f"tcp://{t.host}:{t.control_port}",
         lambda node: NodeWelcome(node, version(), cfg.model_dump_json(), weights_at),

@@ -61,12 +61,11 @@ class NodeRegistry:
         self.joined = self.left = self.timed_out = 0
         self._lock = threading.Lock()
         self._ctx = zmq.Context()
-        configure, self.gate = server_setup(self._ctx, curve_dir, "learner control")
+        # one control connection per node, plus room for nodes reconnecting
+        self.gate = server_setup(self._ctx, curve_dir, "learner control", max_nodes + 16)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        if configure:
-            configure(self._sock)
-        self._sock.bind(bind)
+        self.gate.bind(self._sock, bind)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-registry", daemon=True)
         self._thread.start()
@@ -141,8 +140,7 @@ class NodeRegistry:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close(0)
-        if self.gate is not None:
-            self.gate.close()
+        self.gate.close()
         self._ctx.term()
 
 
@@ -153,18 +151,18 @@ class WeightPublisher:
         bind: address to bind.
         layout_hash: the weights' layout hash (protocol/weights.py ``layout_hash``).
         curve_dir: CurveZMQ keys folder (protocol/security.py), None on the loopback.
+        max_nodes: most nodes subscribed at once (connections beyond it plus 16 are refused).
     """
 
-    def __init__(self, bind: str, layout_hash: str, curve_dir: Path | None = None):
+    def __init__(self, bind: str, layout_hash: str, curve_dir: Path | None = None,
+                 max_nodes: int = 64):  # fmt: skip
         self.layout = layout_hash
         self._ctx = zmq.Context()
-        configure, self.gate = server_setup(self._ctx, curve_dir, "weight publisher")
+        self.gate = server_setup(self._ctx, curve_dir, "weight publisher", max_nodes + 16)
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 1)  # a slow node gets the newest version, not a backlog
         self._sock.setsockopt(zmq.LINGER, 0)
-        if configure:
-            configure(self._sock)
-        self._sock.bind(bind)
+        self.gate.bind(self._sock, bind)
         self.published = 0
 
     def publish(self, version: int, flat: torch.Tensor) -> float:
@@ -179,6 +177,5 @@ class WeightPublisher:
 
     def close(self) -> None:
         self._sock.close(0)
-        if self.gate is not None:
-            self.gate.close()
+        self.gate.close()
         self._ctx.term()

@@ -293,6 +293,17 @@ class TransportConfig(Strict):
     """Most generator nodes attached at once; the control socket refuses registers beyond."""
     node_timeout_s: float = Field(6.0, gt=0)
     """An attached node silent for this long is dropped from the weight broadcast."""
+    max_connections: int = Field(256, ge=1, le=65536)
+    """Most open TCP connections per queue socket (idle ones included); the handshake of one
+    more is refused and counted (queue/refused_connections), so idle connections cannot
+    use up the queue's file descriptors."""
+    handshake_s: float = Field(10.0, gt=0, le=3600)
+    """Seconds a new connection has to complete the ZeroMQ handshake before it is closed
+    (ZMQ_HANDSHAKE_IVL), so a connection that sends nothing cannot hold a slot."""
+    max_pending_requests: int = Field(2, ge=1, le=1024)
+    """Micro-batch requests the queue holds per peer; older ones beyond it are dropped and
+    counted (queue/dropped_requests). The learner waits for each reply, so it has one;
+    waiting requests are answered one per peer in turn, so no peer can crowd out another."""
     send_hwm: int = Field(64, ge=1, le=1_000_000)
     """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
     falls behind, sends block (backpressure) instead of dropping."""

@@ -6,8 +6,10 @@ By default every socket binds to 127.0.0.1 and nothing here is used. A job whose
 machines that attach). Then every server socket (the queue's PULL and ROUTER, the learner's
 control ROUTER and weight PUB) is a CURVE server, and a ZAP authenticator admits only
 clients whose public key is in ``DIR/authorized_clients``; each refusal is logged and
-counted. A peer without CURVE at all fails the ZeroMQ handshake and never gets a frame
-through. The torch.distributed group of launch-time actors always binds to 127.0.0.1.
+counted. With or without keys, every server socket is bound through a :class:`Gate`,
+which also refuses connections beyond a per-socket limit at the handshake. A peer
+without CURVE at all fails the ZeroMQ handshake and never gets a frame through. The
+torch.distributed group of launch-time actors always binds to 127.0.0.1.
 Frames that do get through are still decoded strictly (msgpack, no pickle, no eval).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,21 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from dashrl.protocol.config import LOOPBACK
 
 log = logging.getLogger("dashrl.security")
 
-__all__ = ["LOOPBACK", "CurveKeys", "client_setup", "generate_keys", "load_keys", "server_setup"]
+__all__ = [
+    "LOOPBACK",
+    "CurveKeys",
+    "Gate",
+    "client_setup",
+    "generate_keys",
+    "load_keys",
+    "server_setup",
+]
 
 
 @dataclass(frozen=True)
@@ -90,49 +102,140 @@ def load_keys(folder: Path) -> CurveKeys:
     return CurveKeys(s_pub, s_sec, c_pub, c_sec, folder / "authorized_clients")
 
 
-class _Gate:
-    """ZAP credentials provider: admits the authorised client keys, logs and counts the rest."""
+class Gate:
+    """Admission control for a role's server sockets, at the ZeroMQ handshake (ZAP).
 
-    def __init__(self, authorized: Path, role: str, auth: ThreadAuthenticator):
-        self.keys = {zmq.auth.load_certificate(p)[0] for p in Path(authorized).glob("*.key")}
-        self.role, self.refused, self.auth = role, 0, auth
+    Two rules, each refusal logged and counted:
+    - at most ``max_connections`` open TCP connections per bound socket (idle ones
+      included): a flood of idle connections cannot use up the process's file descriptors
+      and lock new actors out. Counted by a socket monitor per bound socket (ZeroMQ's
+      accepted/disconnected events, one thread each); a connection that never starts the
+      handshake is closed after ``handshake_s`` seconds (ZMQ_HANDSHAKE_IVL) and so cannot
+      hold a slot for long.
+    - with a keys folder, only clients whose CURVE public key is authorised.
 
-    def close(self) -> None:
-        """Stop the authenticator (before the context is terminated, or term() hangs)."""
-        self.auth.stop()
+    Use :meth:`bind` instead of ``sock.bind``; call :meth:`close` before ``ctx.term()``.
+    """
+
+    def __init__(self, ctx: zmq.Context, role: str, keys: CurveKeys | None,
+                 max_connections: int, handshake_s: float):  # fmt: skip
+        self.role, self.keys = role, keys
+        self.max_connections, self.handshake_s = max_connections, handshake_s
+        self.authorized = (
+            {zmq.auth.load_certificate(p)[0] for p in Path(keys.authorized).glob("*.key")}
+            if keys
+            else set()
+        )
+        self.refused = 0  # clients with an unknown CURVE key
+        self.refused_full = 0  # connections beyond max_connections
+        self._open: dict[str, set[int]] = {}  # ZAP domain -> fds of its open connections
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitors: list[threading.Thread] = []
+        self.auth = _Authenticator(ctx, self)
+        self.auth.start()
+
+    def bind(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Configure ``sock`` as a server under this gate and bind it to ``endpoint``."""
+        domain = f"{self.role}/{len(self._open)}"
+        sock.zap_domain = domain.encode()  # makes libzmq ask the gate even without CURVE
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_s * 1000))
+        # ZMTP heartbeats: a peer that vanished without closing (its host died) is
+        # dropped and frees its slot; a live peer's libzmq answers them by itself
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        if self.keys:  # pyzmq looks the key checker up by the socket's ZAP domain
+            self.auth.configure_curve_callback(domain=domain, credentials_provider=self)
+            sock.curve_secretkey = self.keys.server_secret
+            sock.curve_publickey = self.keys.server_public
+            sock.curve_server = True
+        # the monitor's PAIR socket is made here and used only by its thread from now on
+        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._open[domain] = set()
+        thread = threading.Thread(target=self._watch, args=(domain, monitor), daemon=True,
+                                  name=f"gate-{domain}")  # fmt: skip
+        thread.start()
+        self._monitors.append(thread)
+        sock.bind(endpoint)
+
+    def _watch(self, domain: str, monitor: zmq.Socket) -> None:
+        """Keep ``domain``'s set of open connections (by file descriptor) up to date."""
+        try:
+            while not self._stop.is_set():
+                if not monitor.poll(100):
+                    continue
+                event = recv_monitor_message(monitor)
+                with self._lock:
+                    if event["event"] == zmq.EVENT_ACCEPTED:
+                        self._open[domain].add(event["value"])
+                    else:
+                        self._open[domain].discard(event["value"])
+        finally:
+            monitor.close(0)
+
+    def open_connections(self, domain: str) -> int:
+        """Open TCP connections of the socket of ``domain`` (0 if unknown)."""
+        with self._lock:
+            return len(self._open.get(domain, ()))
+
+    def admit(self, domain: str) -> bool:
+        """False (and counted) when the socket of ``domain`` already holds more than
+        ``max_connections`` connections, the one being admitted included."""
+        n = self.open_connections(domain)
+        if n <= self.max_connections:
+            return True
+        self.refused_full += 1
+        if self.refused_full <= 10 or self.refused_full % 1000 == 0:
+            log.warning("%s: refused a connection: %d open, limit %d (%d refused so far)",
+                        self.role, n, self.max_connections, self.refused_full)  # fmt: skip
+        return False
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.keys:
+        """CURVE credentials check (pyzmq's credentials-provider interface)."""
+        if key in self.authorized:
             return True
         self.refused += 1
         log.warning("%s: refused a CURVE client with an unknown key (%d refused so far)",
                     self.role, self.refused)  # fmt: skip
         return False
 
+    def close(self) -> None:
+        """Stop the authenticator and the monitors (call it after closing the sockets bound
+        through the gate and before the context is terminated, or term() hangs)."""
+        self._stop.set()
+        for thread in self._monitors:
+            thread.join(timeout=2)
+        self.auth.stop()
 
-def server_setup(
-    ctx: zmq.Context, curve_dir: Path | None, role: str
-) -> tuple[Callable[[zmq.Socket], None] | None, _Gate | None]:
-    """Prepare ``ctx`` for CURVE server sockets (starts its ZAP authenticator).
 
-    Returns:
-        (configure(socket) to call before ``bind``, the gate counting refusals; call its
-        ``close()`` before ``ctx.term()``), or (None, None) without a keys folder.
+class _Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP thread, with the gate's connection limit checked first."""
+
+    def __init__(self, ctx: zmq.Context, gate: Gate):
+        super().__init__(ctx, log=logging.getLogger("dashrl.security.zap"))
+        self.gate = gate
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6 and not self.gate.admit(msg[2].decode("utf-8", "replace")):
+            self._send_zap_reply(msg[1], b"400", b"too many connections")
+            return
+        await super().handle_zap_message(msg)
+
+
+def server_setup(ctx: zmq.Context, curve_dir: Path | None, role: str,
+                 max_connections: int = 256, handshake_s: float = 10.0) -> Gate:  # fmt: skip
+    """The :class:`Gate` for ``role``'s server sockets in ``ctx`` (starts its ZAP thread).
+
+    Args:
+        curve_dir: a keys folder (CURVE on every socket bound through the gate), or None.
+        max_connections: most open connections per bound socket.
+        handshake_s: seconds a new connection has to complete the ZeroMQ handshake.
+
+    Raises:
+        FileNotFoundError, PermissionError: see :func:`load_keys`.
     """
-    if curve_dir is None:
-        return None, None
-    keys = load_keys(curve_dir)
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    gate = _Gate(keys.authorized, role, auth)
-    auth.configure_curve_callback(domain="*", credentials_provider=gate)
-
-    def configure(sock: zmq.Socket) -> None:
-        sock.curve_secretkey = keys.server_secret
-        sock.curve_publickey = keys.server_public
-        sock.curve_server = True
-
-    return configure, gate
+    keys = load_keys(curve_dir) if curve_dir is not None else None
+    return Gate(ctx, role, keys, max_connections, handshake_s)
 
 
 def client_setup(curve_dir: Path | None) -> Callable[[zmq.Socket], None] | None:

@@ -14,12 +14,12 @@ Sockets (all bound on the configured loopback host):
 - ROUTER ``request_port``: the learner's DEALER sends MicroBatchRequest and gets a
   MicroBatchReply (empty when fewer samples than a micro-batch are held).
 
-Every accepted group (only its accepted completions) is appended to
-``<run_dir>/queue/rollouts.msgpack``, with a record of every micro-batch served and every
-eviction (queue/log.py), so a run can be replayed exactly. One buffer entry is the
-algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group's
-(chosen, rejected) pair, so a micro-batch never splits a pair. A bad frame is counted
-(``queue/rejected_frames``), logged in one line, and the loop goes on.
+The handlers (decode, filter, store, log, serve) are in queue/handlers.py; this module
+is the socket loop. Admission (protocol/security.py ``Gate``): at most
+``transport.max_connections`` connections per socket, and with keys only authorised
+clients. Fairness (queue/peers.py): rollout intake and requests alternate in bounded
+turns, each peer holds at most ``transport.max_pending_requests`` waiting requests, and
+peers are answered in turn.
 """
 
 from __future__ import annotations
@@ -31,28 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import zmq
 
-from dashrl.protocol import (
-    ActorStats,
-    DecodeLimits,
-    MicroBatchReply,
-    MicroBatchRequest,
-    ProtocolError,
-    QueueEvent,
-    RolloutGroup,
-    Sample,
-    decode,
-    encode,
-    group_to_samples,
-)
-from dashrl.protocol.algorithms import get_algorithm
+from dashrl.protocol import ProtocolError
 from dashrl.protocol.config import Config, load_config
 from dashrl.protocol.runtime import StopFlag, setup_logging
 from dashrl.protocol.security import server_setup
-from dashrl.queue.buffer import UNITS, ReplayBuffer, version_lag
-from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
+from dashrl.queue.handlers import FINAL_STATS, QueueServer, actor_totals
+from dashrl.queue.peers import RequestInbox
+
+__all__ = ["FINAL_STATS", "QueueServer", "actor_totals", "raise_fd_limit", "serve"]
 
 log = logging.getLogger("dashrl.queue")
 
@@ -60,283 +48,9 @@ DRAIN_BATCH = 256
 """Most rollout frames taken in before pending learner requests are answered."""
 REQUESTS_PER_TURN = 8
 """Most micro-batch requests answered before rollouts are taken in again."""
-
-FINAL_STATS = "queue/final_stats.json"
-"""The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
-
-
-def actor_totals(stats: list[ActorStats]) -> dict[str, float]:
-    """Metrics over the actors' latest statistics: faults and in-flight updates summed,
-    generator utilisation (``actor/busy_frac``) averaged; empty before any arrived."""
-    if not stats:
-        return {}
-    return {
-        "actor/verifier_timeouts": float(sum(s.verifier_timeouts for s in stats)),
-        "actor/verifier_errors": float(sum(s.verifier_errors for s in stats)),
-        "actor/busy_frac": sum(s.busy_frac for s in stats) / len(stats),
-        "actor/rollouts_updated_in_flight": float(sum(s.updated_in_flight for s in stats)),
-        "actor/groups_sent": float(sum(s.groups_sent for s in stats)),
-    }
-
-
-class QueueServer:
-    """The queue's state and message handlers, separate from the socket loop for testing.
-
-    Args:
-        cfg: the run config (queue section and run_dir are used).
-        run_dir: where the rollout log goes; None disables the log.
-        reload: a restarted queue: reload the log's pending samples (also when cfg.resume).
-    """
-
-    def __init__(self, cfg: Config, run_dir: Path | None, reload: bool = False):
-        q = cfg.queue
-        self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness,
-                                   q.length_window)  # fmt: skip
-        self.limits = DecodeLimits(
-            max_frame_bytes=q.max_frame_bytes,
-            max_seq_len=q.max_seq_len,
-            max_group_size=q.max_group_size,
-        )
-        self._refs: dict[int, tuple[int, int]] = {}  # id(held sample) -> its name in the log
-        self.reloaded = 0
-        self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
-        # an entry is the algorithm's unit: a sample, or DPO's (chosen, rejected) pair
-        self.units = UNITS[get_algorithm(cfg.algo).unit]
-        self.cfg = cfg
-        self._backlog: list[bytes] = []  # records not yet written (the log failed), in order
-        self._held: list[bytes] = []  # rollout frames received while blocked
-        self._serve_failed = False
-        self.rejected_frames = 0
-        self.rejected_values = 0  # groups refused for out-of-range rewards or advantages
-        self.rejected_requests = 0  # requests refused for an implausible learner version
-        self._requests_seen = 0
-        self.handler_errors = 0
-        self.groups_received = 0
-        self.actor_stats: dict[str, ActorStats] = {}  # actor id -> its latest statistics
-        self.gate = None  # CurveZMQ refusals (protocol/security.py), when keys are in use
-        self._window: dict[str, float] = {}  # actor-side stats since the last served batch
-        self._reset_window()
-        if (cfg.resume or reload) and self.log is not None:  # a restart holds what it held
-            self.reload(run_dir / ROLLOUT_LOG)
-
-    def _reset_window(self) -> None:
-        self._window = {"reward_sum": 0.0, "n": 0.0, "tokens": 0.0, "length": 0.0}
-
-    def _reject(self, what: str, err: Exception) -> None:
-        self.rejected_frames += 1
-        n = self.rejected_frames
-        if n <= 100 or n % 1000 == 0:  # one line per bad frame, until a flood: then 1 in 1000
-            log.warning("rejected %s frame #%d: %s", what, n, err)
-
-    def on_rollout_frame(self, frame: bytes) -> None:
-        """Decode, filter, store and log one rollout frame; bad frames are counted, not raised.
-
-        Any other error while handling it (a bug, a full disk) is counted as
-        ``queue/handler_errors`` and logged: the queue never dies on one message.
-        """
-        if self.blocked:  # the log cannot take it now: keep it, in order, for later
-            self._held.append(frame)
-            return
-        try:
-            msg = decode(frame, self.limits, expect=(RolloutGroup, ActorStats))
-        except ProtocolError as e:
-            self._reject("rollout", e)
-            return
-        try:
-            if isinstance(msg, ActorStats):  # each actor's latest running statistics
-                self.actor_stats[msg.actor_id] = msg
-            else:
-                self._accept(msg, frame)
-        except Exception:
-            self.handler_errors += 1
-            log.exception("error handling a rollout group (%d so far)", self.handler_errors)
-
-    def _out_of_bounds(self, group: RolloutGroup) -> str | None:
-        """Why a decoded group's values are refused (None: they are within the limits)."""
-        q = self.cfg.queue
-        for i, c in enumerate(group.completions):
-            if abs(c.reward) > q.max_abs_reward:
-                return f"completions[{i}].reward={c.reward:.3g} beyond +-{q.max_abs_reward:g}"
-            if abs(c.advantage) > q.max_abs_advantage:
-                return (f"completions[{i}].advantage={c.advantage:.3g} beyond "
-                        f"+-{q.max_abs_advantage:g}")  # fmt: skip
-        return None
-
-    def _accept(self, group: RolloutGroup, frame: bytes | None = None) -> None:
-        if (why := self._out_of_bounds(group)) is not None:
-            self.rejected_values += 1
-            self._reject("rollout", ProtocolError(f"rollout_group {group.prompt_id!r}: {why}"))
-            return
-        self.groups_received += 1
-        w = self._window
-        for c in group.completions:
-            w["reward_sum"] += c.reward
-            w["n"] += 1
-            w["tokens"] += len(c.token_ids)
-            w["length"] += c.finish_reason == "length"
-        samples = group_to_samples(group)
-        result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
-        if self.log is not None and result.accepted:
-            whole = len(result.accepted) == len(group.completions)  # the frame is the record
-            group.completions = [group.completions[i] for i in result.accepted]
-            g = self.log.num_groups  # its log index, even if the write has to wait
-            self.log.num_groups += 1
-            self._write(frame if whole else encode(group))
-            for c, i in enumerate(result.accepted):
-                self._refs[id(samples[i])] = (g, c)
-            self._log_event("evicted_capacity", result.evicted_samples)
-
-    def reload(self, path: Path) -> int:
-        """Put back every logged sample that was accepted but neither served nor evicted (a
-        restarted queue's state), with its log name; returns how many. Filters and the
-        staleness rule apply again when the learner's version arrives."""
-        qlog = read_queue_log(path)
-        if not qlog.report.accountable:  # log indices after the damage cannot be trusted
-            log.error("%s: not reloading from a damaged log (%s)", path, qlog.report.describe())
-            return 0
-        by_group: dict[int, list[int]] = {}
-        for g, c in qlog.pending_refs():
-            by_group.setdefault(g, []).append(c)
-        for g, cs in by_group.items():
-            samples = [group_to_samples(qlog.groups[g])[c] for c in cs]
-            result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
-            for i in result.accepted:
-                self._refs[id(samples[i])] = (g, cs[i])
-            self.reloaded += len(result.accepted)
-            self._log_event("evicted_capacity", result.evicted_samples)
-        log.info("reloaded %d pending samples from %s", self.reloaded, path)
-        return self.reloaded
-
-    @property
-    def blocked(self) -> bool:
-        """True while the log cannot be written: the queue then reads no rollouts (the
-        actors' sends block at their high-water mark) and serves nothing."""
-        return bool(self._backlog) or self._serve_failed
-
-    def _write(self, frame: bytes) -> None:
-        """Append a record of something that already happened in memory (an accepted group,
-        an eviction); if the log fails, it waits in the backlog, in order."""
-        if not self._backlog:
-            try:
-                self.log.write_frame(frame)
-                return
-            except LogWriteError as e:
-                log.error("queue log not writable (%s): pausing intake and serving", e)
-        self._backlog.append(frame)
-
-    def flush_backlog(self) -> bool:
-        """Retry the records that could not be written (the socket loop calls it on every
-        turn); once all are written, take in the rollouts held meanwhile. Returns whether
-        the queue is unblocked."""
-        while self._backlog:
-            try:
-                self.log.write_frame(self._backlog[0])
-            except LogWriteError:
-                return False
-            self._backlog.pop(0)
-        if self._serve_failed:
-            self._serve_failed = False
-            log.warning("queue log writable again: resuming intake and serving")
-        held, self._held = self._held, []
-        for frame in held:
-            self.on_rollout_frame(frame)
-        return not self.blocked
-
-    def _event(self, kind: str, samples: list[Sample], request_id: int = 0) -> bytes:
-        """The QueueEvent frame naming ``samples`` by their log references."""
-        refs = [self._refs[id(s)] for s in samples if id(s) in self._refs]
-        arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
-        return encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id))
-
-    def _forget(self, samples: list[Sample]) -> None:
-        for s in samples:
-            self._refs.pop(id(s), None)
-
-    def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
-        """Record samples that left the queue (evicted) in the log."""
-        if self.log is None or not samples:
-            return
-        self._write(self._event(kind, samples, request_id))
-        self._forget(samples)
-
-    def _commit_served(self, request_id: int):
-        """The buffer's commit hook for a micro-batch: its serve record is written and
-        fsynced before anything leaves the buffer (raises LogWriteError if it cannot be)."""
-
-        def commit(samples: list[Sample]) -> None:
-            if self.log is not None:
-                self.log.write_frame(self._event("served", samples, request_id), durable=True)
-                self._forget(samples)
-
-        return commit
-
-    def on_request_frame(self, frame: bytes) -> bytes | None:
-        """Answer one micro-batch request frame; returns the reply frame, or None if rejected."""
-        try:
-            req = decode(frame, self.limits, expect=MicroBatchRequest)
-            known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump
-            if self._requests_seen and req.learner_version > known + jump:
-                self.rejected_requests += 1
-                raise ProtocolError(f"learner_version {req.learner_version} jumps more than "
-                                    f"{jump} past {known}")  # fmt: skip
-        except ProtocolError as e:
-            self._reject("request", e)
-            return None
-        self._requests_seen += 1
-        try:
-            self._log_event("evicted_stale", self.buffer.set_learner_version(req.learner_version))
-            samples: list[Sample] = []
-            if not self.blocked:  # serve nothing that cannot be logged first
-                try:
-                    samples = self.buffer.pop_micro_batch(
-                        req.size, req.unit, commit=self._commit_served(req.request_id)
-                    )
-                except LogWriteError as e:  # nothing left the buffer
-                    log.error("serve record not writable (%s): serving paused", e)
-                    self._serve_failed = True
-            return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
-        except Exception:
-            self.handler_errors += 1
-            log.exception("error answering a request (%d so far)", self.handler_errors)
-            return None
-
-    def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
-        """Queue counters plus actor-side means over the groups received since the last batch."""
-        c, w = self.buffer.counters, self._window
-        out = {
-            "queue/size": float(len(self.buffer)),
-            "queue/tokens": float(self.buffer.num_tokens),
-            "queue/received": float(c.received),
-            "queue/accepted": float(c.accepted),
-            "queue/filtered": float(c.filtered),
-            "queue/evicted_stale": float(c.evicted_stale),
-            "queue/evicted_capacity": float(c.evicted_capacity),
-            "queue/served": float(c.served),
-            "queue/rejected_frames": float(self.rejected_frames),
-            "queue/rejected_values": float(self.rejected_values),
-            "queue/rejected_requests": float(self.rejected_requests),
-            "queue/handler_errors": float(self.handler_errors),
-            "queue/log_blocked": float(self.blocked),
-            "queue/log_write_errors": float(self.log.write_errors if self.log else 0),
-            "queue/log_backlog": float(len(self._backlog)),
-            "queue/groups_received": float(self.groups_received),
-            "queue/refused_clients": float(self.gate.refused if self.gate else 0),
-            **actor_totals(list(self.actor_stats.values())),
-        }
-        if served:
-            lags = [version_lag(s.policy_version, self.buffer.learner_version) for s in served]
-            out["queue/served_lag_mean"] = sum(lags) / len(lags)
-        if w["n"] and served:
-            out["actor/reward_mean"] = w["reward_sum"] / w["n"]
-            out["actor/completion_len"] = w["tokens"] / w["n"]
-            out["actor/truncated_frac"] = w["length"] / w["n"]
-            out["actor/window_samples"] = w["n"]
-            self._reset_window()
-        return out
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
+READ_REQUESTS = 4096
+"""Most request frames read into the per-peer inbox per turn (reading is cheap: a frame
+is decoded only when it is answered)."""
 
 
 def raise_fd_limit() -> int:
@@ -360,15 +74,15 @@ def serve(
     stop = stop or StopFlag()
     raise_fd_limit()  # many actors and nodes: each connection holds a descriptor
     server = QueueServer(cfg, run_dir, reload)
+    t = cfg.transport
     ctx = zmq.Context()
-    secure, server.gate = server_setup(ctx, cfg.transport.curve_dir, "queue")
+    server.gate = server_setup(ctx, t.curve_dir, "queue", t.max_connections, t.handshake_s)
+    server.inbox = inbox = RequestInbox(t.max_pending_requests)
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 1000)
     router = ctx.socket(zmq.ROUTER)
-    for sock in (pull, router) if secure else ():
-        secure(sock)  # CURVE server: only clients with the job's key get through
-    pull.bind(f"tcp://{cfg.transport.host}:{cfg.transport.rollout_port}")
-    router.bind(f"tcp://{cfg.transport.host}:{cfg.transport.request_port}")
+    server.gate.bind(pull, f"tcp://{t.host}:{t.rollout_port}")
+    server.gate.bind(router, f"tcp://{t.host}:{t.request_port}")
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     poller.register(router, zmq.POLLIN)
@@ -382,7 +96,8 @@ def serve(
         while not stop:
             # a blocked log (full disk): take in nothing until it is writable again
             poller.register(pull, 0 if not server.flush_backlog() else zmq.POLLIN)
-            events = dict(poller.poll(timeout=200))
+            # requests still waiting in the inbox: look at the sockets without sleeping
+            events = dict(poller.poll(timeout=0 if len(inbox) else 200))
             # Take in what has arrived, but at most DRAIN_BATCH frames: with many actors
             # the PULL socket never runs dry, and a learner request must not wait for it.
             if pull in events:
@@ -391,18 +106,22 @@ def serve(
                         server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-            # then answer waiting requests, at most REQUESTS_PER_TURN: clients that flood
-            # requests (and never read the replies) must not starve rollout intake
-            for _ in range(REQUESTS_PER_TURN):
-                if not router.poll(0):
+            # then read waiting requests into the per-peer inbox and answer at most
+            # REQUESTS_PER_TURN, one per peer in turn: clients that flood requests (and
+            # never read the replies) must starve neither rollout intake nor the learner
+            for _ in range(READ_REQUESTS):
+                try:
+                    parts = router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
                     break
-                parts = router.recv_multipart()
                 if len(parts) != 2:
                     server._reject("request", ProtocolError(f"{len(parts)}-part message"))
                     continue
-                reply = server.on_request_frame(parts[1])
+                inbox.put(parts[0], parts[1])
+            for peer, frame in inbox.take(REQUESTS_PER_TURN):
+                reply = server.on_request_frame(frame)
                 if reply is not None:
-                    router.send_multipart([parts[0], reply])
+                    router.send_multipart([peer, reply])
             if time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
                 log.info(
@@ -417,8 +136,7 @@ def serve(
         server.close()
         pull.close(linger=0)
         router.close(linger=0)
-        if server.gate is not None:
-            server.gate.close()
+        server.gate.close()
         ctx.term()
         final = server.stats()
         if run_dir is not None:  # the launcher's summary reads the queue's last word
