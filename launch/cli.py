@@ -13,8 +13,10 @@ address or value) is printed as one ``error: ...`` line with exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +71,57 @@ def resume_config(run_dir: Path) -> Config:
                                   "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
 
 
+def _flag_prefixes(model: type = Config, prefix: str = "") -> dict[str, str]:
+    """Config section model name -> its flag prefix, e.g. {"LearnerConfig": "--learner."}."""
+    out = {model.__name__: prefix or "--"}
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and hasattr(sub, "model_fields"):
+            out |= _flag_prefixes(sub, f"{prefix or '--'}{name.replace('_', '-')}.")
+    return out
+
+
+_ERROR_HEAD = re.compile(r"\d+ validation errors? for (\w+)")
+_ERROR_DETAIL = re.compile(r"\s+(.*?) \[type=[^,\]]*(?:, input_value=(.*?), input_type=\w+)?\]")
+
+
+def one_line(message: str) -> str:
+    """A pydantic validation message as one line naming the flag, e.g.
+    ``--learner.lr: Input should be a finite number (got nan)``; other text is joined."""
+    lines = [ln for ln in message.splitlines() if ln.strip() and "errors.pydantic" not in ln]
+    head = _ERROR_HEAD.match(lines[0]) if lines else None
+    if head is None:
+        return " ".join(ln.strip() for ln in lines)
+    prefix = _flag_prefixes().get(head.group(1), "--")
+    parts, field = [], None
+    for ln in lines[1:]:
+        if not ln.startswith(" "):
+            field = ln.strip().replace("_", "-")
+        elif (m := _ERROR_DETAIL.match(ln)) and field is not None:
+            got = f" (got {m.group(2)})" if m.group(2) is not None else ""
+            parts.append(f"{prefix}{field}: {m.group(1)}{got}")
+    return "; ".join(parts) or " ".join(ln.strip() for ln in lines)
+
+
+@contextlib.contextmanager
+def _one_line_value_errors():
+    """Turn tyro's multi-line box for a value a model refuses into a ValueError of one line
+    (main prints it as ``error: ...``). Uses tyro's parse-error hook where this tyro has
+    it; without it, tyro's own box is printed."""
+    try:
+        from tyro._errors import InstantiationFailure, on_parse_error
+    except ImportError:  # a tyro without the hook
+        yield
+        return
+
+    def hook(event: object) -> None:
+        if isinstance(event, InstantiationFailure):
+            raise ValueError(one_line(event.message))
+
+    with on_parse_error(hook):
+        yield
+
+
 def parse(argv: list[str]) -> Any:
     """The parsed subcommand model for ``argv`` (without the program name).
 
@@ -78,17 +131,20 @@ def parse(argv: list[str]) -> Any:
 
     Raises:
         SystemExit: ``--help``, or arguments tyro rejects (it prints why).
+        ValueError: a value a config model refuses (its message is one line).
         FileNotFoundError: ``--resume`` of a directory without config.json.
     """
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
             raise ValueError("usage: start.py --resume RUN_DIR [--field value ...]")
         default = resume_config(Path(argv[1]))
-        return tyro.cli(Config, default=default, args=argv[2:], config=_TYRO,
-                        prog="start.py --resume RUN_DIR")  # fmt: skip
+        with _one_line_value_errors():
+            return tyro.cli(Config, default=default, args=argv[2:], config=_TYRO,
+                            prog="start.py --resume RUN_DIR")  # fmt: skip
     if not argv or argv[0] not in SUBCOMMANDS:  # start.py --help: train's fields
         argv = [TRAIN, *argv]
-    return tyro.cli(_command_type(), args=argv, prog="start.py")
+    with _one_line_value_errors():
+        return tyro.cli(_command_type(), args=argv, prog="start.py")
 
 
 def handler(cmd: Any) -> tuple[str, Callable[[Any], Any]]:
