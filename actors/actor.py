@@ -39,6 +39,7 @@ from dashrl.actors.tasks import (
     rcrl_question,
     time_limit,
 )
+from dashrl.actors.timeshare import TimeShare
 from dashrl.protocol import ActorStats, Completion, RolloutGroup, encode
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, load_config
@@ -134,7 +135,8 @@ class Actor:
         self.faults: dict[str, float] = {}  # verifier_timeouts / verifier_errors so far
         self._on_group = False  # whether weights come from the launch-time group
         self._started = False
-        self._busy_s, self._busy_since, self._in_engine = 0.0, 0.0, 0
+        self.busy = TimeShare()  # the engine holds at least one request
+        self.paced = TimeShare(min_s=0.01)  # a send is blocked by the queue
 
     async def start(self) -> None:
         """Build the engine (``actor.engine``) and connect it to the learner's weights: an
@@ -249,17 +251,18 @@ class Actor:
             ]
         return groups
 
-    @staticmethod
-    async def _send(sock, frame: bytes, stop: StopFlag) -> bool:
-        """Send one frame, waiting while the queue applies backpressure (high-water mark),
-        but giving up when ``stop`` is set (the queue may already be gone at shutdown)."""
-        while True:
-            try:
-                await asyncio.wait_for(sock.send(frame), timeout=1.0)
-                return True
-            except TimeoutError:
-                if stop:
-                    return False
+    async def _send(self, sock, frame: bytes, stop: StopFlag) -> bool:
+        """Send one frame, waiting while the queue applies backpressure (high-water mark:
+        its rate limiter or a full log), but giving up when ``stop`` is set (the queue may
+        already be gone at shutdown). Time spent waiting counts as paced."""
+        with self.paced.during():
+            while True:
+                try:
+                    await asyncio.wait_for(sock.send(frame), timeout=1.0)
+                    return True
+                except TimeoutError:
+                    if stop:
+                        return False
 
     async def run(self, stop: StopFlag) -> None:
         """Generate and stream until ``stop`` is set.
@@ -279,9 +282,14 @@ class Actor:
         if secure:  # CurveZMQ client of a job bound beyond the loopback
             secure(sock)
         sock.setsockopt(zmq.SNDHWM, t.send_hwm)
+        if self.cfg.queue.samples_per_insert is not None:  # paced: about one batch may wait
+            sock.setsockopt(zmq.SNDHWM, min(t.send_hwm, self.cfg.actor.prompts_per_batch + 1))
+            sock.setsockopt(zmq.SNDBUF, 64 * 1024)
         sock.setsockopt(zmq.LINGER, 5000)  # on shutdown, give queued groups 5 s to leave
         sock.connect(f"tcp://{t.host}:{t.rollout_port}")
         self._started_at = time.perf_counter()
+        self.busy.restart()
+        self.paced.restart()
         try:
             while not stop and await self.refresh_weights() < 0:  # attached: wait for weights
                 await asyncio.sleep(0.2)
@@ -301,28 +309,18 @@ class Actor:
             sock.close()
             ctx.term()
 
-    def _busy(self, delta: int) -> None:
-        now = time.perf_counter()
-        if self._in_engine == 0 and delta > 0:
-            self._busy_since = now
-        self._in_engine += delta
-        if self._in_engine == 0:
-            self._busy_s += now - self._busy_since
-
     def busy_frac(self) -> float:
         """Share of wall time since the first batch during which the engine held at least
         one of this actor's requests (generator utilisation; 1.0: it never waited for
         weights, the queue or scoring)."""
-        now = time.perf_counter()
-        busy = self._busy_s + (now - self._busy_since if self._in_engine else 0.0)
-        return min(1.0, busy / max(now - self._started_at, 1e-9))
+        return self.busy.frac()
 
     def stats(self, generate_s: float = 0.0) -> ActorStats:
         """This actor's running statistics (sent after every batch)."""
         return ActorStats(
             self.actor_id, self.groups_sent, self.tokens_generated, self.busy_frac(),
             self.updated_in_flight, int(self.faults.get("verifier_timeouts", 0)),
-            int(self.faults.get("verifier_errors", 0)), generate_s,
+            int(self.faults.get("verifier_errors", 0)), generate_s, self.paced.frac(),
         )  # fmt: skip
 
     async def _weight_loop(self, stop: StopFlag) -> None:
@@ -357,13 +355,10 @@ class Actor:
                 # flood the queue (and its log) with thousands of groups per second
                 await asyncio.sleep(SFT_BATCH_PAUSE_S)
             else:
-                self._busy(+1)
-                try:
+                with self.busy.during():
                     gens = await self.engine.agenerate(
                         prompts, a.group_size, a.max_new_tokens, a.temperature
                     )
-                finally:
-                    self._busy(-1)
             gen_s = time.perf_counter() - t0
             if in_flight and self.engine.version != version:  # straddled a weight update
                 self.updated_in_flight += sum(len(g) for g in gens)

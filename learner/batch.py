@@ -31,6 +31,8 @@ class MicroBatch:
         rewards: float32 [B].
         policy_versions: int64 [B].
         prompt_keys: the B samples' prompt ids (strings), e.g. to pair DPO samples.
+        is_weights: float32 [B], each sample's importance weight from the queue (1 unless
+            it samples proportionally); the surrogate and SFT losses multiply it in.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +45,11 @@ class MicroBatch:
     rewards: torch.Tensor
     policy_versions: torch.Tensor
     prompt_keys: list[str]
+    is_weights: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_weights is None:
+            self.is_weights = torch.ones(self.advantages.shape[0], dtype=torch.float32)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +95,7 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
         policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
         prompt_keys=[s.prompt_id for s in samples],
+        is_weights=torch.tensor([s.is_weight for s in samples], dtype=torch.float32),
     )
 
 

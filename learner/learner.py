@@ -40,7 +40,7 @@ from dashrl.learner.checkpoint import (
     truncate_metrics,
 )
 from dashrl.learner.critic import ScalarHead
-from dashrl.learner.loss import k3_kl
+from dashrl.learner.loss import active_token_frac, k3_kl
 from dashrl.learner.objectives import OBJECTIVES, Inputs, ObjectiveContext
 from dashrl.learner.ranks import all_ranks_agree, shard
 from dashrl.learner.sources import Feed, MicroBatchSource, ResumeSource
@@ -52,6 +52,7 @@ from dashrl.protocol.runtime import MetricsWriter, StopFlag
 from dashrl.protocol.security import client_setup
 from dashrl.queue.client import QueueClient
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
+from dashrl.queue.policies import replay_priority
 
 log = logging.getLogger("dashrl.learner")
 
@@ -100,6 +101,11 @@ class Learner:
         self.context = ObjectiveContext.from_config(cfg, self.algo, self.heads, self.ref_model)
         self.version = self.step_count = self.skipped_steps = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
+        q = cfg.queue
+        # With reuse, each served sample's new priority goes back to the queue. With several
+        # ranks each holds only its shard's ratios: priorities then stay |A| (not gathered).
+        self.reports_priorities = q.max_uses > 1 and q.priority_updates and self.world == 1
+        self.priorities: dict[int, float] = {}  # id(sample) -> priority, last micro-batch
         if self.resume_from is not None:
             self.load_state(self.resume_from)
             log.info("resumed from %s: step %d, version %d", self.resume_from, self.step_count,
@@ -153,6 +159,14 @@ class Learner:
         lag = self.version - batch.policy_versions
         h, logp, entropy = self.backend.forward(batch, temperature, with_entropy=True)
         loss, metrics = self.objective(Inputs(batch, h, logp, lag), self.context)
+        if self.reports_priorities:  # the replay queue re-ranks what it will serve again
+            c = self.context
+            active = active_token_frac(logp, batch.behaviour_logprobs, batch.advantages,
+                                       batch.mask, lag, c.clip_eps_low, c.clip_eps_high,
+                                       c.staleness_clip_decay)  # fmt: skip
+            self.priorities = {id(s): replay_priority(s.advantage, float(f))
+                               for s, f in zip(samples, active, strict=True)}  # fmt: skip
+            metrics["learner/replay_active_frac"] = float(active.mean())
         m = batch.mask
         n = m.sum()
         if lc.kl_coef > 0:
@@ -171,6 +185,7 @@ class Learner:
                 "learner/entropy": float((entropy * m).sum() / n),
                 "learner/reward_mean": float(batch.rewards.mean()),
                 "learner/adv_abs_mean": float(batch.advantages.abs().mean()),
+                "learner/is_weight_mean": float(batch.is_weights.mean()),
                 "learner/staleness_mean": float(lag.float().mean()),
                 "learner/staleness_max": float(lag.max()),
                 "learner/tokens": float(batch.num_tokens),
@@ -223,6 +238,8 @@ class Learner:
                 return None
             mine, weight = shard(samples, self.rank, self.world, self.algo.unit_size)
             rows.append(self.train_micro_batch(mine, weight / n, last=i == n - 1))
+            if self.reports_priorities:
+                feed.report_priorities(self.priorities)
         grad_norm, took = float("nan"), False
         if all_ranks_agree(all(math.isfinite(r["learner/loss"]) for r in rows), self.world):
             grad_norm, took = self.optimizer_step()

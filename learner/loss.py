@@ -84,6 +84,39 @@ class SurrogateOutput:
     """Fraction of tokens whose TIS weight pi_prox / mu was truncated at the cap (TIS on)."""
 
 
+def active_token_frac(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lag: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    decay: float = 0.0,
+) -> torch.Tensor:
+    """Per sample, the share of its completion tokens whose clipped-surrogate gradient is
+    not zero: float32 [B] in [0, 1] (0 for a sample without tokens).
+
+    PPO's min(rho A, clip(rho, lo, hi) A) (Schulman et al. 2017, "Proximal Policy
+    Optimization Algorithms", arXiv 1707.06347, Eq. 7) takes the clipped, constant branch
+    exactly when rho > hi with A > 0 or rho < lo with A < 0; those tokens contribute no
+    gradient. The replay queue uses this to re-rank a served sample (queue/policies.py
+    ``replay_priority``). Bounds lo, hi per sample from :func:`staleness_clip_bounds`.
+
+    Args:
+        logprobs, behaviour_logprobs, mask: [B, T] as in :func:`clipped_surrogate`.
+        advantages: [B] per-sequence advantages.
+        lag: [B] version lag.
+    """
+    with torch.no_grad():
+        ratio = torch.exp((logprobs - behaviour_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        lo, hi = staleness_clip_bounds(lag, eps_low, eps_high, decay)
+        adv = advantages[:, None]
+        dead = ((ratio > hi[:, None]) & (adv > 0)) | ((ratio < lo[:, None]) & (adv < 0))
+        m = mask.float()
+        return ((~dead).float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def clipped_surrogate(
     logprobs: torch.Tensor,
     behaviour_logprobs: torch.Tensor,
@@ -96,6 +129,7 @@ def clipped_surrogate(
     agg: str = "token_mean",
     const_len: float = 1.0,
     tis_cap: float = 0.0,
+    sample_weights: torch.Tensor | None = None,
 ) -> SurrogateOutput:
     """PPO clipped surrogate with a token-level mean, on off-policy samples.
 
@@ -123,6 +157,9 @@ def clipped_surrogate(
             (vLLM) and the learner (plus the staleness of the sample); truncating it at C
             bounds the variance it adds. Every sample is used once, so u_t = 1 in value
             and the gradient is w_t * A * grad log pi_theta.
+        sample_weights: [B] importance weights of prioritized sampling (Schaul et al.
+            2016, "Prioritized Experience Replay", arXiv 1511.05952, Sec. 3.4), multiplied
+            into each sample's per-token loss; None: all 1.
 
     Returns:
         SurrogateOutput with the scalar loss and diagnostics.
@@ -152,6 +189,8 @@ def clipped_surrogate(
     unclipped = u * adv
     clipped = torch.minimum(torch.maximum(u, lo[:, None]), hi[:, None]) * adv
     per_token = -weight * torch.minimum(unclipped, clipped)
+    if sample_weights is not None:
+        per_token = per_token * sample_weights[:, None]
     loss = aggregate(per_token, m, agg, const_len)
     with torch.no_grad():
         clip_frac = ((clipped < unclipped).float() * m).sum() / n

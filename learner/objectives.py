@@ -108,7 +108,7 @@ def _surrogate(ctx: ObjectiveContext, x: Inputs, advantages: torch.Tensor):
     return clipped_surrogate(
         x.logprobs, x.batch.behaviour_logprobs, advantages, x.batch.mask, x.lag,
         ctx.clip_eps_low, ctx.clip_eps_high, ctx.staleness_clip_decay, agg=ctx.loss_agg,
-        const_len=ctx.const_len, tis_cap=ctx.tis_cap,
+        const_len=ctx.const_len, tis_cap=ctx.tis_cap, sample_weights=x.batch.is_weights,
     )  # fmt: skip
 
 
@@ -135,7 +135,8 @@ def sft_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[
 
     The surrogate's clip fraction and ratio are still reported as off-policyness
     diagnostics; they do not enter the loss."""
-    loss = weighted_nll(x.logprobs, x.batch.advantages, x.batch.mask, ctx.loss_agg, ctx.const_len)
+    weights = x.batch.advantages * x.batch.is_weights  # prioritized sampling's correction
+    loss = weighted_nll(x.logprobs, weights, x.batch.mask, ctx.loss_agg, ctx.const_len)
     with torch.no_grad():
         diag = _diagnostics(_surrogate(ctx, x, x.batch.advantages), x)
     return loss, diag

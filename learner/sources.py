@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from dashrl.learner.ranks import share_micro_batch
 from dashrl.protocol import MicroBatchReply, QueueEvent, Sample
 from dashrl.protocol.config import LearnerConfig
@@ -50,6 +52,11 @@ class MicroBatchSource(Protocol):
         """
         ...
 
+    def update_priorities(self, request_id: int, priorities: list[float]) -> None:
+        """The learner's new priority for each sample of the reply to ``request_id``
+        (queue/policies.py ``replay_priority``); a source without a queue ignores it."""
+        ...
+
     def close(self) -> None:
         """Release sockets and files."""
         ...
@@ -67,6 +74,7 @@ class ResumeSource:
 
     def __init__(self, logged: list[list[Sample]], live: MicroBatchSource):
         self._logged, self.live = list(logged), live
+        self._from_log = False
 
     @property
     def rejected_replies(self) -> int:
@@ -76,9 +84,17 @@ class ResumeSource:
         self, learner_version: int, size: int, unit: str, timeout_s: float = 30.0
     ) -> MicroBatchReply:
         """The next logged micro-batch while any is left, then the live source's answer."""
+        self._from_log = bool(self._logged)
         if self._logged:
-            return MicroBatchReply(0, self._logged.pop(0), {})
+            samples = self._logged.pop(0)
+            return MicroBatchReply(0, samples, {}, np.asarray([s.is_weight for s in samples],
+                                                              dtype=np.float32))  # fmt: skip
         return self.live.request(learner_version, size, unit, timeout_s)
+
+    def update_priorities(self, request_id: int, priorities: list[float]) -> None:
+        """Passed on for live micro-batches; the queue already logged the re-trained ones."""
+        if not self._from_log:
+            self.live.update_priorities(request_id, priorities)
 
     def close(self) -> None:
         self.live.close()
@@ -108,7 +124,10 @@ class LogSource:
         self._next += 1
         if event.learner_version != learner_version:  # the replay has drifted from the run
             self.version_mismatches += 1
-        return MicroBatchReply(event.request_id, samples, {})
+        return MicroBatchReply(event.request_id, samples, {}, event.values)
+
+    def update_priorities(self, request_id: int, priorities: list[float]) -> None:
+        """Nothing to update: the log already holds what the queue did with them."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -146,6 +165,7 @@ class Feed:
         self.source, self.lc, self.rank, self.world = source, lc, rank, world
         self.vocab_size, self.on_idle = vocab_size, on_idle
         self.rejected_samples = 0
+        self.last_reply: MicroBatchReply | None = None  # rank 0: the reply last handed out
 
     @property
     def rejected_replies(self) -> int:
@@ -187,10 +207,21 @@ class Feed:
                             len(reply.samples) - len(samples), self.vocab_size,
                             self.rejected_samples)  # fmt: skip
             if samples:
+                self.last_reply = reply
                 return samples, reply.stats, time.perf_counter() - t0
             self.on_idle()
             time.sleep(lc.queue_poll_s)
         return [], {}, time.perf_counter() - t0
+
+    def report_priorities(self, priorities: dict[int, float]) -> None:
+        """Rank 0: send the new priorities of the last micro-batch, keyed by ``id(sample)``,
+        aligned with its reply; samples the learner dropped (bad token ids) get 0, which
+        takes them out of the queue."""
+        reply = self.last_reply
+        if self.rank != 0 or reply is None or self.source is None:
+            return
+        aligned = [priorities.get(id(s), 0.0) for s in reply.samples]
+        self.source.update_priorities(reply.request_id, aligned)
 
     def stop_ranks(self) -> None:
         """Rank 0: tell the other ranks that training ended (an empty micro-batch)."""

@@ -37,7 +37,8 @@ _BY_NAME: dict[str, type] = {m.WIRE_NAME: m for m in MESSAGES}
 
 
 def _fields(cls: type) -> list[tuple[str, Wire]]:
-    return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls)]
+    """The wire fields (a field without a Wire rule, e.g. Sample.is_weight, is local)."""
+    return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls) if "wire" in f.metadata]
 
 
 _FIELDS: dict[type, list[tuple[str, Wire]]] = {}
@@ -67,6 +68,8 @@ def _encode_value(rule: Wire, v: Any) -> Any:
         return np.ascontiguousarray(v, dtype=LOGPROB_DTYPE).tobytes()
     if k == "refs":
         return np.ascontiguousarray(np.asarray(v).reshape(-1), dtype=TOKEN_DTYPE).tobytes()
+    if k == "weights":
+        return np.ascontiguousarray(v, dtype=LOGPROB_DTYPE).tobytes()
     if k == "floats":
         return {str(key): float(x) for key, x in v.items()}
     if k == "list":
@@ -154,6 +157,15 @@ def _logprobs(v: Any, rule: Wire, where: str, lim: DecodeLimits, n: int) -> np.n
     return a
 
 
+def _weights(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> np.ndarray:
+    a = _array(v, LOGPROB_DTYPE, rule.min_len, _limit(rule, lim), where)
+    if not np.isfinite(a).all():
+        raise ProtocolError(f"{where}: NaN or inf value")
+    if a.size and (a.min() < rule.lo or a.max() > rule.hi):
+        raise ProtocolError(f"{where}: values outside [{rule.lo}, {rule.hi}]")
+    return a
+
+
 def _refs(v: Any, rule: Wire, where: str, lim: DecodeLimits) -> np.ndarray:
     a = _array(v, TOKEN_DTYPE, 2 * rule.min_len, 2 * _limit(rule, lim), where)
     if a.size % 2 or (a.size and a.min() < 0):
@@ -208,6 +220,8 @@ def _decode_body(cls: type, obj: Any, where: str, lim: DecodeLimits) -> Any:
             out[name] = _logprobs(v, rule, at, lim, out[rule.of].shape[0])
         elif k == "refs":
             out[name] = _refs(v, rule, at, lim)
+        elif k == "weights":
+            out[name] = _weights(v, rule, at, lim)
         elif k == "floats":
             out[name] = _floats(v, at)
         elif k == "list":
@@ -227,7 +241,15 @@ def _upgrade_v1(obj: dict) -> dict:
     return {"schema": 2, "type": obj.get("type"), "body": body}
 
 
-LOG_UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_v1}
+def _upgrade_v2(obj: dict) -> dict:
+    """Schema 2 -> 3 for log records: a QueueEvent gains ``values`` (empty: no weights)."""
+    body = obj.get("body")
+    if obj.get("type") == "queue_event" and isinstance(body, dict):
+        body = {**body, "values": b""}
+    return {"schema": 3, "type": obj.get("type"), "body": body}
+
+
+LOG_UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_v1, 2: _upgrade_v2}
 """Old schema -> the function that rewrites its envelope to the next schema (logs only)."""
 
 

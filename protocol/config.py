@@ -157,6 +157,32 @@ class QueueConfig(Strict):
     evict everything as stale. The first request after the queue starts may carry any."""
     log_rollouts: bool = True
     """Append every accepted rollout group to <run_dir>/queue/rollouts.msgpack for replay."""
+    max_uses: int = Field(1, ge=1, le=64)
+    """Replay: serve each unit up to K times (PPO-style off-policy reuse, DASH finding ii);
+    a reuse comes at a later learner version than the last serve, and max_staleness still
+    applies. 1: each sample is trained on once."""
+    sampling: Literal["greedy", "proportional"] = "greedy"
+    """greedy: top priority first, within the length window. proportional: units drawn with
+    P(i) ~ p_i^priority_exponent (prioritized experience replay) and importance-weighted."""
+    priority_exponent: float = Field(1.0, ge=0, le=10)
+    """alpha of proportional sampling (0: uniform)."""
+    is_beta: float = Field(0.4, ge=0, le=1)
+    """beta of proportional sampling's importance weights (N P(i))^-beta / max, multiplied
+    into each sample's loss (1: full bias correction; 0.4 is PER's starting value)."""
+    samples_per_insert: float | None = Field(None, gt=0, le=64)
+    """Rate limiter (Reverb's SampleToInsertRatio): serves per accepted sample it paces
+    generation to; when the queue is that far ahead it stops reading rollouts and the
+    actors' sends block. None: off. With it on, the sockets' buffers shrink to about one
+    batch so that blocking reaches the actors soon."""
+    rate_error_buffer: float | None = Field(None, gt=0)
+    """Allowed deviation of the rate limiter, in serves. None: one learner step's samples
+    (micro_batch_size * micro_batches_per_step, by sequences; 64 by tokens)."""
+    min_size: int = Field(0, ge=0)
+    """Samples held before any micro-batch is served (Reverb's MinSize)."""
+    priority_updates: bool = True
+    """With max_uses > 1: the learner sends each served sample's new priority (|A| times
+    its share of tokens the clip still lets through), and units at or below the filter
+    threshold leave the queue."""
 
 
 class LearnerConfig(Strict):
@@ -358,8 +384,17 @@ class Config(Strict):
                 f"{algo.name} serves {algo.unit}s of {algo.unit_size} samples: "
                 f"learner.micro_batch_size must be a multiple of {algo.unit_size}"
             )
+        q = self.queue
+        if q.max_uses > 1 and q.max_staleness == 0:
+            raise ValueError("queue.max_uses > 1 reuses a sample at a later learner version: "
+                             "it needs --queue.max-staleness >= 1")  # fmt: skip
         if self.mode == "sync":
-            a, q = self.actor, self.queue
+            a = self.actor
+            if q.max_uses > 1 or q.samples_per_insert is not None:
+                raise ValueError(
+                    "mode sync is the standard loop (each sample once, one batch "
+                    "per step): no --queue.max-uses or --queue.samples-per-insert"
+                )
             batch = a.num_actors * a.prompts_per_batch * a.group_size
             step = lc.micro_batch_size * lc.micro_batches_per_step
             if lc.micro_batch_unit != "sequences" or batch != step:

@@ -30,17 +30,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump on any incompatible change of a message body; decoders reject other versions. 2:
-a Sample nests its Completion, and actor statistics left RolloutGroup for ActorStats
-(version-1 queue logs are still read: codec.LOG_UPGRADES)."""
+a Sample nests its Completion, and actor statistics left RolloutGroup for ActorStats. 3:
+the replay queue: PriorityUpdate, importance weights on replies and serve records, use
+counts and priorities in the log, ActorStats.paced_frac (version-1 and -2 queue logs are
+still read: codec.LOG_UPGRADES)."""
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
 FINISH_REASONS = ("stop", "length")
 MICRO_BATCH_UNITS = ("sequences", "tokens")
 NODE_HELLO_KINDS = ("register", "heartbeat", "leave")
-QUEUE_EVENT_KINDS = ("served", "evicted_stale", "evicted_capacity")
+QUEUE_EVENT_KINDS = (
+    "served",
+    "evicted_stale",
+    "evicted_capacity",
+    "priority",
+    "evicted_low_priority",
+    "evicted_used",
+)
 MAX_COUNT = 2**53
 """Largest count or version accepted on the wire (exact in a float64, fits an int64)."""
 
@@ -76,9 +85,9 @@ class Wire:
     Attributes:
         kind: "int", "float" (finite), "str", "tokens" (int32 bytes, ids >= 0), "logprobs"
             (float32 bytes, finite, <= 0 up to rounding, as many as the ``of`` field),
-            "refs" (int32 bytes of non-negative (log index, completion) pairs), "floats"
-            (a map str -> finite float), "list" (of ``of`` messages) or "message" (one
-            ``of`` message).
+            "refs" (int32 bytes of non-negative (log index, completion) pairs), "weights"
+            (float32 bytes, finite, within lo/hi), "floats" (a map str -> finite float),
+            "list" (of ``of`` messages) or "message" (one ``of`` message).
         lo, hi: inclusive bounds of an int or float.
         choices: the allowed values of a str.
         max_len: longest str / array / list; an int, or the name of a DecodeLimits field.
@@ -99,6 +108,16 @@ class Wire:
 def wire(kind: str, default: Any = MISSING, **rule: Any) -> Any:
     """A dataclass field with its :class:`Wire` rule (and an optional default)."""
     return field(default=default, metadata={"wire": Wire(kind, **rule)})
+
+
+def _no_weights() -> np.ndarray:
+    return np.zeros(0, dtype=LOGPROB_DTYPE)
+
+
+def weights_field(lo: float, hi: float) -> Any:
+    """A float32 array field ("weights" rule), empty by default, up to max_samples long."""
+    rule = Wire("weights", lo=lo, hi=hi, max_len="max_samples", min_len=0)
+    return field(default_factory=_no_weights, metadata={"wire": rule})
 
 
 def _tokens() -> Any:
@@ -169,6 +188,7 @@ class ActorStats:
         verifier_timeouts: completions so far whose verifier ran past its time limit.
         verifier_errors: completions so far whose verifier raised.
         generate_s: seconds the last batch took to generate.
+        paced_frac: see the field.
     """
 
     WIRE_NAME: ClassVar[str] = "actor_stats"
@@ -180,6 +200,9 @@ class ActorStats:
     verifier_timeouts: int = wire("int", 0, lo=0, hi=MAX_COUNT)
     verifier_errors: int = wire("int", 0, lo=0, hi=MAX_COUNT)
     generate_s: float = wire("float", 0.0, lo=0.0, hi=1e9)
+    paced_frac: float = wire("float", 0.0, lo=0.0, hi=1.0)
+    """Share of wall time since the first batch that the actor's sends were blocked by
+    the queue (its rate limiter or a full log), in [0, 1]."""
 
 
 @dataclass
@@ -191,12 +214,16 @@ class Sample:
         prompt_ids: int32 array [P] (shared by every sample of the group).
         completion: the group's Completion itself (tokens, behaviour logprobs, reward,
             advantage, policy version).
+        is_weight: the importance weight of its latest serve, in (0, 1] (1 unless the
+            queue samples proportionally). Not a wire field of Sample: it travels in
+            MicroBatchReply.is_weights and the serve record's values.
     """
 
     WIRE_NAME: ClassVar[str] = "sample"
     prompt_id: str = wire("str")
     prompt_ids: np.ndarray = _tokens()
     completion: Completion = wire("message", of=Completion)
+    is_weight: float = field(default=1.0, compare=False)
 
     @classmethod
     def make(
@@ -267,12 +294,39 @@ class MicroBatchReply:
         request_id: the id of the request being answered.
         samples: the micro-batch (empty means "not enough yet, ask again").
         stats: queue and actor metrics, e.g. {"queue/size": 40.0}.
+        is_weights: float32 [N] importance weights in (0, 1], one per sample, correcting
+            proportional sampling's bias (Schaul et al. 2016); empty means all 1.
     """
 
     WIRE_NAME: ClassVar[str] = "micro_batch_reply"
     request_id: int = wire("int", lo=0, hi=MAX_COUNT)
     samples: list[Sample] = wire("list", of=Sample, max_len="max_samples", min_len=0)
     stats: dict[str, float] = field(default_factory=dict, metadata={"wire": Wire("floats")})
+    is_weights: np.ndarray = weights_field(0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        """Check the weights' length and hand each sample its weight (``is_weight``)."""
+        if len(self.is_weights) not in (0, len(self.samples)):
+            raise ProtocolError(f"micro_batch_reply: {len(self.is_weights)} is_weights for "
+                                f"{len(self.samples)} samples")  # fmt: skip
+        for s, w in zip(self.samples, self.is_weights, strict=False):
+            s.is_weight = float(w)
+
+
+@dataclass
+class PriorityUpdate:
+    """The learner's new priority for each sample of a micro-batch it trained on (sent on
+    the request socket after the micro-batch's forward/backward; no reply).
+
+    Attributes:
+        request_id: the request whose reply held the samples.
+        priorities: float32 [N] >= 0, aligned with that reply's samples (the rule:
+            learner/loss.py ``replay_priority``).
+    """
+
+    WIRE_NAME: ClassVar[str] = "priority_update"
+    request_id: int = wire("int", lo=0, hi=MAX_COUNT)
+    priorities: np.ndarray = weights_field(0.0, 1e9)
 
 
 @dataclass
@@ -343,11 +397,17 @@ class QueueEvent:
     what was never consumed.
 
     Attributes:
-        kind: "served" (one micro-batch, in the order it was sent), "evicted_stale" or
-            "evicted_capacity".
+        kind: "served" (one micro-batch, in the order it was sent; a sample may be served
+            up to ``queue.max_uses`` times), "priority" (the learner's priority update of
+            a served micro-batch), or why samples left: "evicted_stale",
+            "evicted_capacity", "evicted_low_priority" (a priority update put them at or
+            below the gradient filter), "evicted_used" (served ``max_uses`` times).
         refs: int32 array [N, 2] of (log index, completion index).
         learner_version: the learner version the queue knew when it happened.
-        request_id: the request a "served" micro-batch answered (0 for evictions).
+        request_id: the request a "served" micro-batch answered, or whose samples a
+            "priority" update is about (0 for evictions).
+        values: float32 [N], per ref: a serve's importance weights (empty: all 1), an
+            update's new priorities; empty for evictions.
     """
 
     WIRE_NAME: ClassVar[str] = "queue_event"
@@ -355,6 +415,13 @@ class QueueEvent:
     refs: np.ndarray = wire("refs", max_len="max_samples", min_len=0)
     learner_version: int = wire("int", lo=0, hi=MAX_COUNT)
     request_id: int = wire("int", 0, lo=0, hi=MAX_COUNT)
+    values: np.ndarray = weights_field(0.0, 1e9)
+
+    def __post_init__(self) -> None:
+        """Check that ``values`` is empty or has one value per ref."""
+        n = np.asarray(self.refs).size // 2
+        if len(self.values) not in (0, n):
+            raise ProtocolError(f"queue_event: {len(self.values)} values for {n} refs")
 
 
 MESSAGES: tuple[type, ...] = (
@@ -362,6 +429,7 @@ MESSAGES: tuple[type, ...] = (
     ActorStats,
     MicroBatchRequest,
     MicroBatchReply,
+    PriorityUpdate,
     WeightsVersion,
     QueueEvent,
     NodeHello,

@@ -10,12 +10,14 @@ import itertools
 import logging
 import time
 
+import numpy as np
 import zmq
 
 from dashrl.protocol import (
     DecodeLimits,
     MicroBatchReply,
     MicroBatchRequest,
+    PriorityUpdate,
     ProtocolError,
     decode,
     encode,
@@ -68,6 +70,12 @@ class QueueClient:
             if reply.request_id == rid:
                 return reply
         raise TimeoutError(f"queue did not answer request {rid} within {timeout_s:.0f} s")
+
+    def update_priorities(self, request_id: int, priorities: list[float]) -> None:
+        """Send the new priority of each sample of the reply to ``request_id`` (aligned with
+        its samples; no reply comes back)."""
+        msg = PriorityUpdate(request_id, np.asarray(priorities, dtype=np.float32))
+        self.sock.send(encode(msg))
 
     def close(self) -> None:
         self.sock.close()

@@ -13,6 +13,7 @@ algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from dashrl.protocol import (
     DecodeLimits,
     MicroBatchReply,
     MicroBatchRequest,
+    PriorityUpdate,
     ProtocolError,
     QueueEvent,
     RolloutGroup,
@@ -34,8 +36,23 @@ from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
 from dashrl.queue.buffer import UNITS, ReplayBuffer, version_lag
 from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
+from dashrl.queue.policies import RateLimit
 
 log = logging.getLogger("dashrl.queue")
+
+LENT_REQUESTS = 64
+"""Most recent micro-batches whose priority update the queue still waits for."""
+
+
+def rate_limit(cfg: Config) -> RateLimit | None:
+    """The queue's rate limiter from the config (None when ``samples_per_insert`` is)."""
+    q, lc = cfg.queue, cfg.learner
+    if q.samples_per_insert is None:
+        return None
+    step = lc.micro_batch_size * lc.micro_batches_per_step
+    error = q.rate_error_buffer or (step if lc.micro_batch_unit == "sequences" else 64.0)
+    return RateLimit(q.samples_per_insert, float(error), q.min_size)
+
 
 FINAL_STATS = "queue/final_stats.json"
 """The queue's counters when it stopped (accepted, filtered, evicted, rejected frames...)."""
@@ -43,13 +60,15 @@ FINAL_STATS = "queue/final_stats.json"
 
 def actor_totals(stats: list[ActorStats]) -> dict[str, float]:
     """Metrics over the actors' latest statistics: faults and in-flight updates summed,
-    generator utilisation (``actor/busy_frac``) averaged; empty before any arrived."""
+    generator utilisation (``actor/busy_frac``) and the share of time their sends were
+    blocked (``actor/paced_frac``) averaged; empty before any arrived."""
     if not stats:
         return {}
     return {
         "actor/verifier_timeouts": float(sum(s.verifier_timeouts for s in stats)),
         "actor/verifier_errors": float(sum(s.verifier_errors for s in stats)),
         "actor/busy_frac": sum(s.busy_frac for s in stats) / len(stats),
+        "actor/paced_frac": sum(s.paced_frac for s in stats) / len(stats),
         "actor/rollouts_updated_in_flight": float(sum(s.updated_in_flight for s in stats)),
         "actor/groups_sent": float(sum(s.groups_sent for s in stats)),
     }
@@ -66,8 +85,12 @@ class QueueServer:
 
     def __init__(self, cfg: Config, run_dir: Path | None, reload: bool = False):
         q = cfg.queue
-        self.buffer = ReplayBuffer(q.capacity, q.filter_threshold, q.max_staleness,
-                                   q.length_window)  # fmt: skip
+        self.buffer = ReplayBuffer(
+            q.capacity, q.filter_threshold, q.max_staleness, q.length_window, q.max_uses,
+            q.sampling, q.priority_exponent, q.is_beta, rate_limit(cfg), cfg.seed,
+        )  # fmt: skip
+        self._lent: OrderedDict[int, list[Sample]] = OrderedDict()  # request id -> its samples
+        self.rejected_updates = 0  # priority updates that match no recent micro-batch
         self.limits = DecodeLimits(
             max_frame_bytes=q.max_frame_bytes,
             max_seq_len=q.max_seq_len,
@@ -164,23 +187,29 @@ class QueueServer:
             self._log_event("evicted_capacity", result.evicted_samples)
 
     def reload(self, path: Path) -> int:
-        """Put back every logged sample that was accepted but neither served nor evicted (a
-        restarted queue's state), with its log name; returns how many. Filters and the
-        staleness rule apply again when the learner's version arrives."""
+        """Put back every logged sample that was accepted and is neither evicted nor used up
+        (a restarted queue's state), with its log name, use count and last priority;
+        returns how many. The staleness rule applies again when the learner's version
+        arrives."""
         qlog = read_queue_log(path)
         if not qlog.report.accountable:  # log indices after the damage cannot be trusted
             log.error("%s: not reloading from a damaged log (%s)", path, qlog.report.describe())
             return 0
+        state = qlog.pending(self.cfg.queue.max_uses)
         by_group: dict[int, list[int]] = {}
-        for g, c in qlog.pending_refs():
+        for g, c in state:
             by_group.setdefault(g, []).append(c)
         for g, cs in by_group.items():
             samples = [group_to_samples(qlog.groups[g])[c] for c in cs]
-            result = self.buffer.add(samples, self.units([s.advantage for s in samples]))
-            for i in result.accepted:
-                self._refs[id(samples[i])] = (g, cs[i])
-            self.reloaded += len(result.accepted)
-            self._log_event("evicted_capacity", result.evicted_samples)
+            for u in self.units([s.advantage for s in samples]):
+                unit = [samples[i] for i in u]
+                uses = max(state[(g, cs[i])][0] for i in u)
+                prios = [state[(g, cs[i])][1] for i in u]
+                prio = None if all(p is None for p in prios) else max(p or 0.0 for p in prios)
+                if self.buffer.restore(unit, uses, prio):
+                    for i in u:
+                        self._refs[id(samples[i])] = (g, cs[i])
+                    self.reloaded += len(u)
         log.info("reloaded %d pending samples from %s", self.reloaded, path)
         return self.reloaded
 
@@ -219,11 +248,15 @@ class QueueServer:
             self.on_rollout_frame(frame)
         return not self.blocked
 
-    def _event(self, kind: str, samples: list[Sample], request_id: int = 0) -> bytes:
+    def _event(self, kind: str, samples: list[Sample], request_id: int = 0,
+               values: list[float] | None = None) -> bytes:  # fmt: skip
         """The QueueEvent frame naming ``samples`` by their log references."""
-        refs = [self._refs[id(s)] for s in samples if id(s) in self._refs]
-        arr = np.asarray(refs, dtype=np.int32).reshape(-1, 2)
-        return encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id))
+        vs = values or [0.0] * len(samples)
+        known = [(self._refs[id(s)], v) for s, v in zip(samples, vs, strict=True)
+                 if id(s) in self._refs]  # fmt: skip
+        arr = np.asarray([r for r, _ in known], dtype=np.int32).reshape(-1, 2)
+        vals = np.asarray([v for _, v in known] if values else [], dtype=np.float32)
+        return encode(QueueEvent(kind, arr, self.buffer.learner_version, request_id, vals))
 
     def _forget(self, samples: list[Sample]) -> None:
         for s in samples:
@@ -231,26 +264,49 @@ class QueueServer:
 
     def _log_event(self, kind: str, samples: list[Sample], request_id: int = 0) -> None:
         """Record samples that left the queue (evicted) in the log."""
-        if self.log is None or not samples:
-            return
-        self._write(self._event(kind, samples, request_id))
+        if self.log is not None and samples:
+            self._write(self._event(kind, samples, request_id))
         self._forget(samples)
 
     def _commit_served(self, request_id: int):
-        """The buffer's commit hook for a micro-batch: its serve record is written and
-        fsynced before anything leaves the buffer (raises LogWriteError if it cannot be)."""
+        """The buffer's commit hook for a micro-batch: its serve record (with the importance
+        weights, unless all are 1) is written and fsynced before anything leaves the
+        buffer (raises LogWriteError if it cannot be)."""
 
-        def commit(samples: list[Sample]) -> None:
+        def commit(samples: list[Sample], weights: list[float]) -> None:
             if self.log is not None:
-                self.log.write_frame(self._event("served", samples, request_id), durable=True)
-                self._forget(samples)
+                values = weights if any(w != 1.0 for w in weights) else None
+                frame = self._event("served", samples, request_id, values)
+                self.log.write_frame(frame, durable=True)
 
         return commit
 
+    def on_priority_update(self, update: PriorityUpdate) -> None:
+        """Apply the learner's priorities to the samples of one served micro-batch: they are
+        logged, and units that fall to or below the filter threshold leave the queue."""
+        samples = self._lent.pop(update.request_id, None)
+        if samples is None or len(samples) != len(update.priorities):
+            self.rejected_updates += 1
+            why = "unknown request" if samples is None else f"{len(samples)} samples"
+            self._reject("priority update", ProtocolError(
+                f"priority_update for request {update.request_id}: {why}, "
+                f"{len(update.priorities)} priorities"))  # fmt: skip
+            return
+        prios = [float(p) for p in update.priorities]
+        live = [(s, p) for s, p in zip(samples, prios, strict=True) if self.buffer.uses_of(s)]
+        if live and self.log is not None:
+            self._write(self._event("priority", [s for s, _ in live], update.request_id,
+                                    [p for _, p in live]))  # fmt: skip
+        self._log_event("evicted_low_priority", self.buffer.update_priorities(samples, prios))
+
     def on_request_frame(self, frame: bytes) -> bytes | None:
-        """Answer one micro-batch request frame; returns the reply frame, or None if rejected."""
+        """Answer one frame of the request socket: a micro-batch request (returns the reply
+        frame) or a priority update (returns None); None too if the frame is rejected."""
         try:
-            req = decode(frame, self.limits, expect=MicroBatchRequest)
+            req = decode(frame, self.limits, expect=(MicroBatchRequest, PriorityUpdate))
+            if isinstance(req, PriorityUpdate):
+                self.on_priority_update(req)
+                return None
             known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump
             if self._requests_seen and req.learner_version > known + jump:
                 self.rejected_requests += 1
@@ -271,7 +327,14 @@ class QueueServer:
                 except LogWriteError as e:  # nothing left the buffer
                     log.error("serve record not writable (%s): serving paused", e)
                     self._serve_failed = True
-            return encode(MicroBatchReply(req.request_id, samples, self.stats(samples)))
+            self._forget([s for s in samples if not self.buffer.uses_of(s)])  # used up
+            if samples and self.cfg.queue.max_uses > 1:  # await the learner's priorities
+                self._lent[req.request_id] = samples
+                while len(self._lent) > LENT_REQUESTS:
+                    self._lent.popitem(last=False)
+            weights = np.asarray([s.is_weight for s in samples], dtype=np.float32)
+            reply = MicroBatchReply(req.request_id, samples, self.stats(samples), weights)
+            return encode(reply)
         except Exception:
             self.handler_errors += 1
             log.exception("error answering a request (%d so far)", self.handler_errors)
@@ -288,7 +351,13 @@ class QueueServer:
             "queue/filtered": float(c.filtered),
             "queue/evicted_stale": float(c.evicted_stale),
             "queue/evicted_capacity": float(c.evicted_capacity),
+            "queue/evicted_low_priority": float(c.evicted_low_priority),
             "queue/served": float(c.served),
+            "queue/reused_frac": c.reused / c.served if c.served else 0.0,
+            "queue/uses_mean": c.served / (c.served - c.reused) if c.served > c.reused else 0.0,
+            "queue/samples_per_insert": c.served / c.accepted if c.accepted else 0.0,
+            "queue/paced": float(not self.buffer.accepting()),
+            "queue/rejected_updates": float(self.rejected_updates),
             "queue/rejected_frames": float(self.rejected_frames),
             "queue/rejected_values": float(self.rejected_values),
             "queue/rejected_requests": float(self.rejected_requests),

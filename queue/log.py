@@ -2,12 +2,14 @@
 
 ``<run_dir>/queue/rollouts.msgpack`` is a stream of protocol frames (msgpack, schema
 versioned, no pickle): a RolloutGroup frame for every accepted group (its accepted
-completions only), and a QueueEvent frame whenever samples leave the queue: "served" (one
-micro-batch, in the order it was sent to the learner) or "evicted_stale" /
-"evicted_capacity". Samples are named by (log index of their group frame, completion
-index in it). From the log alone one can therefore rebuild every micro-batch the learner
-received, in order (``launch/start.py replay``), and the set of samples that were accepted
-but neither served nor evicted (what a restarted queue must hold again).
+completions only), and a QueueEvent frame for everything that happens to them: "served"
+(one micro-batch, in the order it was sent to the learner, with its importance weights;
+a sample is served up to ``queue.max_uses`` times), "priority" (the learner's update), and
+the evictions "evicted_stale" / "evicted_capacity" / "evicted_low_priority". Samples are
+named by (log index of their group frame, completion index in it). From the log alone one
+can therefore rebuild every micro-batch the learner received, in order (``launch/start.py
+replay``), and the samples that were accepted and neither evicted nor used up, with their
+use counts and priorities (what a restarted queue must hold again).
 
 On disk the file starts with :data:`MAGIC` and holds one record per frame: a little-endian
 uint32 length, the CRC-32 of the frame, then the frame. The reader checks both; a record
@@ -184,14 +186,39 @@ class QueueLog:
         return _group_to_samples(self.groups[g])[c]
 
     def served(self) -> list[tuple[QueueEvent, list[Sample]]]:
-        """Every served micro-batch, in the order the learner received them."""
-        return [(e, [self.sample(r) for r in e.refs]) for e in self.events if e.kind == "served"]
+        """Every served micro-batch, in the order the learner received them, each sample
+        with the importance weight it was served with (``Sample.is_weight``)."""
+        out = []
+        for e in self.events:
+            if e.kind == "served":
+                samples = [self.sample(r) for r in e.refs]
+                for s, w in zip(samples, e.values, strict=False):  # empty values: all 1
+                    s.is_weight = float(w)
+                out.append((e, samples))
+        return out
 
-    def pending_refs(self) -> list[tuple[int, int]]:
-        """Samples accepted but never served nor evicted, in acceptance order."""
-        gone = {(int(g), int(c)) for e in self.events for g, c in e.refs}
-        return [(g, c) for g, grp in enumerate(self.groups)
-                for c in range(len(grp.completions)) if (g, c) not in gone]  # fmt: skip
+    def pending(self, max_uses: int = 1) -> dict[tuple[int, int], tuple[int, float | None]]:
+        """Samples accepted and neither evicted nor served ``max_uses`` times, in acceptance
+        order: ref -> (times served, last logged priority or None)."""
+        uses: dict[tuple[int, int], int] = {}
+        prio: dict[tuple[int, int], float] = {}
+        gone: set[tuple[int, int]] = set()
+        for e in self.events:
+            refs = [(int(g), int(c)) for g, c in e.refs]
+            if e.kind == "served":
+                for r in refs:
+                    uses[r] = uses.get(r, 0) + 1
+            elif e.kind == "priority":
+                prio.update(zip(refs, (float(v) for v in e.values), strict=True))
+            else:  # an eviction
+                gone.update(refs)
+        return {(g, c): (uses.get((g, c), 0), prio.get((g, c)))
+                for g, grp in enumerate(self.groups) for c in range(len(grp.completions))
+                if (g, c) not in gone and uses.get((g, c), 0) < max_uses}  # fmt: skip
+
+    def pending_refs(self, max_uses: int = 1) -> list[tuple[int, int]]:
+        """The refs of :meth:`pending`, in acceptance order."""
+        return list(self.pending(max_uses))
 
 
 def read_queue_log(path: Path, strict: bool = False) -> QueueLog:
