@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from dashrl.actors.advantages import Estimator, dedupe_advantages, estimator_for, grpo_advantages
 from dashrl.actors.engine import FakeEngine, GenerationEngine, HFEngine
+from dashrl.actors.pacing import Permits
 from dashrl.actors.tasks import (
     Problem,
     Task,
@@ -136,7 +137,7 @@ class Actor:
         self._on_group = False  # whether weights come from the launch-time group
         self._started = False
         self.busy = TimeShare()  # the engine holds at least one request
-        self.paced = TimeShare(min_s=0.01)  # a send is blocked by the queue
+        self.paced = TimeShare(min_s=0.01)  # waiting for a permit or a blocked send
 
     async def start(self) -> None:
         """Build the engine (``actor.engine``) and connect it to the learner's weights: an
@@ -264,6 +265,12 @@ class Actor:
                     if stop:
                         return False
 
+    async def _wait_permit(self, permits: Permits, stop: StopFlag) -> bool:
+        """The queue's rate limiter: wait (counted as paced) until it lets one batch be
+        generated; False if ``stop`` came first."""
+        with self.paced.during():
+            return await permits.wait(stop)
+
     async def run(self, stop: StopFlag) -> None:
         """Generate and stream until ``stop`` is set.
 
@@ -282,9 +289,6 @@ class Actor:
         if secure:  # CurveZMQ client of a job bound beyond the loopback
             secure(sock)
         sock.setsockopt(zmq.SNDHWM, t.send_hwm)
-        if self.cfg.queue.samples_per_insert is not None:  # paced: about one batch may wait
-            sock.setsockopt(zmq.SNDHWM, min(t.send_hwm, self.cfg.actor.prompts_per_batch + 1))
-            sock.setsockopt(zmq.SNDBUF, 64 * 1024)
         sock.setsockopt(zmq.LINGER, 5000)  # on shutdown, give queued groups 5 s to leave
         sock.connect(f"tcp://{t.host}:{t.rollout_port}")
         self._started_at = time.perf_counter()
@@ -344,43 +348,51 @@ class Actor:
                 await asyncio.wait_for(after.wait(), timeout=0.5)
             except TimeoutError:
                 pass
-        while not stop:
-            version = self.engine.version if in_flight else await self.refresh_weights()
-            problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
-            prompts = [self.prompt_ids(p) for p in problems]
-            t0 = time.perf_counter()
-            if self.algo.data == "reference_solutions":
-                gens = [[self.reference_generation(p)] for p in problems]
-                # reference solutions cost nothing: without a pause the actor would
-                # flood the queue (and its log) with thousands of groups per second
-                await asyncio.sleep(SFT_BATCH_PAUSE_S)
-            else:
-                with self.busy.during():
-                    gens = await self.engine.agenerate(
-                        prompts, a.group_size, a.max_new_tokens, a.temperature
-                    )
-            gen_s = time.perf_counter() - t0
-            if in_flight and self.engine.version != version:  # straddled a weight update
-                self.updated_in_flight += sum(len(g) for g in gens)
-            for group in self.build_groups(problems, gens, version):
-                if not await self._send(sock, encode(group), stop):
+        permits = Permits.open(sock.context, self.cfg, self.actor_id)
+        try:
+            while not stop:
+                if permits is not None and not await self._wait_permit(permits, stop):
+                    break
+                version = self.engine.version if in_flight else await self.refresh_weights()
+                problems = [self.rng.choice(self.task.train) for _ in range(a.prompts_per_batch)]
+                prompts = [self.prompt_ids(p) for p in problems]
+                t0 = time.perf_counter()
+                if self.algo.data == "reference_solutions":
+                    gens = [[self.reference_generation(p)] for p in problems]
+                    # reference solutions cost nothing: without a pause the actor would
+                    # flood the queue (and its log) with thousands of groups per second
+                    await asyncio.sleep(SFT_BATCH_PAUSE_S)
+                else:
+                    with self.busy.during():
+                        gens = await self.engine.agenerate(
+                            prompts, a.group_size, a.max_new_tokens, a.temperature
+                        )
+                gen_s = time.perf_counter() - t0
+                if in_flight and self.engine.version != version:  # straddled a weight update
+                    self.updated_in_flight += sum(len(g) for g in gens)
+                for group in self.build_groups(problems, gens, version):
+                    if not await self._send(sock, encode(group), stop):
+                        return
+                    self.groups_sent += 1
+                    self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
+                if not await self._send(sock, encode(self.stats(gen_s)), stop):
                     return
-                self.groups_sent += 1
-                self.tokens_generated += sum(len(c.token_ids) for c in group.completions)
-            if not await self._send(sock, encode(self.stats(gen_s)), stop):
-                return
-            if sent is not None:
-                sent.set()
-            if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch
-                while not stop and await self.refresh_weights() <= version:
-                    await asyncio.sleep(0.05)
-            if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
-                elapsed = time.perf_counter() - self._started_at
-                log.info(
-                    "v%d groups=%d actor/tokens_per_s=%.1f actor/rollouts_updated_in_flight=%d",
-                    version, self.groups_sent, self.tokens_generated / elapsed,
-                    self.updated_in_flight,
-                )  # fmt: skip
+                if sent is not None:
+                    sent.set()
+                if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch
+                    while not stop and await self.refresh_weights() <= version:
+                        await asyncio.sleep(0.05)
+                if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:
+                    elapsed = time.perf_counter() - self._started_at
+                    log.info(
+                        "v%d groups=%d actor/tokens_per_s=%.1f actor/rollouts_updated_in_flight=%d",
+                        version, self.groups_sent, self.tokens_generated / elapsed,
+                        self.updated_in_flight,
+                    )  # fmt: skip
+
+        finally:
+            if permits is not None:
+                permits.close()
 
 
 def _str_or_none(path: Path | None) -> str | None:

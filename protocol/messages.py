@@ -33,9 +33,9 @@ import numpy as np
 SCHEMA_VERSION = 3
 """Bump on any incompatible change of a message body; decoders reject other versions. 2:
 a Sample nests its Completion, and actor statistics left RolloutGroup for ActorStats. 3:
-the replay queue: PriorityUpdate, importance weights on replies and serve records, use
-counts and priorities in the log, ActorStats.paced_frac (version-1 and -2 queue logs are
-still read: codec.LOG_UPGRADES)."""
+the replay queue: PriorityUpdate, GenerationPermit, importance weights on replies and
+serve records, use counts and priorities in the log, ActorStats.paced_frac (version-1 and
+-2 queue logs are still read: codec.LOG_UPGRADES)."""
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -314,6 +314,23 @@ class MicroBatchReply:
 
 
 @dataclass
+class GenerationPermit:
+    """Rate limiting: an actor asks the queue before it generates a batch, and the queue
+    echoes the message back once its rate limiter lets inserts in (queue.samples_per_insert).
+    Waiting before generating, rather than blocking the finished batch's send, keeps
+    generation from running ahead and ageing in socket buffers.
+
+    Attributes:
+        actor_id: the asking actor.
+        request_id: echoed in the grant.
+    """
+
+    WIRE_NAME: ClassVar[str] = "generation_permit"
+    actor_id: str = wire("str")
+    request_id: int = wire("int", lo=0, hi=MAX_COUNT)
+
+
+@dataclass
 class PriorityUpdate:
     """The learner's new priority for each sample of a micro-batch it trained on (sent on
     the request socket after the micro-batch's forward/backward; no reply).
@@ -429,6 +446,7 @@ MESSAGES: tuple[type, ...] = (
     ActorStats,
     MicroBatchRequest,
     MicroBatchReply,
+    GenerationPermit,
     PriorityUpdate,
     WeightsVersion,
     QueueEvent,

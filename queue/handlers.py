@@ -13,7 +13,7 @@ algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from dashrl.protocol import (
     ActorStats,
     DecodeLimits,
+    GenerationPermit,
     MicroBatchReply,
     MicroBatchRequest,
     PriorityUpdate,
@@ -40,6 +41,8 @@ from dashrl.queue.policies import RateLimit
 
 log = logging.getLogger("dashrl.queue")
 
+MAX_WAITING_PERMITS = 4096
+"""Most generation permits waiting at once (an actor asks for one per batch loop)."""
 LENT_REQUESTS = 64
 """Most recent micro-batches whose priority update the queue still waits for."""
 
@@ -91,6 +94,8 @@ class QueueServer:
         )  # fmt: skip
         self._lent: OrderedDict[int, list[Sample]] = OrderedDict()  # request id -> its samples
         self.rejected_updates = 0  # priority updates that match no recent micro-batch
+        # actors waiting for the rate limiter before they generate (peer, their request)
+        self._permits: deque[tuple[bytes, bytes]] = deque(maxlen=MAX_WAITING_PERMITS)
         self.limits = DecodeLimits(
             max_frame_bytes=q.max_frame_bytes,
             max_seq_len=q.max_seq_len,
@@ -299,13 +304,21 @@ class QueueServer:
                                     [p for _, p in live]))  # fmt: skip
         self._log_event("evicted_low_priority", self.buffer.update_priorities(samples, prios))
 
-    def on_request_frame(self, frame: bytes) -> bytes | None:
-        """Answer one frame of the request socket: a micro-batch request (returns the reply
-        frame) or a priority update (returns None); None too if the frame is rejected."""
+    def on_request_frame(self, frame: bytes, peer: bytes = b"") -> bytes | None:
+        """Answer one frame of the request socket from ``peer``: a micro-batch request
+        (returns the reply frame), a priority update (None), or a generation permit (the
+        grant now if the rate limiter lets inserts in, else None and it waits for
+        :meth:`grant_permits`); None too if the frame is rejected."""
         try:
-            req = decode(frame, self.limits, expect=(MicroBatchRequest, PriorityUpdate))
+            req = decode(frame, self.limits,
+                         expect=(MicroBatchRequest, PriorityUpdate, GenerationPermit))  # fmt: skip
             if isinstance(req, PriorityUpdate):
                 self.on_priority_update(req)
+                return None
+            if isinstance(req, GenerationPermit):
+                if self.buffer.accepting() and not self.blocked:
+                    return frame  # the grant echoes the request
+                self._permits.append((peer, frame))
                 return None
             known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump
             if self._requests_seen and req.learner_version > known + jump:
@@ -340,6 +353,14 @@ class QueueServer:
             log.exception("error answering a request (%d so far)", self.handler_errors)
             return None
 
+    def grant_permits(self) -> list[tuple[bytes, bytes]]:
+        """(peer, grant) for the waiting generation permits, oldest first, once the rate
+        limiter lets inserts in again (all of them: each actor then generates one batch)."""
+        if not self._permits or not self.buffer.accepting() or self.blocked:
+            return []
+        out, self._permits = list(self._permits), deque(maxlen=MAX_WAITING_PERMITS)
+        return out
+
     def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
         """Queue counters plus actor-side means over the groups received since the last batch."""
         c, w = self.buffer.counters, self._window
@@ -357,6 +378,7 @@ class QueueServer:
             "queue/uses_mean": c.served / (c.served - c.reused) if c.served > c.reused else 0.0,
             "queue/samples_per_insert": c.served / c.accepted if c.accepted else 0.0,
             "queue/paced": float(not self.buffer.accepting()),
+            "queue/permits_waiting": float(len(self._permits)),
             "queue/rejected_updates": float(self.rejected_updates),
             "queue/rejected_frames": float(self.rejected_frames),
             "queue/rejected_values": float(self.rejected_values),

@@ -48,10 +48,6 @@ DRAIN_BATCH = 256
 """Most rollout frames taken in before pending learner requests are answered."""
 REQUESTS_PER_TURN = 8
 """Most micro-batch requests answered before rollouts are taken in again."""
-PACED_HWM = 2
-"""Frames the queue's rollout socket buffers per actor while the rate limiter is on."""
-PACED_SOCKET_BYTES = 64 * 1024
-"""Kernel buffer of a paced rollout socket, in bytes (at each end)."""
 READ_REQUESTS = 4096
 """Most request frames read into the per-peer inbox per turn (reading is cheap: a frame
 is decoded only when it is answered)."""
@@ -84,9 +80,6 @@ def serve(
     server.inbox = inbox = RequestInbox(t.max_pending_requests)
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 1000)
-    if cfg.queue.samples_per_insert is not None:  # pacing: little may wait in the pipes
-        pull.setsockopt(zmq.RCVHWM, PACED_HWM)
-        pull.setsockopt(zmq.RCVBUF, PACED_SOCKET_BYTES)
     router = ctx.socket(zmq.ROUTER)
     server.gate.bind(pull, f"tcp://{t.host}:{t.rollout_port}")
     server.gate.bind(router, f"tcp://{t.host}:{t.request_port}")
@@ -101,18 +94,16 @@ def serve(
     last_report = time.monotonic()
     try:
         while not stop:
-            # a blocked log (full disk), or the rate limiter: take in nothing until the log
-            # is writable again / the learner has caught up; the actors' sends then block
-            intake = server.flush_backlog() and server.buffer.accepting()
-            poller.register(pull, zmq.POLLIN if intake else 0)
+            # a blocked log (full disk): take in nothing until it is writable again (the
+            # actors' sends then block). The rate limiter acts earlier, before generation:
+            # it holds back the actors' generation permits (grant_permits below).
+            poller.register(pull, zmq.POLLIN if server.flush_backlog() else 0)
             # requests still waiting in the inbox: look at the sockets without sleeping
             events = dict(poller.poll(timeout=0 if len(inbox) else 200))
             # Take in what has arrived, but at most DRAIN_BATCH frames: with many actors
             # the PULL socket never runs dry, and a learner request must not wait for it.
             if pull in events:
                 for _ in range(DRAIN_BATCH):
-                    if not server.buffer.accepting():  # the rate limiter: stop right here
-                        break
                     try:
                         server.on_rollout_frame(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
@@ -130,9 +121,12 @@ def serve(
                     continue
                 inbox.put(parts[0], parts[1])
             for peer, frame in inbox.take(REQUESTS_PER_TURN):
-                reply = server.on_request_frame(frame)
+                reply = server.on_request_frame(frame, peer)
                 if reply is not None:
                     router.send_multipart([peer, reply])
+            # actors waiting for the rate limiter: let them generate once it allows
+            for peer, grant in server.grant_permits():
+                router.send_multipart([peer, grant])
             if time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
                 log.info(
