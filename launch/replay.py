@@ -119,8 +119,9 @@ def _hist(values: list[float], bins: int = 8) -> list[str]:
             for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]  # fmt: skip
 
 
-def inspect(qlog: QueueLog) -> dict:
-    """Counts and histograms of a queue log (printed by ``--inspect``)."""
+def inspect(qlog: QueueLog, max_uses: int = 1) -> dict:
+    """Counts and histograms of a queue log (printed by ``--inspect``); ``max_uses``: the
+    run's ``queue.max_uses`` (a sample served fewer times is still pending)."""
     samples = [s for g in qlog.groups for s in _samples(g)]
     kinds = Counter()
     for e in qlog.events:
@@ -135,7 +136,9 @@ def inspect(qlog: QueueLog) -> dict:
         "samples_served": kinds["served"],
         "samples_evicted_stale": kinds["evicted_stale"],
         "samples_evicted_capacity": kinds["evicted_capacity"],
-        "samples_pending": len(qlog.pending_refs()),
+        "samples_evicted_low_priority": kinds["evicted_low_priority"],
+        "priority_updates": kinds["priority"],
+        "samples_pending": len(qlog.pending_refs(max_uses)),
         "micro_batches": sum(e.kind == "served" for e in qlog.events),
         "policy_versions": dict(sorted(Counter(s.policy_version for s in samples).items())),
         "served_staleness": dict(sorted(Counter(lags).items())),
@@ -187,7 +190,9 @@ def run_replay_command(cmd: ReplayCommand) -> dict | None:
             raise DamagedLogError(f"{log_path}: damaged beyond a torn tail: "
                                   f"{qlog.report.describe()}")  # fmt: skip
         if cmd.inspect:
-            print_inspect(inspect(qlog))
+            cfg_path = log_path.parent.parent / "config.json"
+            max_uses = load_config(cfg_path).queue.max_uses if cfg_path.exists() else 1
+            print_inspect(inspect(qlog, max_uses))
         if cmd.show:
             cfg_path = log_path.parent.parent / "config.json"
             show(qlog, load_config(cfg_path).model.path, cmd.show)

@@ -1,0 +1,141 @@
+"""The replay queue on the default job: rate limiter off vs on, and reuse K = 1, 2, 4 under
+greedy sampling and K = 2 under proportional sampling with IS weights (issue 16).
+
+Each (config, seed) is one ordinary run of ``launch/start.py`` with the same wall-clock
+budget; a run whose ``summary.json`` exists is skipped, so the script resumes where it
+stopped (runs take ~18 minutes each here: run it in the background, alone on the machine).
+Per run it records: the share of accepted samples evicted as stale, what was generated and
+trained on, the held-out reward before / at the in-run evaluations / after (the same
+evaluator for every run), and the training reward against wall time. Writes
+``bench/replay_<experiment>.json`` and ``.md`` and a PNG of the curves.
+
+    python bench/replay.py --experiment limiter          # 2 runs: limiter off, on
+    python bench/replay.py --experiment reuse --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import header  # noqa: E402  (bench/ scripts are run as files)
+
+LIMITER = ["--queue.samples-per-insert", "1.0"]
+EXPERIMENTS: dict[str, dict[str, list[str]]] = {
+    "limiter": {"limiter_off": [], "limiter_on": LIMITER},
+    "reuse": {
+        "greedy_k1": LIMITER,
+        "greedy_k2": [*LIMITER, "--queue.max-uses", "2", "--queue.samples-per-insert", "2.0"],
+        "greedy_k4": [*LIMITER, "--queue.max-uses", "4", "--queue.samples-per-insert", "4.0"],
+        "proportional_k2": [
+            *LIMITER,
+            "--queue.max-uses",
+            "2",
+            "--queue.samples-per-insert",
+            "2.0",
+            "--queue.sampling",
+            "proportional",
+            "--queue.is-beta",
+            "1.0",
+        ],
+    },  # fmt: skip
+}
+"""Experiment -> config name -> flags on top of the default job (later flags win)."""
+
+
+def run_one(out: Path, flags: list[str], seed: int, budget_s: float) -> dict:
+    """One default-job run into ``out`` (skipped if it finished before); its figures."""
+    if not (out / "summary.json").exists():
+        cmd = [sys.executable, str(REPO / "launch" / "start.py"), "--run-dir", str(out),
+               "--seed", str(seed), "--time-limit-s", str(budget_s), *flags]  # fmt: skip
+        with (out.parent / f"{out.name}.out").open("w") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return figures(out)
+
+
+def figures(run: Path) -> dict:
+    """What one finished run measured (from its summary.json and metrics.jsonl)."""
+    summary = json.loads((run / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    accepted = last.get("queue/accepted", 0.0)
+    curve = [(0.0, summary.get("heldout_reward_before"))]
+    curve += [(r["wall_s"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    curve.append((summary.get("train_wall_s"), summary.get("heldout_reward_after")))
+    return {
+        "steps": last["step"],
+        "train_wall_s": summary.get("train_wall_s"),
+        "generated": last.get("queue/received"),
+        "accepted": accepted,
+        "served": last.get("queue/served"),
+        "stale_frac_of_accepted": last.get("queue/evicted_stale", 0.0) / max(accepted, 1.0),
+        "reused_frac": last.get("queue/reused_frac", 0.0),
+        "paced_frac": last.get("actor/paced_frac", 0.0),
+        "busy_frac": last.get("actor/busy_frac", 0.0),
+        "step_s_median": sorted(r["learner/step_s"] for r in rows)[len(rows) // 2],
+        "heldout_before": summary.get("heldout_reward_before"),
+        "heldout_after": summary.get("heldout_reward_after"),
+        "heldout_curve": curve,
+        "train_reward_curve": [(r["wall_s"], r.get("actor/reward_mean")) for r in rows],
+    }
+
+
+def write(results: dict, path: Path) -> None:
+    """results.json, a markdown table and the curves' PNG."""
+    path.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = ["| config | seed | steps | generated | accepted | stale / accepted | reused | "
+             "actor paced | held-out before -> after |", "|" + "---|" * 9]  # fmt: skip
+    for key, f in results["runs"].items():
+        name, seed = key.rsplit("/", 1)
+        lines.append(
+            f"| {name} | {seed} | {f['steps']} | {f['generated']:.0f} | {f['accepted']:.0f} | "
+            f"{f['stale_frac_of_accepted']:.1%} | {f['reused_frac']:.1%} | "
+            f"{f['paced_frac']:.1%} | {f['heldout_before']:.3f} -> {f['heldout_after']:.3f} |"
+        )
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, f in results["runs"].items():
+        xs, ys = zip(*[(x, y) for x, y in f["heldout_curve"] if y is not None], strict=True)
+        a.plot(xs, ys, marker="o", label=key)
+        pts = [(x, y) for x, y in f["train_reward_curve"] if y is not None]
+        if pts:
+            b.plot(*zip(*pts, strict=True), label=key)
+    a.set(xlabel="wall s since training start", ylabel="held-out reward", title="held-out")
+    b.set(xlabel="wall s", ylabel="actor/reward_mean", title="training reward")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="limiter")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--budget-s", type=float, default=900.0, help="training seconds per run")
+    p.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_replay")
+    args = p.parse_args()
+    out = REPO / "bench" / f"replay_{args.experiment}"  # .json, .md, .png (committed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
+    for seed in args.seeds:
+        for name, flags in EXPERIMENTS[args.experiment].items():
+            run = args.runs / args.experiment / f"{name}_s{seed}"
+            run.parent.mkdir(parents=True, exist_ok=True)
+            results["runs"][f"{name}/{seed}"] = run_one(run, flags, seed, args.budget_s)
+            write(results, out)  # after every run: a stopped experiment keeps what it has
+            print(json.dumps({k: v for k, v in results["runs"][f"{name}/{seed}"].items()
+                              if "curve" not in k}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
