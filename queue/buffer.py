@@ -174,9 +174,12 @@ class ReplayBuffer:
         self.budget -= len(e.samples) * (self._spi - e.uses)  # write off what it had left
         return list(e.samples)
 
-    def accepting(self) -> bool:
-        """Whether the rate limiter lets the queue take in rollouts now (True when off)."""
-        return self.rate_limit is None or self.rate_limit.can_insert(self.budget)
+    def accepting(self, expected: float = 0.0) -> bool:
+        """Whether the rate limiter lets more rollouts in now (True when off); ``expected``:
+        samples already on their way (batches permitted but not yet arrived)."""
+        return self.rate_limit is None or self.rate_limit.can_insert(
+            self.budget + expected * self._spi
+        )
 
     def add(self, samples: list[Sample], units: list[tuple[int, ...]] | None = None) -> AddResult:
         """Offer the samples of one group; returns which were accepted and why others were not.

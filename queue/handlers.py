@@ -13,6 +13,7 @@ algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict, deque
 from pathlib import Path
 
@@ -43,6 +44,8 @@ log = logging.getLogger("dashrl.queue")
 
 MAX_WAITING_PERMITS = 4096
 """Most generation permits waiting at once (an actor asks for one per batch loop)."""
+PERMIT_TTL_S = 300.0
+"""Seconds after which a granted permit whose batch never arrived no longer counts."""
 LENT_REQUESTS = 64
 """Most recent micro-batches whose priority update the queue still waits for."""
 
@@ -53,7 +56,7 @@ def rate_limit(cfg: Config) -> RateLimit | None:
     if q.samples_per_insert is None:
         return None
     step = lc.micro_batch_size * lc.micro_batches_per_step
-    error = q.rate_error_buffer or (step if lc.micro_batch_unit == "sequences" else 64.0)
+    error = q.rate_error_buffer or (2 * step if lc.micro_batch_unit == "sequences" else 64.0)
     return RateLimit(q.samples_per_insert, float(error), q.min_size)
 
 
@@ -96,6 +99,8 @@ class QueueServer:
         self.rejected_updates = 0  # priority updates that match no recent micro-batch
         # actors waiting for the rate limiter before they generate (peer, their request)
         self._permits: deque[tuple[bytes, bytes]] = deque(maxlen=MAX_WAITING_PERMITS)
+        self._permits_out: deque[float] = deque()  # grant times of batches not arrived yet
+        self._batches_arrived = 0  # ActorStats frames received (one per generated batch)
         self.limits = DecodeLimits(
             max_frame_bytes=q.max_frame_bytes,
             max_seq_len=q.max_seq_len,
@@ -150,6 +155,9 @@ class QueueServer:
         try:
             if isinstance(msg, ActorStats):  # each actor's latest running statistics
                 self.actor_stats[msg.actor_id] = msg
+                self._batches_arrived += 1  # one ActorStats ends each batch
+                if self._permits_out:
+                    self._permits_out.popleft()
             else:
                 self._accept(msg, frame)
         except Exception:
@@ -316,7 +324,8 @@ class QueueServer:
                 self.on_priority_update(req)
                 return None
             if isinstance(req, GenerationPermit):
-                if self.buffer.accepting() and not self.blocked:
+                if self._may_permit():
+                    self._permits_out.append(time.monotonic())
                     return frame  # the grant echoes the request
                 self._permits.append((peer, frame))
                 return None
@@ -353,12 +362,22 @@ class QueueServer:
             log.exception("error answering a request (%d so far)", self.handler_errors)
             return None
 
+    def _may_permit(self) -> bool:
+        """Whether one more batch may be generated: the rate limiter must let in what is
+        held plus what the batches already permitted will bring (their mean number of
+        accepted samples so far), so several actors cannot all be let go at once."""
+        per_batch = self.buffer.counters.accepted / max(self._batches_arrived, 1)
+        while self._permits_out and self._permits_out[0] < time.monotonic() - PERMIT_TTL_S:
+            self._permits_out.popleft()  # its actor died or was stopped: stop waiting for it
+        return not self.blocked and self.buffer.accepting(len(self._permits_out) * per_batch)
+
     def grant_permits(self) -> list[tuple[bytes, bytes]]:
-        """(peer, grant) for the waiting generation permits, oldest first, once the rate
-        limiter lets inserts in again (all of them: each actor then generates one batch)."""
-        if not self._permits or not self.buffer.accepting() or self.blocked:
-            return []
-        out, self._permits = list(self._permits), deque(maxlen=MAX_WAITING_PERMITS)
+        """(peer, grant) for waiting generation permits, oldest first, as many as the rate
+        limiter allows now (each lets one actor loop generate one batch)."""
+        out = []
+        while self._permits and self._may_permit():
+            out.append(self._permits.popleft())
+            self._permits_out.append(time.monotonic())
         return out
 
     def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
@@ -379,6 +398,7 @@ class QueueServer:
             "queue/samples_per_insert": c.served / c.accepted if c.accepted else 0.0,
             "queue/paced": float(not self.buffer.accepting()),
             "queue/permits_waiting": float(len(self._permits)),
+            "queue/permits_out": float(len(self._permits_out)),
             "queue/rejected_updates": float(self.rejected_updates),
             "queue/rejected_frames": float(self.rejected_frames),
             "queue/rejected_values": float(self.rejected_values),

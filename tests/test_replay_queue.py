@@ -194,6 +194,28 @@ def test_evictions_write_off_their_budget_so_intake_never_stalls() -> None:
     assert buf.budget == 0 and buf.accepting()
 
 
+def test_generation_permits_wait_for_the_limiter_and_for_batches_on_their_way(tmp_path) -> None:
+    from dashrl.protocol import ActorStats, GenerationPermit
+    from dashrl.queue.server import QueueServer
+
+    cfg = Config.model_validate({"run_dir": str(tmp_path), "queue": {
+        "samples_per_insert": 1.0, "rate_error_buffer": 4.0, "log_rollouts": False}})  # fmt: skip
+    server = QueueServer(cfg, None)
+    ask = [encode(GenerationPermit("a0", i)) for i in range(4)]
+    assert server.on_request_frame(ask[0], b"loop0") == ask[0]  # granted at once
+    server.on_rollout_frame(encode(_group(0, [1.0, -1.0, 0.5])))  # the batch: 3 accepted
+    server.on_rollout_frame(encode(ActorStats("a0")))  # ...and its end
+    assert server.on_request_frame(ask[1], b"loop0") == ask[1]  # budget 3 <= 4: granted
+    # one batch (3 samples expected) on its way: 3 + 3 > 4, the next loop waits
+    assert server.on_request_frame(ask[2], b"loop1") is None and server.grant_permits() == []
+    assert len(_ask(server, 1, 0).samples) == 2  # the learner takes 2: 1 + 3 <= 4
+    assert server.grant_permits() == [(b"loop1", ask[2])]
+    assert server.on_request_frame(ask[3], b"loop0") is None  # 1 + 2 batches x 3 > 4
+    server.on_rollout_frame(encode(ActorStats("a0")))  # a batch arrived with nothing new
+    assert server.grant_permits() == [(b"loop0", ask[3])]  # 1 + 1 batch x 1.5 <= 4
+    assert server.stats()["queue/permits_waiting"] == 0
+
+
 # ------------------------------------------------------------------ protocol and log
 
 
@@ -301,6 +323,8 @@ def test_a_job_with_reuse_and_pacing_serves_twice_and_loses_nothing(tmp_path: Pa
             for r in e.refs.tolist():
                 serves.setdefault(tuple(r), []).append(e.learner_version)
     twice = {r: v for r, v in serves.items() if len(v) == 2}
+    updates = [e for e in qlog.events if e.kind == "priority"]  # the learner re-ranked them
+    assert updates and all(len(e.values) == len(e.refs) for e in updates)
     assert twice and all(len(v) <= 2 for v in serves.values())
     for (g, c), versions in twice.items():  # a reuse comes at a later version, lag >= 1
         lag = versions[1] - qlog.groups[g].completions[c].policy_version
