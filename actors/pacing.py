@@ -54,7 +54,7 @@ class Permits:
         return cls(dealer, actor_id)
 
     async def wait(self, stop: StopFlag) -> bool:
-        """Ask for a permit and wait for its grant; False if ``stop`` was set first."""
+        """Ask for a permit and wait for a grant; False if ``stop`` was set first."""
         while not stop:
             self._next_id += 1
             rid = self._next_id
@@ -69,8 +69,10 @@ class Permits:
                     self.rejected += 1
                     log.warning("rejected a permit grant: %s", e)
                     continue
-                if grant.request_id == rid:  # an older grant (after a resend) is dropped
-                    return True
+                # any grant will do, also one for a request this loop sent again since: the
+                # queue counted it as a batch on its way, and dropping it would stall pacing
+                log.debug("permit %d granted (asked as %d)", grant.request_id, rid)
+                return True
         return False
 
     def close(self) -> None:

@@ -327,6 +327,9 @@ class QueueServer:
                 if self._may_permit():
                     self._permits_out.append(time.monotonic())
                     return frame  # the grant echoes the request
+                # one waiting request per actor loop: a resend replaces the one it repeats
+                self._permits = deque(((p, f) for p, f in self._permits if p != peer),
+                                      maxlen=MAX_WAITING_PERMITS)  # fmt: skip
                 self._permits.append((peer, frame))
                 return None
             known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump

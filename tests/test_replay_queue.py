@@ -213,7 +213,11 @@ def test_generation_permits_wait_for_the_limiter_and_for_batches_on_their_way(tm
     assert server.on_request_frame(ask[3], b"loop0") is None  # 1 + 2 batches x 3 > 4
     server.on_rollout_frame(encode(ActorStats("a0")))  # a batch arrived with nothing new
     assert server.grant_permits() == [(b"loop0", ask[3])]  # 1 + 1 batch x 1.5 <= 4
-    assert server.stats()["queue/permits_waiting"] == 0
+    # an actor loop that asks again (it heard nothing for a while) waits once, not twice
+    server.on_rollout_frame(encode(_group(1, [1.0, 1.0, 1.0, 1.0])))  # budget 5: closed
+    for rid in (10, 11):
+        assert server.on_request_frame(encode(GenerationPermit("a0", rid)), b"loop2") is None
+    assert server.stats()["queue/permits_waiting"] == 1
 
 
 # ------------------------------------------------------------------ protocol and log
