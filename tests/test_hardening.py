@@ -508,6 +508,13 @@ def test_deepspeed_states_are_loaded_without_unpickling_objects(tiny_cfg, tmp_pa
 def test_request_floods_do_not_starve_rollout_intake(tmp_path: Path) -> None:
     """Four clients flood micro-batch requests and never read a reply; 3,000 groups pushed
     meanwhile must still all be taken in within seconds."""
+    cfg, rollout, req_port = _flood_queue_config(tmp_path)
+    with queue_process(cfg):
+        _flood_and_push(rollout, req_port)
+
+
+def _flood_queue_config(tmp_path: Path) -> tuple[Config, int, int]:
+    """A queue on free ports with room for everything and no log; (config, ports)."""
     from dashrl.protocol.runtime import free_ports
 
     rollout, req_port = free_ports(2)
@@ -516,8 +523,7 @@ def test_request_floods_do_not_starve_rollout_intake(tmp_path: Path) -> None:
         "queue": {"capacity": 10**6, "log_rollouts": False},
         "transport": {"rollout_port": rollout, "request_port": req_port},
     })  # fmt: skip
-    with queue_process(cfg):
-        _flood_and_push(rollout, req_port)
+    return cfg, rollout, req_port
 
 
 def _flood_and_push(rollout: int, req_port: int) -> None:
@@ -581,14 +587,7 @@ def test_a_request_flood_neither_delays_the_learner_nor_grows_the_queue(tmp_path
     """Four peers send 20,000 requests each and read no reply; the learner's requests are
     still answered within a second each (the queue reads requests into a bounded inbox
     per peer and answers peers in turn; queue/peers.py)."""
-    from dashrl.protocol.runtime import free_ports
-
-    rollout, req_port = free_ports(2)
-    cfg = Config.model_validate({
-        "run_dir": str(tmp_path),
-        "queue": {"capacity": 10**6, "log_rollouts": False},
-        "transport": {"rollout_port": rollout, "request_port": req_port},
-    })  # fmt: skip
+    cfg, _, req_port = _flood_queue_config(tmp_path)
     with queue_process(cfg) as proc:
         ctx = zmq.Context()
         floods = [ctx.socket(zmq.DEALER) for _ in range(4)]
