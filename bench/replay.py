@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budget-s", type=float, default=900.0, help="training seconds per run")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_replay")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the results of finished runs; start none")  # fmt: skip
     args = p.parse_args()
     out = REPO / "bench" / f"replay_{args.experiment}"  # .json, .md, .png (committed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,8 @@ def main() -> None:
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
             flags, run = CONFIGS[name], args.runs / f"{name}_s{seed}"
+            if args.report_only:
+                flags = None  # read what exists, run nothing
             run.parent.mkdir(parents=True, exist_ok=True)
             got = run_one(run, flags, seed, args.budget_s)
             if got is None:
