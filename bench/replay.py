@@ -66,7 +66,7 @@ def figures(run: Path) -> dict:
     last = rows[-1]
     accepted = last.get("queue/accepted", 0.0)
     curve = [(0.0, summary.get("heldout_reward_before"))]
-    curve += [(r["wall_s"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    curve += [(r["wall_s"], r["eval/heldout_reward"]) for r in rows if "eval/heldout_reward" in r]
     curve.append((summary.get("train_wall_s"), summary.get("heldout_reward_after")))
     return {
         "steps": last["step"],
