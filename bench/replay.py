@@ -56,6 +56,9 @@ def run_one(out: Path, flags: list[str] | None, seed: int, budget_s: float) -> d
                "--seed", str(seed), "--time-limit-s", str(budget_s), *flags]  # fmt: skip
         with (out.parent / f"{out.name}.out").open("w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if not (out / "summary.json").exists():  # the job died: say so, keep the others going
+        print(f"{out}: no summary.json (see {out.name}.out)", file=sys.stderr)
+        return None
     return figures(out)
 
 
