@@ -59,7 +59,6 @@ class _Entry:
     seq: int  # arrival order; later is larger
     prio: float = 0.0  # the unit's priority: the largest of its samples'
     uses: int = 0  # times served
-    served_at: int = -1  # learner version of its last serve
     oldest_version: int = field(init=False)  # computed once: staleness scans read it often
 
     def __post_init__(self) -> None:
@@ -338,7 +337,6 @@ class ReplayBuffer:
             self._items.remove(e)
             self.counters.reused += len(e.samples) * (e.uses > 0)
             e.uses += 1
-            e.served_at = self.learner_version
             self.budget -= len(e.samples)
             if e.uses >= self.max_uses:
                 self._drop(e)
