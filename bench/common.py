@@ -7,10 +7,26 @@ import platform
 import time
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 matrix flags (from /proc/cpuinfo; '' where absent).
+
+    Machines differ between sessions, so every result says which one made it."""
+    try:
+        info = open("/proc/cpuinfo").read()  # noqa: SIM115 (read once, Linux only)
+    except OSError:
+        return platform.processor()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith("flags")), [])  # fmt: skip
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{model} ({', '.join(bf16) or 'no bf16 units'})"
+
+
 def header() -> dict[str, str]:
     """Date and machine, the first fields of every results JSON."""
     return {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores"}  # fmt: skip
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu": cpu_model()}  # fmt: skip
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

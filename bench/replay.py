@@ -2,8 +2,10 @@
 greedy sampling and K = 2 under proportional sampling with IS weights (issue 16).
 
 Each (config, seed) is one ordinary run of ``launch/start.py`` with the same wall-clock
-budget; a run whose ``summary.json`` exists is skipped, so the script resumes where it
-stopped (runs take ~18 minutes each here: run it in the background, alone on the machine).
+budget. A run already recorded in the committed ``bench/replay_<experiment>.json`` (or whose
+``summary.json`` exists under ``--runs``) is skipped, so the script resumes where it stopped,
+on this machine or a new one (runs take ~18 minutes each here: run it in the background,
+alone on the machine). Each run records the machine that made it.
 Per run it records: the share of accepted samples evicted as stale, what was generated and
 trained on, the held-out reward before / at the in-run evaluations / after (the same
 evaluator for every run), and the training reward against wall time. Writes
@@ -132,17 +134,25 @@ def main() -> None:
     args = p.parse_args()
     out = REPO / "bench" / f"replay_{args.experiment}"  # .json, .md, .png (committed)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # runs/ is not committed and a new machine starts without it: what the committed JSON
+    # recorded (with the same budget) counts as done
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    done = old.get("runs", {}) if old.get("budget_s") == args.budget_s else {}
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
-            flags, run = CONFIGS[name], args.runs / f"{name}_s{seed}"
+            key, flags, run = f"{name}/{seed}", CONFIGS[name], args.runs / f"{name}_s{seed}"
+            if key in done and not (run / "summary.json").exists():
+                results["runs"][key] = done[key]
+                continue
             if args.report_only:
                 flags = None  # read what exists, run nothing
             run.parent.mkdir(parents=True, exist_ok=True)
             got = run_one(run, flags, seed, args.budget_s)
             if got is None:
                 continue
-            results["runs"][f"{name}/{seed}"] = got
+            got.setdefault("machine", f"{header()['machine']}, {header()['cpu']}")
+            results["runs"][key] = got
             write(results, out)  # after every run: a stopped experiment keeps what it has
             print(json.dumps({k: v for k, v in got.items() if "curve" not in k}), flush=True)
 
