@@ -5,7 +5,8 @@ Each (config, seed) is one ordinary run of ``launch/start.py`` with the same wal
 budget. A run already recorded in the committed ``bench/replay_<experiment>.json`` (or whose
 ``summary.json`` exists under ``--runs``) is skipped, so the script resumes where it stopped,
 on this machine or a new one (runs take ~18 minutes each here: run it in the background,
-alone on the machine). Each run records the machine that made it.
+alone on the machine, from a checkout nobody edits meanwhile: each role imports the code
+when it starts, e.g. ``git worktree add ../bench HEAD``). Each run records its machine.
 Per run it records: the share of accepted samples evicted as stale, what was generated and
 trained on, the held-out reward before / at the in-run evaluations / after (the same
 evaluator for every run), and the training reward against wall time. Writes
@@ -58,8 +59,10 @@ def run_one(out: Path, flags: list[str] | None, seed: int, budget_s: float) -> d
                "--seed", str(seed), "--time-limit-s", str(budget_s), *flags]  # fmt: skip
         with (out.parent / f"{out.name}.out").open("w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if not (out / "summary.json").exists():  # the job died: say so, keep the others going
-        print(f"{out}: no summary.json (see {out.name}.out)", file=sys.stderr)
+    if not (out / "summary.json").exists() or not (out / "metrics.jsonl").exists() or \
+            json.loads((out / "summary.json").read_text()).get("failed_role"):  # fmt: skip
+        # the job died: say so, keep the others going (delete the run dir to re-run it)
+        print(f"{out}: the job failed or left no metrics (see {out.name}.out)", file=sys.stderr)
         return None
     return figures(out)
 
