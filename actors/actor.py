@@ -44,6 +44,7 @@ from dashrl.actors.timeshare import TimeShare
 from dashrl.protocol import ActorStats, Completion, RolloutGroup, encode
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, load_config
+from dashrl.protocol.hardware import local_device, resolve_dtype
 from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
 from dashrl.protocol.security import client_setup
 from dashrl.protocol.weights import WeightSource
@@ -149,8 +150,10 @@ class Actor:
                 from dashrl.actors.vllm_engine import VLLMEngine
 
                 v = a.vllm
+                # auto: bf16 where the matrix units have it (protocol/hardware.py)
+                dtype = str(resolve_dtype(v.dtype, local_device(), "actor")).removeprefix("torch.")
                 self.engine = await VLLMEngine.create(
-                    cfg.model.path, self.seed, v.dtype, v.kv_cache_gib, v.cpu_threads_bind,
+                    cfg.model.path, self.seed, dtype, v.kv_cache_gib, v.cpu_threads_bind,
                     v.max_model_len, v.gpu_memory_utilization, v.enforce_eager,
                     v.kv_on_update,
                 )  # fmt: skip

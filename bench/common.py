@@ -25,8 +25,8 @@ def cpu_model() -> str:
 
 def header() -> dict[str, str]:
     """Date and machine, the first fields of every results JSON."""
-    return {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu": cpu_model()}  # fmt: skip
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "cpu": cpu_model()}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

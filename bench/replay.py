@@ -74,7 +74,8 @@ def figures(run: Path) -> dict:
     last = rows[-1]
     accepted = last.get("queue/accepted", 0.0)
     curve = [(0.0, summary.get("heldout_reward_before"))]
-    curve += [(r["wall_s"], r["eval/heldout_reward"]) for r in rows if "eval/heldout_reward" in r]
+    curve += [(r.get("eval/wall_s", r["wall_s"]), r["eval/heldout_reward"])
+              for r in rows if "eval/heldout_reward" in r]  # fmt: skip
     curve.append((summary.get("train_wall_s"), summary.get("heldout_reward_after")))
     return {
         "steps": last["step"],
@@ -139,7 +140,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # runs/ is not committed and a new machine starts without it: what the committed JSON
     # recorded (with the same budget) counts as done
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    recorded = out.with_suffix(".json")
+    old = json.loads(recorded.read_text()) if recorded.exists() else {}
     done = old.get("runs", {}) if old.get("budget_s") == args.budget_s else {}
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
     for seed in args.seeds:

@@ -35,7 +35,8 @@ def plot_run(
         pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts, strict=True), label=label, marker=".", linewidth=1)
-    pts = [(x, r["eval/heldout_reward"]) for x, r in zip(t, rows, strict=True)
+    # at the time of the weights it evaluated (a background evaluation lands rows later)
+    pts = [(r.get("eval/wall_s", r["wall_s"]) / 60, r["eval/heldout_reward"]) for r in rows
            if r.get("eval/heldout_reward") is not None]  # fmt: skip
     if pts:
         ax1.scatter(

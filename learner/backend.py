@@ -6,7 +6,7 @@ backend runs underneath is ``learner.backend``:
 
 - "deepspeed": ``deepspeed.initialize`` with our torch AdamW as the client optimizer (so
   both backends have exactly the same update rule), ZeRO stage ``learner.zero_stage``,
-  bf16 when asked, gradient accumulation over ``micro_batches_per_step`` with the
+  gradient accumulation over ``micro_batches_per_step`` with the
   boundary set by the learner. It runs on this CPU machine too: DeepSpeed's CPU
   accelerator falls back to gloo when oneCCL is not installed (``DS_ACCELERATOR=cpu`` is
   set when no GPU is visible), and tests check that one step matches the torch backend.
@@ -131,10 +131,10 @@ class DeepSpeedBackend(TorchBackend):
 
     Args:
         model: the policy.
-        lc: the learner config (zero_stage, bf16, micro_batches_per_step, ...).
+        lc: the learner config (zero_stage, micro_batches_per_step, ...).
 
     Raises:
-        RuntimeError: DeepSpeed cannot initialise (e.g. bf16 asked where unsupported).
+        RuntimeError: DeepSpeed cannot initialise.
     """
 
     name = "deepspeed"
@@ -165,7 +165,9 @@ class DeepSpeedBackend(TorchBackend):
             # stage 0 has no overflow check, so we clip (and check) ourselves there
             "gradient_clipping": lc.max_grad_norm if self.stage > 0 else 0.0,
             "zero_optimization": {"stage": self.stage},
-            "bf16": {"enabled": lc.bf16},
+            # mixed precision is bf16 autocast inside the policy's forward (learner/batch.py),
+            # the same on both backends: DeepSpeed keeps fp32 weights and AdamW state
+            "bf16": {"enabled": False},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
         }

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dashrl.learner.prefix import forwarded_tokens, prefix_groups, shared_prefix_hidden
 from dashrl.protocol import Sample
 
 
@@ -33,6 +34,9 @@ class MicroBatch:
         prompt_keys: the B samples' prompt ids (strings), e.g. to pair DPO samples.
         is_weights: float32 [B], each sample's importance weight from the queue (1 unless
             it samples proportionally); the surrogate and SFT losses multiply it in.
+        prompt_lens: int64 [B] prompt tokens of each sample.
+        groups: sample indices sharing each distinct prompt when the forward shares
+            prefixes (learner/prefix.py), else None (one padded sequence per sample).
     """
 
     input_ids: torch.Tensor
@@ -46,6 +50,8 @@ class MicroBatch:
     policy_versions: torch.Tensor
     prompt_keys: list[str]
     is_weights: torch.Tensor | None = None
+    prompt_lens: torch.Tensor | None = None
+    groups: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.is_weights is None:
@@ -53,12 +59,28 @@ class MicroBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Real (unpadded) prompt+completion tokens."""
+        """Real (unpadded) prompt+completion tokens of the samples, each counted in full."""
         return int(self.attention_mask.sum())
 
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens the forward actually computes, padding excluded: ``num_tokens`` for the
+        per-sample forward, each distinct prompt once for the shared-prefix one."""
+        return self.num_tokens if self.groups is None else forwarded_tokens(self)
 
-def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
-    """Pad a list of samples into a :class:`MicroBatch`.
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots the forward computes, padding included."""
+        if self.groups is None:
+            return self.input_ids.numel()
+        lens = self.mask.sum(1).long()
+        return sum(int(self.prompt_lens[g[0]]) + len(g) * max(int(lens[g].max()) - 1, 0)
+                   for g in self.groups)  # fmt: skip
+
+
+def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> MicroBatch:
+    """Pad a list of samples into a :class:`MicroBatch`; with ``share_prefix``, also group
+    the samples by identical prompt token ids for the shared-prefix forward.
 
     Raises:
         ValueError: empty list.
@@ -96,12 +118,17 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
         policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
         prompt_keys=[s.prompt_id for s in samples],
         is_weights=torch.tensor([s.is_weight for s in samples], dtype=torch.float32),
+        prompt_lens=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
+        groups=prefix_groups([s.prompt_ids.tobytes() for s in samples]) if share_prefix else None,
     )
 
 
 def completion_hidden(model, batch: MicroBatch) -> torch.Tensor:
     """The decoder's last hidden state at each position that predicts a completion token,
-    [B, T, H] (the state s_t before completion token t is emitted)."""
+    [B, T, H] (the state s_t before completion token t is emitted); through the
+    shared-prefix forward when the batch has prompt groups."""
+    if batch.groups is not None:
+        return shared_prefix_hidden(model, batch)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state  # [B, L, H]
@@ -124,20 +151,29 @@ def logprobs_from_hidden(
     return logp, entropy
 
 
+def compute_precision(dtype: torch.dtype, device_type: str = "cpu"):
+    """The context a forward runs in: bf16 autocast (matmuls in bf16, weights and everything
+    autocast keeps in fp32 stay fp32) for ``torch.bfloat16``, nothing for float32."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype == torch.bfloat16)
+
+
 def token_logprobs(
-    model, batch: MicroBatch, temperature: float, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    model, batch: MicroBatch, temperature: float, with_entropy: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log pi_theta(target_t | prefix) under ``model`` at ``temperature``, [B, T] float32.
 
     Uses the decoder's hidden states and applies the output embedding only at the
     predicting positions. The logits are divided by the sampling temperature so the
-    result is comparable with the actor's behaviour logprobs.
+    result is comparable with the actor's behaviour logprobs. ``dtype``: the compute
+    dtype (:func:`compute_precision`); the log-softmax is always float32.
 
     Returns:
         (logprobs [B, T], entropy [B, T] of the tempered distribution or None).
     """
-    h = completion_hidden(model, batch)
-    return logprobs_from_hidden(model, h, batch.targets, temperature, with_entropy)
+    with compute_precision(dtype, batch.input_ids.device.type):
+        h = completion_hidden(model, batch)
+        return logprobs_from_hidden(model, h, batch.targets, temperature, with_entropy)
 
 
 class PolicyForward(torch.nn.Module):
@@ -150,19 +186,22 @@ class PolicyForward(torch.nn.Module):
     (measured). The torch backend calls the same module directly.
 
     Args:
-        model: an HF causal LM (``get_decoder`` / ``get_output_embeddings``).
+        model: an HF causal LM (``get_decoder`` / ``get_output_embeddings``), fp32 weights.
+        dtype: compute dtype (``torch.bfloat16``: mixed precision, see
+            :func:`compute_precision`; the weights the optimizer steps stay fp32).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model
+        self.model, self.dtype = model, dtype
 
     def forward(
         self, batch: MicroBatch, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (hidden [B, T, H], logprobs [B, T] float32, entropy [B, T] or None)."""
-        h = completion_hidden(self.model, batch)
-        logp, entropy = logprobs_from_hidden(
-            self.model, h, batch.targets, temperature, with_entropy
-        )
-        return h, logp, entropy
+        """Returns (hidden [B, T, H] float32, logprobs [B, T] float32, entropy [B, T] or None)."""
+        with compute_precision(self.dtype, batch.input_ids.device.type):
+            h = completion_hidden(self.model, batch)
+            logp, entropy = logprobs_from_hidden(
+                self.model, h, batch.targets, temperature, with_entropy
+            )
+        return h.float(), logp, entropy

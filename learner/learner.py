@@ -47,6 +47,7 @@ from dashrl.learner.sources import Feed, MicroBatchSource, ResumeSource
 from dashrl.protocol import Sample
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
+from dashrl.protocol.hardware import local_device, resolve_dtype
 from dashrl.protocol.model import load_causal_lm, load_tokenizer
 from dashrl.protocol.runtime import MetricsWriter, StopFlag
 from dashrl.protocol.security import client_setup
@@ -56,8 +57,11 @@ from dashrl.queue.policies import replay_priority
 
 log = logging.getLogger("dashrl.learner")
 
-Evaluator = Callable[["Learner"], dict[str, float]]
-"""Held-out evaluation of the learner's current weights -> metrics (``eval/*``)."""
+Evaluator = Callable[["Learner", float], dict[str, float]]
+"""Called on rank 0 after every step with the learner and the step's wall time (seconds
+since training started); returns the ``eval/*`` metrics that are ready for this step's row
+(an evaluation it ran or started when due, possibly of an earlier version: ``eval/version``
+says which). It may have a ``close()``, called when training ends."""
 
 
 class Learner:
@@ -82,7 +86,9 @@ class Learner:
         # a resumed run starts from its newest checkpoint's weights (optimizer state below)
         self.resume_from = resumable_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
         weights = self.resume_from or cfg.model.path
-        policy = PolicyForward(load_causal_lm(weights, train=True))
+        # mixed precision where the hardware has bf16 matrix units (protocol/hardware.py)
+        self.dtype = resolve_dtype(lc.dtype, local_device(), "learner")
+        policy = PolicyForward(load_causal_lm(weights, train=True), self.dtype)
         self.backend = make_backend(policy, lc, rendezvous_port=cfg.transport.learner_port)
         self.model = self.backend.module.model  # the HF model (eval, checkpoints)
         needs_ref = lc.kl_coef > 0 or self.algo.reference
@@ -99,6 +105,7 @@ class Learner:
         )
         self.objective = OBJECTIVES[self.algo.objective]
         self.context = ObjectiveContext.from_config(cfg, self.algo, self.heads, self.ref_model)
+        self.context.dtype = self.dtype
         self.version = self.step_count = self.skipped_steps = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
         q = cfg.queue
@@ -155,7 +162,7 @@ class Learner:
         (loss, clip fraction, KL, entropy, staleness...).
         """
         lc, temperature = self.cfg.learner, self.cfg.actor.temperature
-        batch = collate(samples, self.pad_id)
+        batch = collate(samples, self.pad_id, share_prefix=lc.share_prefix)
         lag = self.version - batch.policy_versions
         h, logp, entropy = self.backend.forward(batch, temperature, with_entropy=True)
         loss, metrics = self.objective(Inputs(batch, h, logp, lag), self.context)
@@ -171,7 +178,7 @@ class Learner:
         n = m.sum()
         if lc.kl_coef > 0:
             with torch.no_grad():
-                ref_logp, _ = token_logprobs(self.ref_model, batch, temperature)
+                ref_logp, _ = token_logprobs(self.ref_model, batch, temperature, dtype=self.dtype)
             kl = k3_kl(logp, ref_logp, m)
             loss = loss + lc.kl_coef * kl
             metrics["learner/kl_ref"] = float(kl.detach())
@@ -188,9 +195,10 @@ class Learner:
                 "learner/is_weight_mean": float(batch.is_weights.mean()),
                 "learner/staleness_mean": float(lag.float().mean()),
                 "learner/staleness_max": float(lag.max()),
-                "learner/tokens": float(batch.num_tokens),
-                # share of the padded [B, L] forward spent on padding (bench/learner_tokens.py)
-                "learner/padding_frac": 1.0 - batch.num_tokens / batch.input_ids.numel(),
+                "learner/tokens": float(batch.num_tokens),  # every sample's, in full
+                "learner/forward_tokens": float(batch.forward_tokens),  # shared prompts once
+                # share of the forward's token slots spent on padding (bench/learner_tokens.py)
+                "learner/padding_frac": 1.0 - batch.forward_tokens / batch.padded_tokens,
                 "learner/completion_tokens": float(n),
             }
         )
@@ -305,7 +313,7 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     for k in keys:
         vals = [r[k] for r in rows if k in r]
         out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
-    for k in ("learner/tokens", "learner/completion_tokens"):
+    for k in ("learner/tokens", "learner/forward_tokens", "learner/completion_tokens"):
         if k in out:
             out[k] *= len(rows)  # totals per step, not means
     return out
@@ -325,7 +333,8 @@ def train(
         stop: set by SIGTERM/SIGINT (or by a replayed log running out).
         learner: a prepared learner; default: a connected learner built from ``cfg``.
         source: where micro-batches come from (a replay's log); default: the learner's own.
-        evaluate: held-out evaluation run every ``eval.every_steps`` steps (rank 0).
+        evaluate: the in-run held-out evaluation (rank 0, after every step; see
+            :data:`Evaluator`).
     """
     learner = learner or Learner(cfg)
     lead, feed, run_dir = learner.rank == 0, learner.feed(source), Path(cfg.run_dir)
@@ -354,11 +363,12 @@ def train(
                    "learner/rejected_samples": float(feed.rejected_samples),
                    "learner/ranks": float(learner.world),
                    "learner/attached_nodes": float(learner.channel.attached_nodes())}  # fmt: skip
-            every = cfg.eval.every_steps
-            if evaluate and every and learner.step_count % every == 0 and not learner.done():
-                row.update(evaluate(learner))  # not after the last step: the launcher does
+            if evaluate:  # never of the last step's weights: the launcher evaluates those
+                row.update(evaluate(learner, row["wall_s"]))
             metrics.write(row)
     finally:
+        if lead and evaluate is not None and hasattr(evaluate, "close"):
+            evaluate.close()
         feed.stop_ranks()
         learner.save(learner.checkpoints / "final")
         log.info("saved final checkpoint at step %d (version %d)", learner.step_count,

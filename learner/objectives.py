@@ -69,6 +69,7 @@ class ObjectiveContext:
         dense_coef: weight of the ORM's dense reward.
         heads: the learner's extra heads by name ("critic", "orm").
         ref_model: the frozen reference model (DPO, KL), or None.
+        dtype: the learner's compute dtype (the reference model's forward uses it too).
     """
 
     clip_eps_low: float
@@ -83,6 +84,7 @@ class ObjectiveContext:
     dense_coef: float
     heads: dict[str, torch.nn.Module] = field(default_factory=dict)
     ref_model: torch.nn.Module | None = None
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def from_config(
@@ -211,7 +213,7 @@ def dpo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[
     w, lo = (torch.tensor(i) for i in zip(*pairs, strict=True))
     seq = sequence_logprobs(x.logprobs, b.mask)
     with torch.no_grad():
-        ref_logp, _ = token_logprobs(ctx.ref_model, b, ctx.temperature)
+        ref_logp, _ = token_logprobs(ctx.ref_model, b, ctx.temperature, dtype=ctx.dtype)
         ref = sequence_logprobs(ref_logp, b.mask)
     out = dpo_loss(seq[w], seq[lo], ref[w], ref[lo], ctx.dpo_beta)
     return out.loss, {

@@ -65,10 +65,12 @@ class DataConfig(Strict):
 
 
 class VLLMConfig(Strict):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights/activations dtype of the vLLM engine. float32 keeps vLLM's behaviour
-    logprobs close to the float32 learner's (measured in README); bf16 is faster on GPU
-    but widens the mismatch that TIS (learner.tis_cap) then has to correct."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights/activations dtype of the vLLM engine. auto: bfloat16 where the device has
+    native bf16 matrix units, else float32, the same rule as learner.dtype (on a CPU
+    without them vLLM bf16 measured 0.78x float32; with AVX512-BF16 or AMX it is several
+    times faster: README). bf16 widens the behaviour/learner logprob mismatch that TIS
+    (learner.tis_cap) corrects."""
     kv_cache_gib: float = Field(2.0, gt=0)
     """KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE, rounded to whole GiB)."""
     cpu_threads_bind: str = "nobind"
@@ -180,6 +182,11 @@ class QueueConfig(Strict):
     generated batches' accepted samples on the default job, so two batches can be in flight."""
     min_size: int = Field(0, ge=0)
     """Samples held before any micro-batch is served (Reverb's MinSize)."""
+    serve_groups: bool = True
+    """Store and serve each group's filtered samples as one unit (cut to micro_batch_size
+    sequences), ranked by its largest |A|, so that a micro-batch's completions share their
+    prompt and the learner forwards it once (learner.share_prefix). False: every sample is
+    its own unit (top |A| first). DPO always serves (chosen, rejected) pairs."""
     priority_updates: bool = True
     """With max_uses > 1: the learner sends each served sample's new priority (|A| times
     its share of tokens the clip still lets through), and units at or below the filter
@@ -230,8 +237,16 @@ class LearnerConfig(Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+
     gradients), 3 (+ parameters; gathered one at a time for the weight broadcast)."""
-    bf16: bool = False
-    """DeepSpeed bf16 training (on GPU). On this CPU, fp32 is faster (README)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of the policy's forward/backward. bfloat16 is mixed precision as peers
+    run it: bf16 matmuls under autocast, fp32 master weights, AdamW state, loss and
+    logprob arithmetic (both backends). auto: bfloat16 where the device has native bf16
+    matrix units (CUDA sm_80+, a CPU with AMX-BF16 or AVX512-BF16; detected and logged at
+    start, protocol/hardware.py), else float32."""
+    share_prefix: bool = True
+    """Forward each distinct prompt of a micro-batch once and let the completions that share
+    it attend to its cached keys/values (learner/prefix.py): the same loss and gradients,
+    fewer tokens. Pays off when the queue serves whole groups (queue.serve_groups)."""
     num_ranks: int = Field(1, ge=1)
     """Learner processes (data parallel through DeepSpeed; started with torchrun). Only rank 0
     talks to the queue and the actors; each micro-batch is split across ranks."""
@@ -291,8 +306,12 @@ class EvalConfig(Strict):
     torch_threads: int = Field(2, ge=1)
     """Threads for evaluation, which runs while no other role is using the cores."""
     every_steps: int = Field(30, ge=0)
-    """During training, the learner evaluates its current weights on the held-out prompts
-    every N steps (the actors keep streaming meanwhile); 0 turns it off."""
+    """During training, the weights of every N-th step are evaluated on the held-out
+    prompts (the actors keep streaming meanwhile); 0 turns it off."""
+    background: bool = True
+    """Run the in-run evaluation in a process of its own on a snapshot of the weights, one
+    thread, so learner steps go on meanwhile (its row records the version it evaluated:
+    eval/version). False: the learner pauses for it, with eval.torch_threads threads."""
 
 
 class TransportConfig(Strict):

@@ -36,9 +36,9 @@ from dashrl.protocol import (
 )
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
-from dashrl.queue.buffer import UNITS, ReplayBuffer, version_lag
+from dashrl.queue.buffer import ReplayBuffer, version_lag
 from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
-from dashrl.queue.policies import RateLimit
+from dashrl.queue.policies import RateLimit, unit_grouping
 
 log = logging.getLogger("dashrl.queue")
 
@@ -109,8 +109,11 @@ class QueueServer:
         self._refs: dict[int, tuple[int, int]] = {}  # id(held sample) -> its name in the log
         self.reloaded = 0
         self.log = RolloutLog(run_dir / ROLLOUT_LOG) if run_dir and q.log_rollouts else None
-        # an entry is the algorithm's unit: a sample, or DPO's (chosen, rejected) pair
-        self.units = UNITS[get_algorithm(cfg.algo).unit]
+        # an entry is the algorithm's unit (a sample, DPO's pair) or a whole group
+        lc = cfg.learner
+        self.units = unit_grouping(get_algorithm(cfg.algo).unit, q.serve_groups,
+                                   q.filter_threshold, lc.micro_batch_size
+                                   if lc.micro_batch_unit == "sequences" else None)  # fmt: skip
         self.cfg = cfg
         self._backlog: list[bytes] = []  # records not yet written (the log failed), in order
         self._held: list[bytes] = []  # rollout frames received while blocked

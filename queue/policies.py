@@ -6,7 +6,9 @@ micro-batch sizing, greedy and proportional selection, importance weights, rate 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +40,47 @@ def dpo_pair_units(advantages: list[float]) -> list[tuple[int, ...]]:
     return list(zip(pos, neg, strict=False))
 
 
+def group_units(
+    advantages: list[float], threshold: float | None, max_size: int | None = None
+) -> list[tuple[int, ...]]:
+    """Whole-group serving: the group's samples that pass the DASH gradient filter each
+    (:func:`passes_gradient_filter`), as one unit, cut into slices of at most ``max_size``.
+
+    Why: the learner forwards each distinct prompt of a micro-batch once
+    (learner/prefix.py), so a micro-batch of one group's completions costs one prompt
+    instead of G. Ranking by single samples would split groups: a 1-of-8-correct group's
+    correct sample (|A| = 2.5) outranks its seven incorrect ones (|A| = 0.35) and every
+    sample of a 4-of-8 group (|A| = 1). The unit's priority is its largest |A|
+    (:func:`unit_priority`), so groups are still served by how informative they are.
+
+    Args:
+        advantages: the group's advantages, in order.
+        threshold: the gradient filter's threshold (None: keep every sample).
+        max_size: most samples per unit (a micro-batch's size in sequences; None: no cut).
+
+    Returns:
+        Index tuples; filtered samples belong to none.
+    """
+    keep = [i for i, a in enumerate(advantages) if passes_gradient_filter(a, threshold)]
+    step = max_size or max(len(keep), 1)
+    return [tuple(keep[i : i + step]) for i in range(0, len(keep), step)]
+
+
 UNITS = {"sample": singleton_units, "pair": dpo_pair_units}
 """The buffer's grouping for each ``Algorithm.unit`` (protocol/algorithms.py)."""
+
+
+def unit_grouping(
+    unit: str, serve_groups: bool, threshold: float | None, max_size: int | None
+) -> Callable[[list[float]], list[tuple[int, ...]]]:
+    """How the queue cuts an arriving group into units: whole groups (:func:`group_units`)
+    for a sample-unit algorithm when ``queue.serve_groups`` is on, else ``UNITS[unit]``.
+
+    Raises:
+        KeyError: an unknown unit."""
+    if unit == "sample" and serve_groups:
+        return functools.partial(group_units, threshold=threshold, max_size=max_size)
+    return UNITS[unit]
 
 
 def passes_gradient_filter(advantage: float, threshold: float | None) -> bool:

@@ -37,7 +37,14 @@ def tiny_cfg(tiny_model_path: Path, tmp_path: Path) -> Config:
             # A random model never earns a reward, so every advantage is 0: turn the
             # gradient filter off so that samples still flow to the learner.
             "queue": {"filter_threshold": None, "capacity": 256},
-            "learner": {"steps": 3, "micro_batch_size": 4, "micro_batches_per_step": 2},
+            # float32: unit tests compare against hand-computed values on every machine
+            # (auto would pick bf16 on one with bf16 units and fp32 on the next)
+            "learner": {
+                "steps": 3,
+                "micro_batch_size": 4,
+                "micro_batches_per_step": 2,
+                "dtype": "float32",
+            },
             "eval": {"heldout": False},
         }
     )

@@ -17,7 +17,7 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 @pytest.mark.slow
 def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -> None:
-    tiny_cfg.eval.every_steps = 2  # the learner evaluates itself once, after step 2
+    tiny_cfg.eval.every_steps = 2  # the weights of step 2 are evaluated in the background
     summary = run(tiny_cfg)
     run_dir = tiny_cfg.run_dir
     assert summary["learner_steps"] == 3 and summary["final_version"] == 3
@@ -27,8 +27,12 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert all(r["learner/micro_batches_per_step"] == 2 for r in rows)
     assert all(r["learner/completion_tokens"] > 0 for r in rows)
-    assert [("eval/heldout_reward" in r) for r in rows] == [False, True, False]
-    assert 0.0 <= rows[1]["eval/heldout_reward"] <= 1.0
+    # started after step 2; after the last step the learner waits for it: row 3 has it
+    assert [("eval/heldout_reward" in r) for r in rows] == [False, False, True]
+    assert 0.0 <= rows[2]["eval/heldout_reward"] <= 1.0
+    assert rows[2]["eval/version"] == 2 and rows[2]["eval/step"] == 2
+    assert rows[2]["eval/wall_s"] == rows[1]["wall_s"]  # the time of the weights evaluated
+    assert not list((run_dir / "eval").iterdir())  # the snapshot was removed
 
     # Rollouts flowed through the queue and were logged; rollouts generated after the
     # first broadcasts carry newer versions, so the actor received and applied weights.

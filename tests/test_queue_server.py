@@ -55,6 +55,7 @@ def test_queue_process_survives_bad_frames_and_keeps_serving(tmp_path: Path) -> 
         {
             "run_dir": str(tmp_path),
             "transport": {"rollout_port": free_port(), "request_port": free_port()},
+            "queue": {"serve_groups": False},  # asserts the order of single samples
         }
     )
     (tmp_path / "config.json").write_text(cfg.model_dump_json())
@@ -134,7 +135,14 @@ def test_the_log_names_every_served_and_evicted_sample(tmp_path: Path) -> None:
     from dashrl.queue.server import QueueServer
 
     cfg = Config.model_validate(
-        {"queue": {"capacity": 6, "max_staleness": 1, "max_version_jump": 8}}
+        {
+            "queue": {
+                "capacity": 6,
+                "max_staleness": 1,
+                "max_version_jump": 8,
+                "serve_groups": False,
+            }
+        }  # fmt: skip
     )
     server = QueueServer(cfg, tmp_path)
     server.on_rollout_frame(encode(group(0, [1, 0, 0, 0])))  # 4 accepted

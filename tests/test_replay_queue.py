@@ -199,7 +199,8 @@ def test_generation_permits_wait_for_the_limiter_and_for_batches_on_their_way(tm
     from dashrl.queue.server import QueueServer
 
     cfg = Config.model_validate({"run_dir": str(tmp_path), "queue": {
-        "samples_per_insert": 1.0, "rate_error_buffer": 4.0, "log_rollouts": False}})  # fmt: skip
+        "samples_per_insert": 1.0, "rate_error_buffer": 4.0, "log_rollouts": False,
+        "serve_groups": False}})  # fmt: skip
     server = QueueServer(cfg, None)
     ask = [encode(GenerationPermit("a0", i)) for i in range(4)]
     assert server.on_request_frame(ask[0], b"loop0") == ask[0]  # granted at once
@@ -250,7 +251,10 @@ def test_uses_and_priorities_are_logged_and_restored_by_a_restarted_queue(tmp_pa
     from dashrl.queue.server import QueueServer
 
     cfg = Config.model_validate(
-        {"run_dir": str(tmp_path), "queue": {"max_uses": 3, "samples_per_insert": 3.0}}
+        {
+            "run_dir": str(tmp_path),
+            "queue": {"max_uses": 3, "samples_per_insert": 3.0, "serve_groups": False},
+        }
     )
     server = QueueServer(cfg, tmp_path)
     server.on_rollout_frame(encode(_group(0, [3.0, -2.0, 1.0])))
