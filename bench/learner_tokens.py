@@ -74,9 +74,7 @@ def micro_batches(groups, size: int, threshold, window: int, whole_groups: bool)
     units = unit_grouping("sample", whole_groups, threshold, size)
     buf = ReplayBuffer(10**6, threshold, 10**6, length_window=window)
     for g in groups:
-        samples = group_to_samples(g)
-        for s in samples:
-            s.policy_version = 0
+        samples = group_to_samples(g)  # staleness 10**6: every version is served
         buf.add(samples, units([s.advantage for s in samples]))
     out = []
     while batch := buf.pop_micro_batch(size):
@@ -130,6 +128,8 @@ def main() -> None:
     from dashrl.protocol.runtime import set_thread_budget
 
     set_thread_budget(args.threads)
+    import tempfile
+
     import torch
 
     from dashrl.learner.learner import Learner
@@ -138,7 +138,9 @@ def main() -> None:
     from dashrl.protocol.model import resolve_model
     from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
-    cfg = Config.model_validate({"eval": {"heldout": False}, "learner": {"backend": "torch"}})
+    run_dir = tempfile.mkdtemp(prefix="learner_tokens_")  # the learner writes nothing here
+    cfg = Config.model_validate({"run_dir": run_dir, "eval": {"heldout": False},
+                                 "learner": {"backend": "torch"}})  # fmt: skip
     cfg.model.path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     t0 = time.perf_counter()
     if args.run_dir:

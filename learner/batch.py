@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dashrl.learner.prefix import forwarded_tokens, prefix_groups, shared_prefix_hidden
+from dashrl.learner.prefix import Packed, pack, prefix_groups, shared_prefix_hidden
 from dashrl.protocol import Sample
 
 
@@ -34,9 +34,9 @@ class MicroBatch:
         prompt_keys: the B samples' prompt ids (strings), e.g. to pair DPO samples.
         is_weights: float32 [B], each sample's importance weight from the queue (1 unless
             it samples proportionally); the surrogate and SFT losses multiply it in.
-        prompt_lens: int64 [B] prompt tokens of each sample.
         groups: sample indices sharing each distinct prompt when the forward shares
             prefixes (learner/prefix.py), else None (one padded sequence per sample).
+        packed: the shared-prefix layout (one sequence, no padding), or None.
     """
 
     input_ids: torch.Tensor
@@ -50,8 +50,8 @@ class MicroBatch:
     policy_versions: torch.Tensor
     prompt_keys: list[str]
     is_weights: torch.Tensor | None = None
-    prompt_lens: torch.Tensor | None = None
     groups: list[list[int]] | None = None
+    packed: Packed | None = None
 
     def __post_init__(self) -> None:
         if self.is_weights is None:
@@ -65,17 +65,14 @@ class MicroBatch:
     @property
     def forward_tokens(self) -> int:
         """Tokens the forward actually computes, padding excluded: ``num_tokens`` for the
-        per-sample forward, each distinct prompt once for the shared-prefix one."""
-        return self.num_tokens if self.groups is None else forwarded_tokens(self)
+        per-sample forward; each distinct prompt once, then every completion token but
+        the last, for the shared-prefix one."""
+        return self.num_tokens if self.packed is None else self.packed.length
 
     @property
     def padded_tokens(self) -> int:
-        """Token slots the forward computes, padding included."""
-        if self.groups is None:
-            return self.input_ids.numel()
-        lens = self.mask.sum(1).long()
-        return sum(int(self.prompt_lens[g[0]]) + len(g) * max(int(lens[g].max()) - 1, 0)
-                   for g in self.groups)  # fmt: skip
+        """Token slots the forward computes, padding included (packed: none)."""
+        return self.input_ids.numel() if self.packed is None else self.packed.length
 
 
 def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> MicroBatch:
@@ -87,6 +84,7 @@ def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> M
     """
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
+    groups = prefix_groups([s.prompt_ids.tobytes() for s in samples]) if share_prefix else None
     B = len(samples)
     L = max(s.num_tokens for s in samples)
     T = max(len(s.completion_ids) for s in samples)
@@ -118,8 +116,10 @@ def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> M
         policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
         prompt_keys=[s.prompt_id for s in samples],
         is_weights=torch.tensor([s.is_weight for s in samples], dtype=torch.float32),
-        prompt_lens=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
-        groups=prefix_groups([s.prompt_ids.tobytes() for s in samples]) if share_prefix else None,
+        groups=groups,
+        packed=pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], groups, T)
+        if groups
+        else None,  # fmt: skip
     )
 
 
@@ -127,8 +127,8 @@ def completion_hidden(model, batch: MicroBatch) -> torch.Tensor:
     """The decoder's last hidden state at each position that predicts a completion token,
     [B, T, H] (the state s_t before completion token t is emitted); through the
     shared-prefix forward when the batch has prompt groups."""
-    if batch.groups is not None:
-        return shared_prefix_hidden(model, batch)
+    if batch.packed is not None:
+        return shared_prefix_hidden(model, batch.packed)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state  # [B, L, H]

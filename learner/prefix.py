@@ -1,24 +1,37 @@
-"""Shared-prefix forward: each distinct prompt of a micro-batch forwarded once, its keys and
-values expanded over the completions that share it.
+"""Shared-prefix forward: each distinct prompt of a micro-batch forwarded once, its
+completions packed after it in one sequence, with an attention mask that lets each
+completion see the prompt and its own past only.
 
 Why: the G completions of a GRPO group share one prompt (chat template and question), and
 on the default job prompts are ~60% of the tokens the padded per-sample forward computes
 (1,200 tokens per step of which 464 completion tokens, issue 17). Forwarding the prompt
-once and letting its completions attend to its cached keys/values gives the same hidden
-states, hence the same loss; backpropagating through the cache sums the G completions'
-gradients into the one prefix, hence the same parameter gradients. This is Prefix
-Grouper's shared-prefix forward (Liu et al. 2025, "Prefix Grouper: Efficient GRPO Training
-through Shared-Prefix Forward", arXiv 2506.05433, Sec. 3, Eq. 5-7: the attention of a
-completion token splits into the prefix part and its own causal part), done here with the
-model's own KV cache instead of a custom attention kernel, so it works with any HF causal
-LM that supports ``past_key_values`` and explicit ``position_ids``.
+once and letting its completions attend to its keys/values gives the same hidden states,
+hence the same loss; the backward pass then sums the G completions' gradients into the one
+prefix, hence the same parameter gradients. This is Prefix Grouper's shared-prefix
+attention (Liu et al. 2025, "Prefix Grouper: Efficient GRPO Training through Shared-Prefix
+Forward", arXiv 2506.05433, Sec. 3: a completion token's attention splits into the prefix
+part and its own causal part). Packing the completions one after another (instead of a
+[G, C] batch over a cached prefix) also removes the padding between completions of
+different lengths: the micro-batch is one sequence of exactly the tokens it needs.
 
+The layout of a packed micro-batch, group by group: the prompt (positions 0..P-1), then
+each completion's tokens but the last (positions P..P+C-2; the last token's state predicts
+nothing). Query q may attend to key k iff both are in the same group, k comes no later
+than q, and k is a prompt token or in q's own completion. The state that predicts a
+completion's token 0 is the prompt's last one; token t >= 1 is predicted by the state of
+its token t-1.
+
+Needs an HF causal LM that takes a ready 4D attention mask and explicit ``position_ids``
+(transformers' sdpa and eager attention do; Llama, Qwen, Mistral...).
 tests/test_shared_prefix.py checks loss and every parameter's gradient against the padded
 per-sample forward (float32: max abs diff <= 1e-5).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 
@@ -37,63 +50,101 @@ def prefix_groups(prompts: list[bytes]) -> list[list[int]]:
     return list(where.values())
 
 
-def shared_prefix_hidden(model, batch) -> torch.Tensor:
-    """The decoder's last hidden state at each position that predicts a completion token,
-    [B, T, H], with every distinct prompt forwarded once (see the module docstring).
+@dataclass
+class Packed:
+    """One micro-batch packed as a single sequence of L tokens (see the module docstring).
 
-    For a group of g samples with prompt length P and longest completion C: one forward of
-    the prompt [1, P] with a KV cache, the cache repeated g times, then one forward of the
-    completions [g, C] at positions P..P+C-1 over that cache. The state that predicts
-    completion token 0 is the prompt's last hidden state; token t >= 1 is predicted by the
-    state of completion token t-1. Padding rows of a group (shorter completions) are
-    masked out of the attention and carry zeros in the mask of the loss.
+    Attributes:
+        input_ids: int64 [1, L].
+        position_ids: int64 [1, L] (each completion continues its prompt's positions).
+        group: int64 [L] index of the prompt group of each token.
+        owner: int64 [L] the sample index of a completion token, -1 for a prompt token.
+        predict: int64 [B, T] packed position whose state predicts completion token t of
+            sample b (0 on padding).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    group: torch.Tensor
+    owner: torch.Tensor
+    predict: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """L, the tokens the forward computes (no padding)."""
+        return int(self.input_ids.shape[1])
+
+    def attention_mask(self, implementation: str) -> torch.Tensor:
+        """The [1, 1, L, L] mask: bool (True = attend) for sdpa, additive float32 for eager.
+
+        Raises:
+            ValueError: an attention implementation that takes no custom mask.
+        """
+        g, o = self.group, self.owner
+        L = self.length
+        causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
+        mask = (g[:, None] == g[None, :]) & ((o[None, :] < 0) | (o[None, :] == o[:, None])) & causal
+        if implementation == "sdpa":
+            return mask[None, None]
+        if implementation == "eager":
+            zero = torch.zeros((), dtype=torch.float32, device=g.device)
+            return torch.where(mask, zero, torch.finfo(torch.float32).min)[None, None]
+        raise ValueError(f"shared-prefix forward needs sdpa or eager attention, not "
+                         f"{implementation!r} (set learner.share_prefix false)")  # fmt: skip
+
+
+def pack(prompts: list[np.ndarray], completions: list[np.ndarray], groups: list[list[int]],
+         T: int) -> Packed:  # fmt: skip
+    """Pack a micro-batch's samples, grouped by shared prompt, into one sequence.
 
     Args:
-        model: an HF causal LM (``get_decoder``).
-        batch: a :class:`~dashrl.learner.batch.MicroBatch` with ``groups`` and
-            ``prompt_lens`` set (``collate(..., share_prefix=True)``).
+        prompts: each sample's prompt token ids (equal within a group).
+        completions: each sample's completion token ids (at least one token each).
+        groups: :func:`prefix_groups` of the samples.
+        T: the micro-batch's longest completion (width of ``predict``).
+    """
+    ids, pos, grp, own = [], [], [], []
+    predict = np.zeros((len(completions), T), np.int64)
+    n = 0  # tokens packed so far
+    for u, idx in enumerate(groups):
+        prompt = prompts[idx[0]]
+        P, start = len(prompt), n
+        ids.append(prompt)
+        pos.append(np.arange(P))
+        grp.append(np.full(P, u))
+        own.append(np.full(P, -1))
+        n += P
+        for j in idx:
+            c = completions[j]
+            C = len(c)
+            predict[j, 0] = start + P - 1
+            predict[j, 1:C] = n + np.arange(C - 1)
+            ids.append(c[: C - 1])
+            pos.append(P + np.arange(C - 1))
+            grp.append(np.full(C - 1, u))
+            own.append(np.full(C - 1, j))
+            n += C - 1
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
+    return Packed(cat(ids)[None], cat(pos)[None], cat(grp), cat(own), torch.from_numpy(predict))
 
-    Returns:
-        float [B, T, H] in the decoder's output dtype, rows in the batch's sample order.
+
+def shared_prefix_hidden(model, packed: Packed) -> torch.Tensor:
+    """The decoder's last hidden state at each position that predicts a completion token,
+    [B, T, H], from one forward of the packed micro-batch.
+
+    Args:
+        model: an HF causal LM (``get_decoder``) with sdpa or eager attention.
+        packed: the micro-batch's :class:`Packed` layout.
+
+    Raises:
+        ValueError: the model's attention implementation takes no custom mask.
     """
     decoder = model.get_decoder()
-    B, T = batch.targets.shape
-    rows: list[torch.Tensor | None] = [None] * B
-    for idx in batch.groups:
-        P = int(batch.prompt_lens[idx[0]])
-        lens = batch.mask[idx].sum(1).long()
-        C = int(lens.max())
-        prompt = batch.input_ids[idx[0] : idx[0] + 1, :P]
-        out = decoder(input_ids=prompt, use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(idx))  # differentiable: grads sum into the prefix
-        h_last = out.last_hidden_state[:, -1:]  # [1, 1, H] predicts completion token 0
-        if C > 1:  # tokens 0..C-2 are the inputs that predict tokens 1..C-1
-            comp = batch.input_ids[idx, P : P + C - 1]
-            dev = comp.device
-            comp_mask = (torch.arange(C - 1, device=dev) < (lens.to(dev) - 1)[:, None]).long()
-            attn = torch.cat([torch.ones(len(idx), P, dtype=torch.long, device=dev), comp_mask],
-                             dim=1)  # fmt: skip
-            pos = torch.arange(P, P + C - 1, device=dev).unsqueeze(0).expand(len(idx), -1)
-            h_comp = decoder(
-                input_ids=comp,
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            h = torch.cat([h_last.expand(len(idx), -1, -1), h_comp], dim=1)  # [g, C, H]
-        else:
-            h = h_last.expand(len(idx), -1, -1)
-        if C < T:
-            h = torch.nn.functional.pad(h, (0, 0, 0, T - C))
-        for j, i in enumerate(idx):
-            rows[i] = h[j]
-    return torch.stack(rows)  # type: ignore[arg-type]  (every row is set: groups cover B)
-
-
-def forwarded_tokens(batch) -> int:
-    """Tokens the shared-prefix forward computes for ``batch``: each distinct prompt once,
-    plus every completion token but the last (whose state predicts nothing)."""
-    prompts = sum(int(batch.prompt_lens[g[0]]) for g in batch.groups)
-    return prompts + int(batch.mask.sum()) - len(batch.prompt_keys)
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    dev = next(model.parameters()).device
+    hidden = decoder(
+        input_ids=packed.input_ids.to(dev),
+        attention_mask=packed.attention_mask(impl).to(dev),
+        position_ids=packed.position_ids.to(dev),
+    ).last_hidden_state[0]  # [L, H]
+    return hidden[packed.predict.to(dev)]  # [B, T, H]

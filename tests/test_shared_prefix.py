@@ -82,6 +82,41 @@ def test_prefix_groups_and_collate() -> None:
     assert collate(_groups(), pad_id=0).groups is None
 
 
+def test_packed_layout_by_hand() -> None:
+    """Prompt [1, 2] with completions [5, 6, 7] and [8], then prompt [3] with [9, 4]: each
+    completion but its last token follows its prompt, positions continue the prompt's,
+    and token t is predicted by the state before it."""
+    from dashrl.learner.prefix import pack
+
+    a, b = np.array([1, 2]), np.array([3])
+    comps = [np.array([5, 6, 7]), np.array([8]), np.array([9, 4])]
+    p = pack([a, a, b], comps, [[0, 1], [2]], T=3)
+    assert p.input_ids.tolist() == [[1, 2, 5, 6, 3, 9]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert p.owner.tolist() == [-1, -1, 0, 0, -1, 2] and p.group.tolist() == [0, 0, 0, 0, 1, 1]
+    assert p.predict.tolist() == [[1, 2, 3], [1, 0, 0], [4, 5, 0]]
+    m = p.attention_mask("sdpa")[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]  # fmt: skip
+    eager = p.attention_mask("eager")[0, 0]
+    assert (eager == 0).int().tolist() == m and eager.min() < -1e30
+    with pytest.raises(ValueError, match="flash"):
+        p.attention_mask("flash_attention_2")
+
+
+def test_eager_attention_gives_the_same_states(tiny_model_path) -> None:
+    from dashrl.learner.batch import completion_hidden
+    from dashrl.protocol.model import load_causal_lm
+
+    model = load_causal_lm(tiny_model_path)
+    model.config._attn_implementation = "eager"
+    samples = _groups()
+    per_sample, shared = collate(samples, 0), collate(samples, 0, share_prefix=True)
+    with torch.no_grad():
+        h0, h1 = completion_hidden(model, per_sample), completion_hidden(model, shared)
+    assert float(((h0 - h1).abs() * per_sample.mask[..., None]).max()) <= 1e-5
+
+
 @pytest.mark.parametrize(("algo", "dense"), [("grpo", "none"), ("ppo", "orm")])
 def test_shared_prefix_equals_per_sample_forward_float32(tiny_cfg, algo: str, dense: str) -> None:
     cfg = tiny_cfg.model_copy(update={"algo": algo}, deep=True)
