@@ -30,11 +30,14 @@ from common import header  # noqa: E402  (bench/ scripts are run as files)
 
 LIMITER = ["--queue.samples-per-insert", "1.0"]
 CONFIGS: dict[str, list[str] | None] = {
+    # None: kept as a record, never re-run (the code that made it is gone). "_v0": made
+    # before issue 17, by the float32 per-sample learner with per-sample queue units and
+    # the in-run evaluation stopping the learner (up to commit 3afc508); the first
+    # limiter design (permits granted whenever the budget allowed, without counting
+    # batches on their way; error buffer one step) ran on commit 3528aa2
+    "limiter_off_v0": None, "limiter_on_v1_v0": None, "limiter_on_v2_v0": None,
+    "greedy_k2_v0": None, "greedy_k4_v0": None,
     "limiter_off": [],  # the default job (also reuse's K = 1)
-    # the first limiter design (permits granted whenever the budget allowed, without
-    # counting batches already on their way; error buffer one step), run on commit 3528aa2.
-    # None: kept as a record, never re-run (the code that made it is gone)
-    "limiter_on_v1": None,
     "limiter_on": LIMITER,
     "greedy_k2": ["--queue.max-uses", "2"],
     "greedy_k4": ["--queue.max-uses", "4"],
@@ -43,8 +46,22 @@ CONFIGS: dict[str, list[str] | None] = {
 }  # fmt: skip
 """Config name -> flags on top of the default job."""
 EXPERIMENTS: dict[str, list[str]] = {
-    "limiter": ["limiter_off", "limiter_on_v1", "limiter_on"],
-    "reuse": ["limiter_off", "greedy_k2", "greedy_k4", "proportional_k2"],
+    "limiter": [
+        "limiter_off_v0",
+        "limiter_on_v1_v0",
+        "limiter_on_v2_v0",
+        "limiter_off",
+        "limiter_on",
+    ],
+    "reuse": [
+        "limiter_off_v0",
+        "greedy_k2_v0",
+        "greedy_k4_v0",
+        "limiter_off",
+        "greedy_k2",
+        "greedy_k4",
+        "proportional_k2",
+    ],
 }
 """Experiment -> its configs (a run shared by two experiments is made once)."""
 
