@@ -13,7 +13,7 @@ evaluator for every run), and the training reward against wall time. Writes
 ``bench/replay_<experiment>.json`` and ``.md`` and a PNG of the curves.
 
     python bench/replay.py --experiment limiter          # limiter off, on
-    python bench/replay.py --experiment reuse --seeds 0 1   # K = 1 (the default job), 2, 4, ...
+    python bench/replay.py --experiment reuse --seeds 0 1 --budget-s 600   # K = 1, 2, 4, ...
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import header  # noqa: E402  (bench/ scripts are run as files)
 
 LIMITER = ["--queue.samples-per-insert", "1.0"]
+UNCAPPED = ["--learner.steps", "100000"]
 CONFIGS: dict[str, list[str] | None] = {
     # None: kept as a record, never re-run (the code that made it is gone). "_v0": made
     # before issue 17, by the float32 per-sample learner with per-sample queue units and
@@ -37,12 +38,19 @@ CONFIGS: dict[str, list[str] | None] = {
     # batches on their way; error buffer one step) ran on commit 3528aa2
     "limiter_off_v0": None, "limiter_on_v1_v0": None, "limiter_on_v2_v0": None,
     "greedy_k2_v0": None, "greedy_k4_v0": None,
-    "limiter_off": [],  # the default job (also reuse's K = 1)
+    "limiter_off": [],  # the default job
     "limiter_on": LIMITER,
-    "greedy_k2": ["--queue.max-uses", "2"],
-    "greedy_k4": ["--queue.max-uses", "4"],
-    "proportional_k2": ["--queue.max-uses", "2", "--queue.sampling", "proportional",
+    # reuse: the wall-clock budget, not the default job's 60 steps, ends each run (the
+    # learner got 3x faster in issue 17 and finishes 60 steps in ~5 minutes)
+    "greedy_k1": [*UNCAPPED],
+    "greedy_k2": [*UNCAPPED, "--queue.max-uses", "2"],
+    "greedy_k4": [*UNCAPPED, "--queue.max-uses", "4"],
+    "proportional_k2": [*UNCAPPED, "--queue.max-uses", "2", "--queue.sampling", "proportional",
                         "--queue.is-beta", "1.0"],
+    # what in issue 17's new default path changes learning (ablations of the default job)
+    "tis_2": ["--learner.tis-cap", "2.0"],
+    "sample_units": ["--queue.serve-groups", "False"],
+    "float32": ["--learner.dtype", "float32", "--actor.vllm.dtype", "float32"],
 }  # fmt: skip
 """Config name -> flags on top of the default job."""
 EXPERIMENTS: dict[str, list[str]] = {
@@ -53,6 +61,7 @@ EXPERIMENTS: dict[str, list[str]] = {
         "limiter_off",
         "limiter_on",
     ],
+    "ablation": ["limiter_off_v0", "limiter_off", "tis_2", "sample_units", "float32"],
     "reuse": [
         "limiter_off_v0",
         "greedy_k2_v0",
@@ -159,7 +168,9 @@ def main() -> None:
     # recorded (with the same budget) counts as done
     recorded = out.with_suffix(".json")
     old = json.loads(recorded.read_text()) if recorded.exists() else {}
-    done = old.get("runs", {}) if old.get("budget_s") == args.budget_s else {}
+    done = {k: v for k, v in old.get("runs", {}).items()  # a record, or the same budget
+            if CONFIGS[k.rsplit("/", 1)[0]] is None
+            or v.get("budget_s", old.get("budget_s")) == args.budget_s}  # fmt: skip
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
@@ -174,6 +185,7 @@ def main() -> None:
             if got is None:
                 continue
             got.setdefault("machine", f"{header()['machine']}, {header()['cpu']}")
+            got.setdefault("budget_s", args.budget_s)
             results["runs"][key] = got
             write(results, out)  # after every run: a stopped experiment keeps what it has
             print(json.dumps({k: v for k, v in got.items() if "curve" not in k}), flush=True)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -21,13 +22,18 @@ START = str(REPO / "launch" / "start.py")
 
 
 @pytest.mark.slow
-def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(tiny_cfg) -> None:
+@pytest.mark.parametrize("max_uses", [1, 2])
+def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(
+    tiny_cfg, max_uses: int
+) -> None:
+    """With reuse (K = 2) the restarted queue also restores every unit's use count and
+    priority from the log: across the kill no sample is served more than K times."""
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.learner.steps, cfg.learner.checkpoint_every, cfg.learner.lr = 12, 2, 1e-3
     cfg.queue.capacity = 64  # capacity evictions happen too
     args = tiny_job_args(cfg.run_dir, **{
         "queue.capacity": 64, "learner.steps": 12, "learner.checkpoint-every": 2,
-        "learner.micro-batches-per-step": 2})  # fmt: skip
+        "learner.micro-batches-per-step": 2, "queue.max-uses": max_uses})  # fmt: skip
     first = subprocess.Popen([sys.executable, START, *args], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -67,7 +73,14 @@ def test_sigkilled_learner_resumes_without_losing_or_repeating_rollouts(tiny_cfg
     # every micro-batch the queue served is in the final trajectory exactly once: those the
     # dead learner had consumed after its checkpoint were re-trained from the log
     assert len(served) == 12 * 2
-    gone = [tuple(r) for e in qlog.events for r in e.refs.tolist()]
-    assert len(gone) == len(set(gone))  # no sample served or evicted twice
+    serves = Counter(tuple(r) for e in served for r in e.refs.tolist())
+    assert max(serves.values()) <= max_uses  # use counts survived the restart
+    if max_uses > 1:
+        assert max(serves.values()) == max_uses  # and reuse really happened
+    left = [tuple(r) for e in qlog.events if e.kind.startswith("evicted") for r in e.refs.tolist()]
+    assert len(left) == len(set(left))  # no sample evicted twice
+    used_up = {r for r, n in serves.items() if n == max_uses}
+    assert not used_up & set(left)  # nor evicted after it had left used up
     everything = {(g, c) for g, grp in enumerate(qlog.groups) for c in range(len(grp.completions))}
-    assert set(gone) | set(qlog.pending_refs()) == everything  # none lost
+    # none lost: used up, evicted, or still held (pending, with the uses it has had)
+    assert used_up | set(left) | set(qlog.pending_refs(max_uses)) == everything

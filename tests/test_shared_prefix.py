@@ -130,7 +130,7 @@ def test_shared_prefix_equals_per_sample_forward_for_dpo_pairs(tiny_cfg) -> None
     _compare(Learner(cfg, connect=False), _dpo_pairs(), atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_shared_prefix_under_deepspeed(tiny_cfg, stage: int) -> None:
     pytest.importorskip("deepspeed")
     cfg = tiny_cfg.model_copy(deep=True)
