@@ -41,7 +41,7 @@ from dashrl.learner.checkpoint import (
 )
 from dashrl.learner.critic import ScalarHead
 from dashrl.learner.loss import active_token_frac, k3_kl
-from dashrl.learner.objectives import OBJECTIVES, Inputs, ObjectiveContext
+from dashrl.learner.objectives import OBJECTIVES, Inputs, ObjectiveContext, auto_tis_cap
 from dashrl.learner.ranks import all_ranks_agree, shard
 from dashrl.learner.sources import Feed, MicroBatchSource, ResumeSource
 from dashrl.protocol import Sample
@@ -106,6 +106,12 @@ class Learner:
         self.objective = OBJECTIVES[self.algo.objective]
         self.context = ObjectiveContext.from_config(cfg, self.algo, self.heads, self.ref_model)
         self.context.dtype = self.dtype
+        # TIS on where bf16 makes the engines' logprobs disagree (learner/objectives.py)
+        a = cfg.actor
+        actor = resolve_dtype(a.vllm.dtype, local_device(), "actor (as the learner expects)") \
+            if a.engine == "vllm" else torch.float32  # fmt: skip
+        self.context.tis_cap = auto_tis_cap(lc.tis_cap, self.dtype, actor)
+        log.info("truncated importance sampling cap %s", self.context.tis_cap or "off")
         self.version = self.step_count = self.skipped_steps = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
         q = cfg.queue

