@@ -1,6 +1,7 @@
 """Learner throughput on the same rollouts, in one process: today's path (float32, one
 padded sequence per sample) against bf16 mixed precision, the shared-prefix forward with
-whole-group serving, and both (issue 17); judged against this machine's own matmul peak.
+whole-group or (the default) per-sample queue units, and both (issue 17); judged against
+this machine's own matmul peak.
 
 Rollouts: a run's rollout log (``--run-dir``, e.g. a default job's), or, by default, fresh
 ones: the default task's prompts, G samples each from SmolLM2-135M-Instruct with HF
@@ -30,11 +31,12 @@ from pathlib import Path
 
 from common import header, print_table
 
-PATHS = [  # name, dtype, shared prefix (and whole-group units)
-    ("float32 per-sample (before)", "float32", False),
-    ("bf16 per-sample", "bfloat16", False),
-    ("float32 shared prefix", "float32", True),
-    ("bf16 shared prefix", "bfloat16", True),
+PATHS = [  # name, dtype, shared prefix, whole-group queue units
+    ("float32 per-sample (before)", "float32", False, False),
+    ("bf16 per-sample", "bfloat16", False, False),
+    ("float32 shared, group units", "float32", True, True),
+    ("bf16 shared, group units", "bfloat16", True, True),
+    ("bf16 shared, sample units (default)", "bfloat16", True, False),
 ]
 
 
@@ -155,8 +157,8 @@ def main() -> None:
     head_params = embed.numel()  # tied LM head: vocab x hidden, applied at completion positions
     body_params = sum(p.numel() for p in learner.model.parameters()) - embed.numel()
     rows = []
-    for name, dtype, shared in PATHS:
-        batches = micro_batches(groups, size, q.filter_threshold, q.length_window, shared)
+    for name, dtype, shared, whole_groups in PATHS:
+        batches = micro_batches(groups, size, q.filter_threshold, q.length_window, whole_groups)
         train = batches[: args.train_batches + 1]
         learner.cfg.learner.share_prefix = shared
         learner.dtype = learner.backend.module.dtype = getattr(torch, dtype)
@@ -175,6 +177,7 @@ def main() -> None:
         gflops = 6 * (body_params * fwd_toks + head_params * comp_toks) / seconds / 1e9
         mis = behaviour_mismatch(learner, groups, learner.dtype)
         rows.append({"path": name, "dtype": dtype, "shared_prefix": shared,
+                     "group_units": whole_groups,
                      "micro_batches": len(batches), "padding_frac": round(1 - fwd_toks / slots, 4),
                      "sample_tokens_per_s": round(sample_toks / seconds, 1),
                      "forward_tokens_per_s": round(fwd_toks / seconds, 1),

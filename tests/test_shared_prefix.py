@@ -207,14 +207,17 @@ def test_buffer_serves_whole_groups_ranked_by_their_largest_advantage() -> None:
     assert {s.prompt_id for s in buf.pop_micro_batch(4)} == {"even"}
 
 
-def test_tis_is_on_by_default_where_an_engine_computes_in_bf16(tiny_cfg) -> None:
+def test_tis_auto_is_on_where_an_engine_computes_in_bf16(tiny_cfg) -> None:
     from dashrl.learner.objectives import AUTO_TIS_CAP, auto_tis_cap
 
     f32, bf16 = torch.float32, torch.bfloat16
     assert auto_tis_cap(None, f32, f32) == 0.0
     assert auto_tis_cap(None, bf16, f32) == auto_tis_cap(None, f32, bf16) == AUTO_TIS_CAP
     assert auto_tis_cap(0.0, bf16, bf16) == 0.0 and auto_tis_cap(3.0, f32, f32) == 3.0
-    cfg = tiny_cfg.model_copy(deep=True)  # float32 learner, HF (float32) actor: off
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.learner.dtype = "bfloat16"
+    assert Learner(cfg, connect=False).context.tis_cap == 0.0  # the default: off
+    cfg.learner.tis_cap, cfg.learner.dtype = None, "float32"  # auto, HF (float32) actor: off
     assert Learner(cfg, connect=False).context.tis_cap == 0.0
     cfg.learner.dtype = "bfloat16"
     assert Learner(cfg, connect=False).context.tis_cap == AUTO_TIS_CAP
