@@ -5,21 +5,22 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 
 
 def cpu_model() -> str:
-    """The CPU's model name and its bf16 matrix flags (from /proc/cpuinfo; '' where absent).
+    """The CPU's model name and its bf16 matrix flags (protocol/hardware.py reads them).
 
     Machines differ between sessions, so every result says which one made it."""
+    from dashrl.protocol.hardware import BF16_CPU_FLAGS, cpu_flags
+
     try:
-        info = open("/proc/cpuinfo").read()  # noqa: SIM115 (read once, Linux only)
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
                   if ln.startswith("model name")), platform.processor())  # fmt: skip
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                  if ln.startswith("flags")), [])  # fmt: skip
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    bf16 = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
     return f"{model} ({', '.join(bf16) or 'no bf16 units'})"
 
 

@@ -106,10 +106,11 @@ class Learner:
         self.objective = OBJECTIVES[self.algo.objective]
         self.context = ObjectiveContext.from_config(cfg, self.algo, self.heads, self.ref_model)
         self.context.dtype = self.dtype
-        # TIS on where bf16 makes the engines' logprobs disagree (learner/objectives.py)
-        a = cfg.actor
-        actor = resolve_dtype(a.vllm.dtype, local_device(), "actor (as the learner expects)") \
-            if a.engine == "vllm" else torch.float32  # fmt: skip
+        # tis_cap None (auto): on where bf16 makes the engines' logprobs disagree
+        # (learner/objectives.py); the actor's dtype is resolved only then
+        a, actor = cfg.actor, torch.float32
+        if lc.tis_cap is None and a.engine == "vllm":
+            actor = resolve_dtype(a.vllm.dtype, local_device(), "actor (as the learner expects)")
         self.context.tis_cap = auto_tis_cap(lc.tis_cap, self.dtype, actor)
         log.info("truncated importance sampling cap %s", self.context.tis_cap or "off")
         self.version = self.step_count = self.skipped_steps = 0

@@ -5,7 +5,7 @@ Machines differ between sessions and users (one CPU here had AMX-BF16, the next 
 AVX512-BF16, an older one neither), so the dtype is chosen from what the device reports,
 never written into a default, and the choice is logged with its reason. Measured on an
 AMD EPYC with AVX512-BF16 (one thread, torch 2.13.0+cpu, bench/learner_tokens.py): a
-1024^2 bf16 matmul ran 2.4x fp32, SmolLM2-135M forward+backward under bf16 autocast 1.9x;
+1024^2 bf16 matmul ran 2.4x fp32, SmolLM2-135M forward+backward under bf16 autocast 1.6-2.1x;
 on a Xeon with AMX-BF16 the matmul was 7.8x (issue 17). Without either unit, bf16 is
 emulated and slower than fp32.
 """
