@@ -31,6 +31,9 @@ from zmq.utils.monitor import recv_monitor_message
 from dashrl.protocol.config import LOOPBACK
 
 log = logging.getLogger("dashrl.security")
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+"""TCP keepalive of every server socket: first probe after 10 s of silence, then every 5 s;
+3 unanswered probes drop the connection (a dead peer is gone after about 25 s)."""
 
 __all__ = [
     "LOOPBACK",
@@ -140,10 +143,15 @@ class Gate:
         domain = f"{self.role}/{len(self._open)}"
         sock.zap_domain = domain.encode()  # makes libzmq ask the gate even without CURVE
         sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_s * 1000))
-        # ZMTP heartbeats: a peer that vanished without closing (its host died) is
-        # dropped and frees its slot; a live peer's libzmq answers them by itself
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        # TCP keepalive: a peer that vanished without closing (its host died) is dropped
+        # after about 25 s and frees its slot. Not ZMTP heartbeats: with them libzmq 4.3
+        # aborts the whole process (assertion !_io_error, zeromq/libzmq#4364) when a
+        # heartbeat timer fires on a connection whose input is stopped by backpressure,
+        # which is exactly the queue's intake under a flood of actors.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
         if self.keys:  # pyzmq looks the key checker up by the socket's ZAP domain
             self.auth.configure_curve_callback(domain=domain, credentials_provider=self)
             sock.curve_secretkey = self.keys.server_secret

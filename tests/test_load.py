@@ -42,10 +42,12 @@ def test_sixteen_fake_actors_keep_queue_and_learner_memory_bounded(tiny_cfg) -> 
     run_dir = tiny_cfg.run_dir
     args = tiny_job_args(run_dir, **{
         "actor.num-actors": ACTORS, "actor.engine": "fake", "actor.max-new-tokens": 32,
-        "queue.capacity": 512, "learner.steps": 100000, "learner.micro-batch-size": 16,
-        "time-limit-s": 45})  # fmt: skip
-    job = subprocess.Popen([sys.executable, START, *args], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)  # fmt: skip
+        "queue.capacity": 512, "learner.steps": 3, "learner.micro-batch-size": 16,
+        # 18 processes share the cores: the learner's steps are slow under the flood (the
+        # first one came 34 s after its start on 2 cores), so it stops by steps, not time
+        "time-limit-s": 200})  # fmt: skip
+    out = (run_dir.parent / "launch.out").open("wb")  # the launcher's own log, to debug a failure
+    job = subprocess.Popen([sys.executable, START, *args], stdout=out, stderr=subprocess.STDOUT)
     peak = {"queue": 0.0, "learner": 0.0}
     try:
         deadline = time.monotonic() + 400
@@ -60,6 +62,7 @@ def test_sixteen_fake_actors_keep_queue_and_learner_memory_bounded(tiny_cfg) -> 
         if job.poll() is None:
             job.send_signal(signal.SIGTERM)
         job.wait(timeout=180)
+        out.close()
     assert job.returncode == 0
     final = json.loads((run_dir / "queue" / "final_stats.json").read_text())
     rows = read_jsonl(run_dir / "metrics.jsonl")

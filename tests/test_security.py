@@ -28,7 +28,13 @@ from dashrl.protocol import (
 )
 from dashrl.protocol.config import Config
 from dashrl.protocol.runtime import free_port
-from dashrl.protocol.security import client_setup, generate_keys
+from dashrl.protocol.security import (
+    KEEPALIVE_IDLE_S,
+    KEEPALIVE_PROBES,
+    client_setup,
+    generate_keys,
+    server_setup,
+)
 
 HOST = "127.0.0.2"
 
@@ -153,4 +159,23 @@ def test_control_socket_and_weights_refuse_strangers(tmp_path: Path) -> None:
             r.close()
         registry.close()
         publisher.close()
+        ctx.term()
+
+
+def test_server_sockets_use_tcp_keepalive_not_zmtp_heartbeats() -> None:
+    """ZMTP heartbeats on a socket whose input is stopped by backpressure abort libzmq 4.3
+    (assertion !_io_error, zeromq/libzmq#4364): the queue's intake under 16 flooding actors
+    died that way (test_load). Dead peers are dropped by TCP keepalive instead."""
+    ctx = zmq.Context()
+    gate = server_setup(ctx, None, "queue", 32, 10.0)
+    sock = ctx.socket(zmq.PULL)
+    try:
+        gate.bind(sock, f"tcp://127.0.0.1:{free_port()}")
+        assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
+        assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
+        assert sock.getsockopt(zmq.TCP_KEEPALIVE_IDLE) == KEEPALIVE_IDLE_S
+        assert sock.getsockopt(zmq.TCP_KEEPALIVE_CNT) == KEEPALIVE_PROBES
+    finally:
+        sock.close(linger=0)
+        gate.close()
         ctx.term()
