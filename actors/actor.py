@@ -28,18 +28,11 @@ import zmq
 import zmq.asyncio
 
 from dashrl.actors.advantages import Estimator, dedupe_advantages, estimator_for, grpo_advantages
+from dashrl.actors.data import load_task
 from dashrl.actors.engine import FakeEngine, GenerationEngine, HFEngine
 from dashrl.actors.pacing import Permits
-from dashrl.actors.tasks import (
-    Problem,
-    Task,
-    VerifierTimeout,
-    chat_prompt_ids,
-    format_reward,
-    load_task,
-    rcrl_question,
-    time_limit,
-)
+from dashrl.actors.rewards import Rewards
+from dashrl.actors.tasks import Problem, chat_prompt_ids, rcrl_question, system_prompt
 from dashrl.actors.timeshare import TimeShare
 from dashrl.protocol import ActorStats, Completion, RolloutGroup, encode
 from dashrl.protocol.algorithms import get_algorithm
@@ -56,46 +49,31 @@ SFT_BATCH_PAUSE_S = 0.05
 
 
 def score_group(
-    task: Task,
+    rewards: Rewards,
     problem: Problem,
     texts: list[str],
     eps: float,
     estimator: Estimator = grpo_advantages,
     finished: list[bool] | None = None,
-    format_coef: float = 0.0,
     timeout_s: float = 0.0,
-    stats: dict[str, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards [G] and advantages [G] (float32) of one group's decoded completions.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rewards [G] (float32), advantages [G] (float32) and correctness [G] (bool) of one
+    group's decoded completions.
 
-    reward = verifier + format_coef * format_reward (``finished``: the completion ended
-    with EOS). A verifier that raises or runs past ``timeout_s`` scores 0 for that
-    completion (logged, and counted in ``stats`` as verifier_errors / verifier_timeouts),
-    so one bad answer cannot stop the actor. A group the estimator discards gets A = 0
-    everywhere: it is still sent (its rewards count in the metrics) and the queue's filter
-    drops it.
+    The reward is the weighted sum of the run's reward functions and the correctness that
+    of its correctness function alone (actors/rewards.py); the estimator gets both, so
+    the algorithms that select by correctness never select a wrong answer that a shaped
+    reward ranks high. A function that raises, returns NaN or runs past ``timeout_s``
+    scores 0 for that completion and is counted (``rewards.fault_counts()``), so one bad
+    answer cannot stop the actor. A group the estimator discards gets A = 0 everywhere:
+    it is still sent (its rewards count in the metrics) and the queue's filter drops it.
     """
-    rewards = []
-    for i, text in enumerate(texts):
-        try:
-            with time_limit(timeout_s):
-                r = task.score(problem, text)
-        except VerifierTimeout as e:
-            log.warning("verifier timed out on %s: %s", problem.id, e)
-            if stats is not None:
-                stats["verifier_timeouts"] = stats.get("verifier_timeouts", 0.0) + 1
-            r = 0.0
-        except Exception as e:  # a verifier bug must not kill a long-running actor
-            log.warning("verifier failed on %s: %s", problem.id, e)
-            if stats is not None:
-                stats["verifier_errors"] = stats.get("verifier_errors", 0.0) + 1
-            r = 0.0
-        if format_coef:
-            r += format_coef * format_reward(text, True if finished is None else finished[i])
-        rewards.append(r)
-    r = np.asarray(rewards, dtype=np.float32)
-    adv = estimator(r, eps)
-    return r, np.zeros_like(r) if adv is None else adv
+    done = [True] * len(texts) if finished is None else finished
+    scored = [rewards.score(problem, t, f, timeout_s) for t, f in zip(texts, done, strict=True)]
+    r = np.asarray([s.reward for s in scored], dtype=np.float32)
+    correct = np.asarray([s.correct for s in scored], dtype=bool)
+    adv = estimator(r, eps, correct=correct)
+    return r, np.zeros_like(r) if adv is None else adv, correct
 
 
 class Actor:
@@ -125,6 +103,7 @@ class Actor:
         self.rng = random.Random(seed)
         self.seed = seed % 2**32
         self.task = load_task(cfg.data, cfg.seed)
+        self.rewards = Rewards(cfg.reward, self.task)
         self.engine = engine  # built in start() unless given (vLLM starts asynchronously)
         self.tokenizer = engine.tokenizer if engine is not None else None
         self.weights_endpoint = weights_endpoint
@@ -134,7 +113,6 @@ class Actor:
         self.groups_sent = 0
         self.tokens_generated = 0
         self.updated_in_flight = 0
-        self.faults: dict[str, float] = {}  # verifier_timeouts / verifier_errors so far
         self._on_group = False  # whether weights come from the launch-time group
         self._started = False
         self.busy = TimeShare()  # the engine holds at least one request
@@ -203,8 +181,9 @@ class Actor:
         key = (problem.id, good)
         if key not in self._prompt_cache:
             q = problem.question if good is None else rcrl_question(problem.question, good)
+            d = self.cfg.data
             self._prompt_cache[key] = chat_prompt_ids(
-                self.tokenizer, q, self.cfg.data.prompt_suffix
+                self.tokenizer, q, d.prompt_suffix, system_prompt(problem, d.system_prompt)
             )
         return self._prompt_cache[key]
 
@@ -226,17 +205,17 @@ class Actor:
         groups = []
         for problem, comps in zip(problems, completions, strict=True):
             texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            rewards, adv = score_group(
-                self.task, problem, texts, a.advantage_eps, self.estimator,
-                [c.finish_reason == "stop" for c in comps], self.cfg.reward.format_coef,
-                a.verifier_timeout_s, self.faults,
+            rewards, adv, correct = score_group(
+                self.rewards, problem, texts, a.advantage_eps, self.estimator,
+                [c.finish_reason == "stop" for c in comps], a.verifier_timeout_s,
             )  # fmt: skip
             if self.algo.dedupe:
                 adv = dedupe_advantages(adv, [tuple(c.token_ids.tolist()) for c in comps])
             for c, r, x in zip(comps, rewards, adv, strict=True):
                 c.reward, c.advantage, c.policy_version = float(r), float(x), version
             if self.algo.prompt_tags:  # relabel: each sample under the tag of its own return
-                parts = [(f"{problem.id}#{tag}", [c for c in comps if (c.reward >= 1) == good],
+                parts = [(f"{problem.id}#{tag}",
+                          [c for c, ok in zip(comps, correct, strict=True) if ok == good],
                           self.prompt_ids(problem, good))
                          for tag, good in (("good", True), ("bad", False))]  # fmt: skip
             else:
@@ -326,8 +305,8 @@ class Actor:
         """This actor's running statistics (sent after every batch)."""
         return ActorStats(
             self.actor_id, self.groups_sent, self.tokens_generated, self.busy_frac(),
-            self.updated_in_flight, int(self.faults.get("verifier_timeouts", 0)),
-            int(self.faults.get("verifier_errors", 0)), generate_s, self.paced.frac(),
+            self.updated_in_flight, self.rewards.timeouts,
+            sum(self.rewards.errors.values()), generate_s, self.paced.frac(),
         )  # fmt: skip
 
     async def _weight_loop(self, stop: StopFlag) -> None:

@@ -23,7 +23,9 @@ def _check(rewards: np.ndarray) -> np.ndarray:
     return r
 
 
-def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def grpo_advantages(
+    rewards: np.ndarray, eps: float = 1e-6, correct: np.ndarray | None = None
+) -> np.ndarray:
     """GRPO group-normalised advantage (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300).
 
     A_i = (r_i - mean(r)) / (std(r) + eps), with the population std over the group.
@@ -33,6 +35,7 @@ def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     Args:
         rewards: float array [G].
         eps: added to the std so a zero-variance group does not divide by zero.
+        correct: ignored (the estimators that select by correctness use it).
 
     Returns:
         float32 array [G].
@@ -44,7 +47,9 @@ def grpo_advantages(rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return ((r - r.mean()) / (r.std() + eps)).astype(np.float32)
 
 
-def dr_grpo_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+def dr_grpo_advantages(
+    rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None
+) -> np.ndarray:
     """Dr.GRPO advantage: A_i = r_i - mean(r) (Liu et al. 2025, "Understanding R1-Zero-Like
     Training", arXiv 2503.20783).
 
@@ -57,7 +62,10 @@ def dr_grpo_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
 
 
 def reinforce_advantages(
-    rewards: np.ndarray, eps: float = 0.0, baseline: str = "none"
+    rewards: np.ndarray,
+    eps: float = 0.0,
+    correct: np.ndarray | None = None,
+    baseline: str = "none",
 ) -> np.ndarray:
     """Reinforce (Minimal-RL, Xiong et al. 2025, "Reinforce"; Williams 1992): A_i = r_i - b_i.
 
@@ -82,38 +90,71 @@ def reinforce_advantages(
 REINFORCE_BASELINES = ("none", "group_mean", "leave_one_out")
 
 
+def correct_mask(rewards: np.ndarray, correct: np.ndarray | None) -> np.ndarray:
+    """The group's correctness [G] (bool): ``correct`` where the actor has a correctness
+    signal (the correctness reward function, kept apart from shaped rewards such as a
+    format bonus), else reward >= 1 (a plain 0/1 verifier reward).
+
+    Raises:
+        ValueError: ``correct`` does not have one entry per reward.
+    """
+    if correct is None:
+        return np.asarray(rewards) >= 1.0
+    c = np.asarray(correct, dtype=bool)
+    if c.shape != np.shape(rewards):
+        raise ValueError(f"correct has shape {c.shape}, rewards {np.shape(rewards)}")
+    return c
+
+
 def reinforce_rej_advantages(
-    rewards: np.ndarray, eps: float = 0.0, baseline: str = "none"
+    rewards: np.ndarray,
+    eps: float = 0.0,
+    correct: np.ndarray | None = None,
+    baseline: str = "none",
 ) -> np.ndarray | None:
-    """Reinforce-Rej (Minimal-RL, Xiong et al. 2025): Reinforce where 0 < #correct < G, else
-    the whole group is dropped (returns None). Correct means reward >= 1."""
+    """Reinforce-Rej (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343): Reinforce where
+    0 < #correct < G, else the whole group is dropped (returns None). Correctness comes
+    from ``correct`` (see :func:`correct_mask`), so a format bonus cannot make a wrong
+    answer count as correct."""
     r = _check(rewards)
-    correct = int((r >= 1.0).sum())
-    if correct == 0 or correct == r.size:
+    n = int(correct_mask(r, correct).sum())
+    if n == 0 or n == r.size:
         return None
-    return reinforce_advantages(r, eps, baseline)
+    return reinforce_advantages(r, eps, baseline=baseline)
 
 
-def raft_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
-    """RAFT / RAFT++ sample selection (Minimal-RL, Xiong et al. 2025, "RAFT"): A_i = 1 for the
-    samples with the group's maximal reward, 0 for the rest (dropped by the queue filter).
-    A group whose best reward is 0 has nothing to imitate and is dropped (None).
+def raft_advantages(
+    rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None
+) -> np.ndarray | None:
+    """RAFT / RAFT++ sample selection (Minimal-RL, Xiong et al. 2025, arXiv 2504.11343,
+    "RAFT": keep the samples with reward 1): A_i = 1 for the group's best samples, 0 for
+    the rest (dropped by the queue filter), None when there is nothing to imitate.
+
+    With a correctness signal ``correct``: the best are the correct samples with the
+    highest reward among the correct ones (a format bonus ranks correct answers but never
+    makes a wrong one imitable); None when none is correct. Without it: the samples with
+    the group's maximal reward, None when that is 0.
 
     RAFT trains on the kept samples with the SFT (NLL) loss; RAFT++ with the clipped
     importance-ratio surrogate at A = 1.
     """
     r = _check(rewards)
-    if r.max() <= 0:
+    if correct is None:
+        return None if r.max() <= 0 else (r == r.max()).astype(np.float32)
+    c = correct_mask(r, correct)
+    if not c.any():
         return None
-    return (r == r.max()).astype(np.float32)
+    return (c & (r == r[c].max())).astype(np.float32)
 
 
-def expert_iteration_advantages(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
-    """Expert Iteration selection (Havrilla et al. 2024, "Expert Iteration"): A_i = 1 for the
-    correct samples (reward 1), 0 for the rest; trained with the SFT loss. Duplicates are
-    removed by :func:`dedupe_advantages` on the token ids. None when nothing is correct."""
-    r = _check(rewards)
-    keep = r >= 1.0
+def expert_iteration_advantages(
+    rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Expert Iteration selection (Havrilla et al. 2024, arXiv 2403.04642, "Expert
+    Iteration"): A_i = 1 for the correct samples (:func:`correct_mask`), 0 for the rest;
+    trained with the SFT loss. Duplicates are removed by :func:`dedupe_advantages` on the
+    token ids. None when nothing is correct."""
+    keep = correct_mask(_check(rewards), correct)
     return keep.astype(np.float32) if keep.any() else None
 
 
@@ -129,7 +170,9 @@ def dedupe_advantages(advantages: np.ndarray, completions: list[tuple[int, ...]]
     return out
 
 
-def ppo_priority(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+def ppo_priority(
+    rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None
+) -> np.ndarray:
     """PPO with a critic (Havrilla et al. 2024): the learner computes token-level advantages
     with GAE (learner/critic.py); the actor only sends r_i - mean(r) as the sample's queue
     priority (the DASH informativeness signal). With the default filter threshold 0 the
@@ -138,7 +181,9 @@ def ppo_priority(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
     return dr_grpo_advantages(rewards)
 
 
-def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
+def dpo_pair(
+    rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None
+) -> np.ndarray | None:
     """Iterative DPO pair selection (Minimal-RL baseline, Xiong et al. 2025; online DPO):
     A = +1 on the group's best sample (chosen), -1 on its worst (rejected), 0 elsewhere; the
     queue serves the +1/-1 samples as one unit. None when all rewards are equal (no
@@ -151,7 +196,7 @@ def dpo_pair(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray | None:
     return out
 
 
-def ones(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
+def ones(rewards: np.ndarray, eps: float = 0.0, correct: np.ndarray | None = None) -> np.ndarray:
     """Weight 1 on every sample: plain imitation of whatever the actor sends. SFT on
     reference solutions (DASH's baseline, Huang et al. 2025) and Return-Conditioned RL
     (Havrilla et al. 2024, "RCRL"): every sample is imitated under a prompt tagged with its
@@ -160,7 +205,8 @@ def ones(rewards: np.ndarray, eps: float = 0.0) -> np.ndarray:
     return np.ones(len(_check(rewards)), np.float32)
 
 
-Estimator = Callable[[np.ndarray, float], "np.ndarray | None"]
+Estimator = Callable[..., "np.ndarray | None"]
+"""(rewards [G], eps, correct [G] bool or None) -> advantages [G] float32, or None (drop)."""
 
 
 def estimator_for(algo: Algorithm, reinforce_baseline: str = "none") -> Estimator:

@@ -1,4 +1,5 @@
-"""Prompt sources and their verifiers: reasoning-gym tasks and GSM8K.
+"""Prompt sources and their verifiers: reasoning-gym tasks here; GSM8K and any
+``datasets`` source in actors/datasets_task.py.
 
 A :class:`Problem` is one question with what its verifier needs; a task turns a
 completion into a reward in [0, 1]. The answer is taken leniently as the last number in
@@ -13,7 +14,6 @@ and any question that also occurs in training is removed from the training set.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import threading
@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 from dashrl.protocol.config import DataConfig
@@ -59,6 +58,15 @@ def last_number(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
+def gold_answer(answer: str) -> str:
+    """The reference final answer: the text after ``####`` where there is one (GSM8K's
+    worked solutions end with ``#### <number>``, thousands separators dropped), else
+    ``answer`` stripped."""
+    if "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    return answer.strip()
+
+
 def numbers_equal(a: str | None, b: str) -> bool:
     """Exact numeric equality of two decimal strings (1,000 == 1000.0); False if unparsable."""
     if a is None:
@@ -73,6 +81,7 @@ class Task:
     """A dataset of problems with a verifier. Subclasses fill ``train`` and ``heldout``."""
 
     name = "task"
+    source = "task"
 
     def __init__(self) -> None:
         self.train: list[Problem] = []
@@ -90,7 +99,13 @@ class Task:
 
 
 class ReasoningGymTask(Task):
-    """A reasoning-gym procedural task; its own ``score_answer`` is the verifier."""
+    """A reasoning-gym procedural task; its own ``score_answer`` is the verifier.
+
+    Raises:
+        ValueError: an unknown task name or keyword arguments the task refuses.
+    """
+
+    source = "reasoning_gym"
 
     def __init__(self, cfg: DataConfig, seed: int):
         super().__init__()
@@ -98,12 +113,16 @@ class ReasoningGymTask(Task):
 
         self.name = cfg.task
         kw = dict(cfg.task_kwargs)
-        self._train_ds = reasoning_gym.create_dataset(
-            cfg.task, seed=seed, size=cfg.train_size, **kw
-        )
-        self._held_ds = reasoning_gym.create_dataset(
-            cfg.task, seed=seed + 1_000_003, size=cfg.heldout_size, **kw
-        )
+        try:
+            self._train_ds = reasoning_gym.create_dataset(
+                cfg.task, seed=seed, size=cfg.train_size, **kw
+            )
+            self._held_ds = reasoning_gym.create_dataset(
+                cfg.task, seed=seed + 1_000_003, size=cfg.heldout_size, **kw
+            )
+        except (TypeError, AssertionError, KeyError) as e:  # what reasoning-gym raises
+            raise ValueError(f"reasoning-gym task {cfg.task!r} with --data.task-kwargs "
+                             f"{kw}: {e}") from None  # fmt: skip
         self.train = [self._problem(e, "train", i) for i, e in enumerate(self._train_ds)]
         self.heldout = [self._problem(e, "heldout", i) for i, e in enumerate(self._held_ds)]
         self._dedupe()
@@ -114,51 +133,6 @@ class ReasoningGymTask(Task):
     def score(self, problem: Problem, completion: str) -> float:
         reward = self._train_ds.score_answer(answer=last_number(completion), entry=problem.entry)
         return float(reward)
-
-
-class GSM8KTask(Task):
-    """GSM8K word problems; reward 1 iff the last number equals the number after ``####``."""
-
-    name = "gsm8k"
-
-    def __init__(self, cfg: DataConfig, seed: int):
-        super().__init__()
-        self.train = self._read(cfg.gsm8k_dir / "train.jsonl", "train")[: cfg.train_size]
-        self.heldout = self._read(cfg.gsm8k_dir / "test.jsonl", "test")[: cfg.heldout_size]
-        self._dedupe()
-
-    @staticmethod
-    def _read(path: Path, split: str) -> list[Problem]:
-        if not path.exists():
-            raise FileNotFoundError(f"GSM8K file not found: {path} (set data.gsm8k_dir)")
-        out = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                row = json.loads(line)
-                answer = row["answer"].split("####")[-1].strip().replace(",", "")
-                out.append(
-                    Problem(f"gsm8k/{split}/{n - 1}", row["question"], answer, row, row["answer"])
-                )
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: malformed GSM8K row ({e})") from None
-        return out
-
-    def score(self, problem: Problem, completion: str) -> float:
-        return 1.0 if numbers_equal(last_number(completion), problem.answer) else 0.0
-
-
-def load_task(cfg: DataConfig, seed: int) -> Task:
-    """Build the configured task (train and held-out prompts are fixed by ``seed``).
-
-    Raises:
-        ValueError: unknown source or task name, or a malformed data row.
-        FileNotFoundError: a data file is missing.
-    """
-    if cfg.source == "reasoning_gym":
-        return ReasoningGymTask(cfg, seed)
-    if cfg.source == "gsm8k":
-        return GSM8KTask(cfg, seed)
-    raise ValueError(f"unknown data source {cfg.source!r}")
 
 
 class VerifierTimeout(TimeoutError):
@@ -204,9 +178,21 @@ def format_reward(text: str, finished: bool) -> float:
     return 1.0 if finished and last_number(text) is not None else 0.0
 
 
-def chat_prompt_ids(tokenizer, question: str, suffix: str = "") -> list[int]:
-    """Token ids of the chat-formatted prompt (template applied, generation prompt added)."""
+def chat_prompt_ids(
+    tokenizer, question: str, suffix: str = "", system: str | None = None
+) -> list[int]:
+    """Token ids of the chat-formatted prompt (template applied, generation prompt added);
+    ``system``: a system message before the user turn."""
+    turns = [{"role": "system", "content": system}] if system else []
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question + suffix}], tokenize=False, add_generation_prompt=True
+        [*turns, {"role": "user", "content": question + suffix}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def system_prompt(problem: Problem, configured: str | None) -> str | None:
+    """The system message of ``problem``: its row's own (a chat "messages" prompt), else
+    the configured --data.system-prompt."""
+    return problem.entry.get("_system") or configured

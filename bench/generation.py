@@ -26,7 +26,8 @@ from common import header
 
 
 def _prompts(n: int, model_path: Path) -> list[list[int]]:
-    from dashrl.actors.tasks import chat_prompt_ids, load_task
+    from dashrl.actors.data import load_task
+    from dashrl.actors.tasks import chat_prompt_ids
     from dashrl.protocol.config import DataConfig
     from dashrl.protocol.model import load_tokenizer
 

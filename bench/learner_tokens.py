@@ -46,13 +46,16 @@ def fresh_groups(cfg, prompts: int):
 
     from dashrl.actors.actor import score_group
     from dashrl.actors.advantages import grpo_advantages
+    from dashrl.actors.data import load_task
     from dashrl.actors.engine import HFEngine
-    from dashrl.actors.tasks import chat_prompt_ids, load_task
+    from dashrl.actors.rewards import Rewards
+    from dashrl.actors.tasks import chat_prompt_ids
     from dashrl.protocol import Completion, RolloutGroup
 
     a = cfg.actor
     engine = HFEngine(cfg.model.path, seed=0)
     task = load_task(cfg.data, cfg.seed)
+    rewards = Rewards(cfg.reward, task)
     problems = task.train[:prompts]
     ids = [chat_prompt_ids(engine.tokenizer, p.question) for p in problems]
     groups = []
@@ -60,7 +63,7 @@ def fresh_groups(cfg, prompts: int):
         gens = engine.generate(ids[i : i + 16], a.group_size, a.max_new_tokens, a.temperature)
         for p, pid, gs in zip(problems[i : i + 16], ids[i : i + 16], gens, strict=True):
             texts = [engine.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gs]
-            r, adv = score_group(task, p, texts, a.advantage_eps, grpo_advantages)
+            r, adv, _ = score_group(rewards, p, texts, a.advantage_eps, grpo_advantages)
             comps = [Completion(g.token_ids, g.logprobs, float(x), float(y), g.finish_reason, 0)
                      for g, x, y in zip(gs, r, adv, strict=True)]  # fmt: skip
             groups.append(RolloutGroup(p.id, np.asarray(pid, np.int32), comps, "bench", task.name))

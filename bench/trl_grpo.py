@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from dashrl.actors.tasks import load_task
+    from dashrl.actors.data import load_task
     from dashrl.protocol.config import Config
     from dashrl.protocol.model import load_causal_lm, load_tokenizer, resolve_model
 

@@ -2,6 +2,7 @@
 
     start.py [train] [--field value ...]     a training run (the default subcommand)
     start.py --resume RUN_DIR [--field ...]  continue a run from its newest checkpoint
+    start.py --config FILE.toml [--field ...] a run from a config file (configs/), flags over it
     start.py eval | replay | attach | keys   see each one's --help
 
 Each subcommand's arguments are a typed model (``Config`` for train, launch/commands.py
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +25,12 @@ from typing import Annotated, Any, Union
 import tyro
 
 from dashrl.launch.commands import AttachCommand, EvalCommand, KeysCommand, ReplayCommand
+from dashrl.launch.config_file import (
+    json_field_rules,
+    load_config_file,
+    one_line,
+    split_config_flag,
+)
 from dashrl.protocol.config import PORT_FIELDS, Config, load_config
 from dashrl.protocol.runtime import setup_logging
 
@@ -71,38 +77,6 @@ def resume_config(run_dir: Path) -> Config:
                                   "transport": cfg.transport.model_copy(update=ports)})  # fmt: skip
 
 
-def _flag_prefixes(model: type = Config, prefix: str = "") -> dict[str, str]:
-    """Config section model name -> its flag prefix, e.g. {"LearnerConfig": "--learner."}."""
-    out = {model.__name__: prefix or "--"}
-    for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and hasattr(sub, "model_fields"):
-            out |= _flag_prefixes(sub, f"{prefix or '--'}{name.replace('_', '-')}.")
-    return out
-
-
-_ERROR_HEAD = re.compile(r"\d+ validation errors? for (\w+)")
-_ERROR_DETAIL = re.compile(r"\s+(.*?) \[type=[^,\]]*(?:, input_value=(.*?), input_type=\w+)?\]")
-
-
-def one_line(message: str) -> str:
-    """A pydantic validation message as one line naming the flag, e.g.
-    ``--learner.lr: Input should be a finite number (got nan)``; other text is joined."""
-    lines = [ln for ln in message.splitlines() if ln.strip() and "errors.pydantic" not in ln]
-    head = _ERROR_HEAD.match(lines[0]) if lines else None
-    if head is None:
-        return " ".join(ln.strip() for ln in lines)
-    prefix = _flag_prefixes().get(head.group(1), "--")
-    parts, field = [], None
-    for ln in lines[1:]:
-        if not ln.startswith(" "):
-            field = ln.strip().replace("_", "-")
-        elif (m := _ERROR_DETAIL.match(ln)) and field is not None:
-            got = f" (got {m.group(2)})" if m.group(2) is not None else ""
-            parts.append(f"{prefix}{field}: {m.group(1)}{got}")
-    return "; ".join(parts) or " ".join(ln.strip() for ln in lines)
-
-
 @contextlib.contextmanager
 def _one_line_value_errors():
     """Turn tyro's multi-line box for a value a model refuses into a ValueError of one line
@@ -127,23 +101,31 @@ def parse(argv: list[str]) -> Any:
 
     A first argument that is no subcommand means train, so ``start.py --learner.steps 4``
     works as it always has; ``--resume RUN_DIR`` parses the overrides on top of the run's
-    saved config.
+    saved config, ``--config FILE`` on top of a config file (launch/config_file.py).
 
     Raises:
         SystemExit: ``--help``, or arguments tyro rejects (it prints why).
         ValueError: a value a config model refuses (its message is one line).
-        FileNotFoundError: ``--resume`` of a directory without config.json.
+        FileNotFoundError: ``--resume`` of a directory without config.json, or a missing
+            ``--config`` file.
     """
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
             raise ValueError("usage: start.py --resume RUN_DIR [--field value ...]")
         default = resume_config(Path(argv[1]))
-        with _one_line_value_errors():
+        with _one_line_value_errors(), json_field_rules():
             return tyro.cli(Config, default=default, args=argv[2:], config=_TYRO,
                             prog="start.py --resume RUN_DIR")  # fmt: skip
     if not argv or argv[0] not in SUBCOMMANDS:  # start.py --help: train's fields
         argv = [TRAIN, *argv]
-    with _one_line_value_errors():
+    if argv[0] == TRAIN:  # --config FILE: the file's values, then the flags over them
+        path, rest = split_config_flag(argv[1:])
+        if path is not None:
+            default = load_config_file(path)
+            with _one_line_value_errors(), json_field_rules():
+                return tyro.cli(Config, default=default, args=rest, config=_TYRO,
+                                prog=f"start.py --config {path}")  # fmt: skip
+    with _one_line_value_errors(), json_field_rules():
         return tyro.cli(_command_type(), args=argv, prog="start.py")
 
 

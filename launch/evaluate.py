@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dashrl.actors.data import load_task
+from dashrl.actors.rewards import Rewards
 from dashrl.actors.tasks import (
     RCRL_GOOD,
     Task,
     chat_prompt_ids,
     last_number,
-    load_task,
     rcrl_question,
+    system_prompt,
 )
 from dashrl.launch.eval_metrics import avg_at_k, maj_at_k, mean_ci95, pass_at_k
 from dashrl.protocol.algorithms import get_algorithm
@@ -67,6 +69,7 @@ class EvalSpec:
     render: Callable[[str], str]  # question -> user message
     grade: Callable[[int, str], tuple[str, float]]  # (problem index, completion) -> answer, reward
     meta: dict[str, Any] = field(default_factory=dict)
+    system: Callable[[int], str | None] = lambda i: None  # problem index -> system message
 
 
 def run_samples(
@@ -87,7 +90,8 @@ def run_samples(
     bar = tqdm(total=len(spec.problems), desc="eval", unit="problem", disable=not progress)
     for start in range(0, len(spec.problems), batch_prompts):
         chunk = spec.problems[start : start + batch_prompts]
-        prompts = [chat_prompt_ids(tok, spec.render(q)) for _, q, _, _ in chunk]
+        prompts = [chat_prompt_ids(tok, spec.render(q), system=spec.system(start + j))
+                   for j, (_, q, _, _) in enumerate(chunk)]  # fmt: skip
         sampled = engine.generate(prompts, k, max_new_tokens, temperature)
         greedy_out = engine.generate(prompts, 1, max_new_tokens, 0.0) if greedy else None
         for j, (pid, q, gold, groups) in enumerate(chunk):
@@ -177,14 +181,22 @@ def heldout_spec(cfg: Config, limit: int | None = None, task: Task | None = None
     probs = task.heldout[:limit]
     suffix = cfg.data.prompt_suffix
     rcrl = get_algorithm(cfg.algo).prompt_tags  # an RCRL policy is evaluated under the good tag
+    rewards = Rewards(cfg.reward, task)  # graded by correctness alone, never a format bonus
+    timeout = cfg.actor.verifier_timeout_s
     return EvalSpec(
         problems=[(p.id, p.question, p.answer, {}) for p in probs],
         render=lambda q: (rcrl_question(q, True) if rcrl else q) + suffix,
-        grade=lambda i, text: (last_number(text) or "", task.score(probs[i], text)),
+        grade=lambda i, text: (
+            last_number(text) or "",
+            rewards.correctness_value(probs[i], text, timeout_s=timeout),
+        ),
         meta={
             "template": (RCRL_GOOD + " " if rcrl else "") + "{question}" + suffix,
             "task": task.name,
+            "correctness": rewards.correctness,
+            "system_prompt": cfg.data.system_prompt,
         },  # fmt: skip
+        system=lambda i: system_prompt(probs[i], cfg.data.system_prompt),
     )
 
 

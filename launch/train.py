@@ -23,8 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dashrl.actors.data import load_task
 from dashrl.actors.engine import HFEngine
-from dashrl.actors.tasks import Task, load_task
+from dashrl.actors.rewards import Rewards
+from dashrl.actors.tasks import Task
 from dashrl.launch.attach import NodeClient
 from dashrl.launch.children import Children, reap_group
 from dashrl.launch.evaluate import heldout_reward
@@ -42,6 +44,38 @@ from dashrl.protocol.runtime import (
 from dashrl.queue.server import FINAL_STATS
 
 log = logging.getLogger("dashrl.launch")
+
+
+def _absolute_fn(spec: str) -> str:
+    where, sep, name = spec.rpartition(":")
+    return f"{Path(where).resolve()}:{name}" if sep and where.endswith(".py") else spec
+
+
+def absolute_data_paths(cfg: Config) -> dict:
+    """{"data", "reward"} with the data files and reward files made absolute, so every
+    child process (whatever its working directory) and a later --config of the saved
+    config.json find the same files."""
+    d, r = cfg.data, cfg.reward
+    data = d.model_copy(update={"gsm8k_dir": d.gsm8k_dir.resolve()})
+    if d.path is not None and Path(d.path).expanduser().exists():
+        data = data.model_copy(update={"path": str(Path(d.path).expanduser().resolve())})
+    reward = r.model_copy(update={
+        "fns": [_absolute_fn(f) for f in r.fns],
+        "correctness": None if r.correctness is None else _absolute_fn(r.correctness),
+    })  # fmt: skip
+    return {"data": data, "reward": reward}
+
+
+def write_data_split(run_dir: Path, task: Task) -> Path:
+    """run_dir/data_split.json: the task, its training prompt count and every held-out
+    prompt (id, question, answer), the record that held-out and training are disjoint."""
+    path = run_dir / "data_split.json"
+    path.write_text(json.dumps({
+        "task": task.name, "train_prompts": len(task.train),
+        "heldout": [{"id": p.id, "question": p.question, "answer": p.answer}
+                    for p in task.heldout],
+    }, indent=1))  # fmt: skip
+    return path
 
 
 def resolve(cfg: Config) -> Config:
@@ -64,8 +98,9 @@ def resolve(cfg: Config) -> Config:
         update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
     )
     resolved = cfg.model_copy(
-        update={"run_dir": run_dir, "transport": t.model_copy(update=ports), "model": model}
-    )
+        update={"run_dir": run_dir, "transport": t.model_copy(update=ports), "model": model,
+                **absolute_data_paths(cfg)}
+    )  # fmt: skip
     resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
     return resolved
@@ -202,8 +237,10 @@ def run(cfg: Config) -> dict:
     setup_logging("launch")
     t_start = time.monotonic()
     task = load_task(cfg.data, cfg.seed)  # a bad task, source or data file fails here, in seconds
+    Rewards(cfg.reward, task)  # and so does a reward function that cannot be imported
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
+    write_data_split(run_dir, task)
     log.info("run directory: %s", run_dir)
     summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
 

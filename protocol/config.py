@@ -9,7 +9,7 @@ stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,23 +43,54 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["reasoning_gym", "gsm8k"] = "reasoning_gym"
-    """Where prompts come from: a reasoning-gym task, or GSM8K from data.gsm8k_dir."""
+    source: Literal["reasoning_gym", "gsm8k", "datasets"] = "reasoning_gym"
+    """Where prompts come from: a reasoning-gym task; GSM8K (a preset of "datasets" on
+    data.gsm8k_dir); or "datasets": any Hugging Face ``datasets`` source at data.path."""
     task: str = "chain_sum"
-    """reasoning-gym task name (ignored for gsm8k)."""
-    task_kwargs: dict[str, int | float | str] = Field(
+    """reasoning-gym task name (reasoning_gym only)."""
+    task_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
     )
-    """Keyword arguments of the reasoning-gym task (difficulty). The default (2 one-digit
-    terms) gives SmolLM2-135M-Instruct a base mean reward of about 0.38 (see README)."""
+    """Keyword arguments of the reasoning-gym task, as JSON (any task's own parameters,
+    e.g. '{"allow_negation": true}'). The default (2 one-digit chain_sum terms) gives
+    SmolLM2-135M-Instruct a base mean reward of about 0.38 (see README)."""
     train_size: int = Field(20000, ge=1, le=10_000_000)
-    """Number of training prompts generated (reasoning-gym) or read (gsm8k)."""
+    """Number of training prompts generated (reasoning-gym) or read (at most)."""
     heldout_size: int = Field(64, ge=1, le=1_000_000)
-    """Number of held-out prompts for evaluation, disjoint from the training prompts."""
+    """Number of held-out prompts for evaluation (at most), disjoint from the training
+    prompts."""
     gsm8k_dir: Path = Path("data/gsm8k")
-    """Directory with GSM8K train.jsonl / test.jsonl (one JSON object per line with
+    """gsm8k only: directory with train.jsonl / test.jsonl (one JSON object per line with
     "question" and "answer", as in openai/gsm8k); relative paths are from the working
     directory."""
+    path: str | None = None
+    """datasets only: a local JSONL / JSON / CSV / Parquet file, a folder of them (splits
+    from the file names, e.g. train.jsonl / test.jsonl), a folder written by
+    Dataset.save_to_disk, or a dataset name found in the local Hugging Face cache."""
+    split: str = "train"
+    """datasets only: the split the training prompts come from."""
+    heldout_split: str | None = None
+    """datasets only: the split held-out prompts come from (e.g. "test"). None: they are
+    taken from the shuffled training split (data.heldout_fraction, else data.heldout_size
+    rows), never trained on."""
+    heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    """datasets only, without data.heldout_split: the share of the training split held out
+    (0: data.heldout_size rows)."""
+    prompt_field: str = "question"
+    """datasets only: the column with the prompt: a string, or a chat "messages" list
+    ([{"role": ..., "content": ...}], a system turn then one user turn)."""
+    answer_field: str | None = "answer"
+    """datasets only: the column with the reference answer handed to the reward as
+    ``answer`` (text after "####" where present, GSM8K style). None: no answer column."""
+    solution_field: str | None = None
+    """datasets only: a column with a worked solution (the SFT baseline imitates it);
+    None: "The answer is <answer>."."""
+    prompt_template: str | None = None
+    """A template of the user message with {field} placeholders from the row (the prompt
+    column as {prompt}), e.g. "{problem} Put the final answer in \\boxed{{}}." (literal
+    braces doubled). None: the prompt column as it is."""
+    system_prompt: str | None = None
+    """A system message put before every prompt through the model's chat template."""
     prompt_suffix: str = ""
     """Text appended to every question before the chat template is applied."""
 
@@ -276,10 +307,21 @@ class LearnerConfig(Strict):
 
 
 class RewardConfig(Strict):
+    fns: list[str] = Field(default_factory=list)
+    """Reward functions, summed with --reward.weights: built-in names (verifier,
+    math_verify, exact_number, reasoning_gym, format) or a user's function as
+    module:function or path/to/file.py:function, called as fn(prompt, completion,
+    **row_fields) -> float | None (README, "Your own data and reward"). Empty: the data
+    source's own verifier."""
+    weights: list[float] = Field(default_factory=list)
+    """One weight per reward function (empty: 1 each)."""
+    correctness: str | None = None
+    """The reward function whose value >= 1 means "correct" (Reinforce-Rej, RAFT, Expert
+    Iteration, RCRL's tag, held-out accuracy). None: the first of --reward.fns."""
     format_coef: float = Field(0.0, ge=0)
-    """Format reward added to the verifier's 0/1: coef * 1[the completion ended with EOS and
-    holds an extractable answer]. 0 = off (plain verifier reward). Eval always scores the
-    verifier alone."""
+    """Shorthand for a "format" reward function of this weight: coef * 1[the completion
+    ended with EOS and holds an extractable answer]. 0 = off. It never counts toward
+    correctness; eval always scores correctness alone."""
     dense: Literal["none", "orm"] = "none"
     """PPO only. "orm": add a dense per-token reward from a learned outcome reward model (a
     small head trained on the run's own labelled rollouts; Havrilla et al. 2024), as

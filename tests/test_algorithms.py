@@ -106,17 +106,19 @@ def test_estimators_by_hand() -> None:
 
 def test_score_group_sends_discarded_groups_with_zero_advantage() -> None:
     from dashrl.actors.actor import score_group
+    from dashrl.actors.rewards import Rewards
     from dashrl.actors.tasks import Problem, Task
+    from dashrl.protocol.config import RewardConfig
 
     class Exact(Task):
         def score(self, problem: Problem, completion: str) -> float:
             return float(completion == problem.answer)
 
-    p = Problem("x", "q", "7")
-    rewards, adv = score_group(Exact(), p, ["7", "7"], 0.0, reinforce_rej_advantages)
+    p, rw = Problem("x", "q", "7"), Rewards(RewardConfig(), Exact())
+    rewards, adv, correct = score_group(rw, p, ["7", "7"], 0.0, reinforce_rej_advantages)
     assert rewards.tolist() == [1.0, 1.0] and adv.tolist() == [0.0, 0.0]
-    rewards, adv = score_group(Exact(), p, ["7", "3"], 0.0, reinforce_rej_advantages)
-    assert adv.tolist() == [1.0, 0.0]
+    rewards, adv, correct = score_group(rw, p, ["7", "3"], 0.0, reinforce_rej_advantages)
+    assert adv.tolist() == [1.0, 0.0] and correct.tolist() == [True, False]
 
 
 PER_TOKEN = torch.tensor([[1.0, 2.0], [3.0, 99.0]])
@@ -252,7 +254,9 @@ def test_a_hung_verifier_times_out_scores_zero_and_is_counted() -> None:
     import time
 
     from dashrl.actors.actor import score_group
+    from dashrl.actors.rewards import Rewards
     from dashrl.actors.tasks import Problem, Task
+    from dashrl.protocol.config import RewardConfig
 
     class Hangs(Task):
         def score(self, problem: Problem, completion: str) -> float:
@@ -262,10 +266,12 @@ def test_a_hung_verifier_times_out_scores_zero_and_is_counted() -> None:
                 raise RuntimeError("verifier bug")
             return 1.0
 
-    stats: dict[str, float] = {}
+    rw = Rewards(RewardConfig(), Hangs())
     t0 = time.perf_counter()
-    rewards, _ = score_group(Hangs(), Problem("x", "q", "7"), ["ok", "hang", "boom", "ok"], 0.0,
-                             reinforce_advantages, timeout_s=0.3, stats=stats)  # fmt: skip
+    rewards, _, _ = score_group(rw, Problem("x", "q", "7"), ["ok", "hang", "boom", "ok"], 0.0,
+                                reinforce_advantages, timeout_s=0.3)  # fmt: skip
     assert time.perf_counter() - t0 < 5
     assert rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert stats == {"verifier_timeouts": 1.0, "verifier_errors": 1.0}
+    faults = rw.fault_counts()
+    assert faults["verifier_timeouts"] == 1.0 and faults["verifier_errors"] == 1.0
+    assert faults["reward_errors/verifier"] == 1.0

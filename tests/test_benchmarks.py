@@ -12,8 +12,7 @@ from conftest import REPO
 from dashrl.actors.grading import gsm8k_answer, last_boxed
 from dashrl.launch.benchmarks import BENCHMARKS, grade, load_benchmark
 
-DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data not present")
+DATA = REPO / "tests" / "fixtures" / "data"  # the first rows of each benchmark
 
 
 def test_last_boxed_and_gsm8k_answer() -> None:
@@ -27,7 +26,6 @@ def test_last_boxed_and_gsm8k_answer() -> None:
     assert gsm8k_answer("the answer is 12.") == "12"
 
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_reference_answers_are_right_and_perturbed_ones_wrong(name: str) -> None:
     problems = load_benchmark(name, DATA, limit=15)
@@ -43,13 +41,11 @@ def test_reference_answers_are_right_and_perturbed_ones_wrong(name: str) -> None
         assert not grade(name, "I cannot solve this.", p.gold)[1]
 
 
-@needs_data
 def test_math500_worked_solutions_grade_right() -> None:
     for p in load_benchmark("math500", DATA, limit=20):
         assert grade("math500", p.entry["solution"], p.gold)[1], p.id
 
 
-@needs_data
 def test_groups_are_read() -> None:
     p = load_benchmark("math500", DATA, limit=1)[0]
     assert set(p.groups) == {"subject", "level"}
@@ -73,7 +69,6 @@ def test_bad_benchmark_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@needs_data
 def test_eval_command_writes_samples_and_table(tiny_model_path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     start = str(REPO / "launch" / "start.py")

@@ -159,7 +159,9 @@ def test_buffer_keeps_dpo_pairs_together() -> None:
 
 def test_format_reward_is_added_to_the_verifier() -> None:
     from dashrl.actors.actor import score_group
+    from dashrl.actors.rewards import Rewards
     from dashrl.actors.tasks import Problem, Task
+    from dashrl.protocol.config import RewardConfig
 
     class Exact(Task):
         def score(self, problem: Problem, completion: str) -> float:
@@ -167,8 +169,10 @@ def test_format_reward_is_added_to_the_verifier() -> None:
 
     p = Problem("x", "q", "7")
     texts = ["so 7", "so 3", "no number", "so 7"]
-    rewards, _ = score_group(Exact(), p, texts, 0.0, ones, [True, True, True, False], 0.1)
+    rw = Rewards(RewardConfig(format_coef=0.1), Exact())
+    rewards, _, correct = score_group(rw, p, texts, 0.0, ones, [True, True, True, False])
     np.testing.assert_allclose(rewards, [1.1, 0.1, 0.0, 1.0], rtol=1e-6)
+    assert correct.tolist() == [True, False, False, True]  # the format bonus is not correctness
 
 
 def test_rcrl_heldout_prompts_carry_the_good_tag(tiny_cfg) -> None:

@@ -12,7 +12,7 @@ from dashrl.protocol.config import Config
 from dashrl.protocol.runtime import read_jsonl
 from dashrl.queue.log import ROLLOUT_LOG, read_rollout_log
 
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+GSM8K = REPO / "tests" / "fixtures" / "data" / "gsm8k"
 
 
 @pytest.mark.slow
@@ -52,7 +52,6 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
 def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.data.source, cfg.data.gsm8k_dir = "gsm8k", GSM8K
@@ -66,9 +65,8 @@ def test_tiny_run_on_gsm8k(tiny_cfg) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data not present")
 def test_sft_baseline_streams_reference_solutions(tiny_cfg) -> None:
-    from dashrl.actors.tasks import load_task
+    from dashrl.actors.data import load_task
     from dashrl.protocol.model import load_tokenizer
 
     cfg = tiny_cfg.model_copy(deep=True)
