@@ -371,6 +371,10 @@ class Actor:
                         version, self.groups_sent, self.tokens_generated / elapsed,
                         self.updated_in_flight,
                     )  # fmt: skip
+                    faults = {k: v for k, v in self.rewards.fault_counts().items()
+                              if "/" in k and v}  # fmt: skip
+                    if faults:  # per reward function: raised / non-finite, and None
+                        log.info("actor/reward faults so far: %s", faults)
 
         finally:
             if permits is not None:

@@ -26,14 +26,14 @@ from tqdm import tqdm
 from dashrl.actors.data import load_task
 from dashrl.actors.engine import HFEngine
 from dashrl.actors.rewards import Rewards
-from dashrl.actors.tasks import Task
+from dashrl.actors.tasks import Task, chat_prompt_ids, system_prompt
 from dashrl.launch.attach import NodeClient
 from dashrl.launch.children import Children, reap_group
 from dashrl.launch.evaluate import heldout_reward
 from dashrl.launch.plot import plot_run
 from dashrl.learner.checkpoint import resumable_checkpoint
 from dashrl.protocol.config import PORT_FIELDS, Config
-from dashrl.protocol.model import resolve_model
+from dashrl.protocol.model import load_tokenizer, resolve_model
 from dashrl.protocol.runtime import (
     actor_env,
     free_ports,
@@ -76,6 +76,36 @@ def write_data_split(run_dir: Path, task: Task) -> Path:
                     for p in task.heldout],
     }, indent=1))  # fmt: skip
     return path
+
+
+PROMPT_CHECK_LIMIT = 100_000
+"""At most this many prompts are tokenised by :func:`check_prompt_lengths` (the first of the
+shuffled training set, and every held-out one): a few seconds for GSM8K's 7,473."""
+
+
+def check_prompt_lengths(cfg: Config, task: Task) -> int:
+    """The longest chat-formatted prompt (tokens); every prompt must leave room for
+    ``actor.max_new_tokens`` within vLLM's ``max_model_len`` (vLLM engine) and fit the
+    queue's ``max_seq_len``.
+
+    Raises:
+        ValueError: names the first prompt (its id and the start of its text) that does not.
+    """
+    tok = load_tokenizer(cfg.model.path)
+    a, limits = cfg.actor, [(cfg.queue.max_seq_len, "--queue.max-seq-len")]
+    if a.engine == "vllm":
+        limits.append((a.vllm.max_model_len - a.max_new_tokens,
+                       "--actor.vllm.max-model-len minus --actor.max-new-tokens"))  # fmt: skip
+    limit, name = min(limits)
+    longest = 0
+    for p in [*task.heldout, *task.train[:PROMPT_CHECK_LIMIT]]:
+        system = system_prompt(p, cfg.data.system_prompt)
+        n = len(chat_prompt_ids(tok, p.question, cfg.data.prompt_suffix, system))
+        if n > limit:
+            raise ValueError(f"prompt {p.id} ({p.question[:60]!r}...) is {n} tokens, more than "
+                             f"{limit} ({name}): shorten it or raise the limit")  # fmt: skip
+        longest = max(longest, n)
+    return longest
 
 
 def resolve(cfg: Config) -> Config:
@@ -240,8 +270,9 @@ def run(cfg: Config) -> dict:
     Rewards(cfg.reward, task)  # and so does a reward function that cannot be imported
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
+    longest = check_prompt_lengths(cfg, task)
     write_data_split(run_dir, task)
-    log.info("run directory: %s", run_dir)
+    log.info("run directory: %s; longest prompt %d tokens", run_dir, longest)
     summary: dict = {"run_dir": str(run_dir), "model": str(cfg.model.path)}
 
     if cfg.eval.heldout and not cfg.resume:

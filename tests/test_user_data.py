@@ -175,3 +175,19 @@ def test_user_dataset_and_reward_file_train_end_to_end(tiny_cfg, tmp_path: Path)
             fmt = 0.25 * (c.finish_reason == "stop" and any(ch.isdigit() for ch in text))
             assert c.reward == pytest.approx((len(text) % 3) / 2 + fmt, abs=1e-6)
     assert len(set(rewards)) > 1  # the user's function, not a constant, reached the queue
+
+
+def test_a_prompt_longer_than_the_model_allows_is_named(tiny_cfg, tmp_path: Path) -> None:
+    from dashrl.launch.train import check_prompt_lengths
+
+    f = tmp_path / "long.jsonl"
+    rows = [{"problem": f"What is {i} + 1?", "final": str(i + 1)} for i in range(20)]
+    rows[7]["problem"] = "Add these: " + " + ".join(["1"] * 400)
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.data = _user_data(path=str(f), solution_field=None, heldout_size=2)
+    cfg.actor.engine, cfg.actor.vllm.max_model_len, cfg.actor.max_new_tokens = "vllm", 512, 64
+    with pytest.raises(ValueError, match=r"prompt long/(train|heldout)/\d+ \('Add these.*448"):
+        check_prompt_lengths(cfg, load_task(cfg.data, cfg.seed))
+    cfg.actor.vllm.max_model_len = 4096
+    assert 400 < check_prompt_lengths(cfg, load_task(cfg.data, cfg.seed)) < 4096 - 64
