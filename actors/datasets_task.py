@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dashrl.actors.grading import grade_math
-from dashrl.actors.tasks import Problem, Task, gold_answer, last_number, numbers_equal
+from dashrl.actors.rewards import exact_number, math_verify
+from dashrl.actors.tasks import Problem, Task, gold_answer
 from dashrl.protocol.config import DataConfig
 
 log = logging.getLogger("dashrl.data")
@@ -173,7 +173,7 @@ class DatasetTask(Task):
     def score(self, problem: Problem, completion: str) -> float:
         """The default verifier of a dataset: math-verify equivalence of the last
         ``\\boxed{}`` (else the last number) with the answer (1.0 or 0.0)."""
-        return 1.0 if grade_math(completion, problem.answer)[1] else 0.0
+        return math_verify(problem, completion)
 
 
 class GSM8KTask(DatasetTask):
@@ -195,4 +195,4 @@ class GSM8KTask(DatasetTask):
         super().__init__(preset, seed, path=str(folder), name="gsm8k")
 
     def score(self, problem: Problem, completion: str) -> float:
-        return 1.0 if numbers_equal(last_number(completion), problem.answer) else 0.0
+        return exact_number(problem, completion)

@@ -60,11 +60,13 @@ ScoreFn = Callable[[Problem, str, bool], "float | None"]
 """(problem, completion text, finished) -> reward, or None (cannot judge)."""
 
 
-def _exact_number(problem: Problem, text: str, finished: bool) -> float:
+def exact_number(problem: Problem, text: str, finished: bool = True) -> float:
+    """1.0 when the last number of ``text`` equals the reference answer exactly, else 0.0."""
     return 1.0 if numbers_equal(last_number(text), gold_answer(problem.answer)) else 0.0
 
 
-def _math_verify(problem: Problem, text: str, finished: bool) -> float:
+def math_verify(problem: Problem, text: str, finished: bool = True) -> float:
+    """1.0 when math-verify finds ``text``'s answer equivalent to the reference, else 0.0."""
     return 1.0 if grade_math(text, gold_answer(problem.answer))[1] else 0.0
 
 
@@ -135,19 +137,12 @@ def resolve_fn(spec: str, task: Task) -> ScoreFn:
         ValueError: an unknown name, a bad import path, or ``reasoning_gym`` on a data
             source that is not a reasoning-gym task.
     """
-    if spec == "verifier":
+    if spec == "reasoning_gym" and task.source != "reasoning_gym":
+        raise ValueError("reward function 'reasoning_gym' needs --data.source reasoning_gym")
+    if spec in ("verifier", "reasoning_gym"):
         return lambda p, text, finished: task.score(p, text)
-    if spec == "math_verify":
-        return _math_verify
-    if spec == "exact_number":
-        return _exact_number
-    if spec == "format":
-        return _format
-    if spec == "reasoning_gym":
-        if getattr(task, "source", None) != "reasoning_gym":
-            raise ValueError("reward function 'reasoning_gym' needs --data.source reasoning_gym")
-        return lambda p, text, finished: task.score(p, text)
-    return _wrap_user_fn(_load_user_fn(spec))
+    named = {"math_verify": math_verify, "exact_number": exact_number, "format": _format}
+    return named[spec] if spec in named else _wrap_user_fn(_load_user_fn(spec))
 
 
 @dataclass
@@ -190,6 +185,7 @@ class Rewards:
                 f"--reward.correctness {self.correctness!r} is not among --reward.fns {names}"
             )
         self.names, self.weights = names, weights
+        self._correct_i = names.index(self.correctness)
         self.fns = [resolve_fn(n, task) for n in names]
         self.errors = dict.fromkeys(names, 0)  # raised or non-finite, per function
         self.unjudged = dict.fromkeys(names, 0)  # returned None, per function
@@ -232,7 +228,7 @@ class Rewards:
         for i, w in enumerate(self.weights):
             value = self._call(i, problem, text, finished, timeout_s)
             total += w * value
-            if self.names[i] == self.correctness:
+            if i == self._correct_i:
                 correct = value >= 1.0
         return Scored(total, correct)
 
@@ -241,7 +237,7 @@ class Rewards:
     ) -> float:
         """The correctness function's value alone (held-out evaluation scores this, never
         the shaped sum); failures score 0 and are counted."""
-        return self._call(self.names.index(self.correctness), problem, text, finished, timeout_s)
+        return self._call(self._correct_i, problem, text, finished, timeout_s)
 
     def fault_counts(self) -> dict[str, float]:
         """{"verifier_timeouts", "verifier_errors" (all functions), "reward_errors/<fn>",

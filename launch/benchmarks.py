@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dashrl.actors.grading import grade_math, grade_numeric, last_boxed
+from dashrl.actors.tasks import gold_answer
 
 MATH_TEMPLATE = (
     "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -82,7 +83,7 @@ def _amc(r):
 
 
 def _gsm8k(r):
-    return r["question"], r["answer"].split("####")[-1].strip().replace(",", ""), {}
+    return r["question"], gold_answer(r["answer"]), {}
 
 
 BENCHMARKS: dict[str, Benchmark] = {

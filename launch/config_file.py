@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ def one_line(message: str) -> str:
     return "; ".join(parts) or " ".join(ln.strip() for ln in lines)
 
 
-def _normalise(model: type[BaseModel], data: Any, where: str) -> Any:
+def _normalise(model: type[BaseModel], data: Any) -> Any:
     """``data`` with its keys spelled as ``model``'s field names (``-`` -> ``_``), at every
     level that is a config model (not inside free-form dict fields such as task_kwargs)."""
     if not isinstance(data, dict):
@@ -68,7 +67,7 @@ def _normalise(model: type[BaseModel], data: Any, where: str) -> Any:
         field = model.model_fields.get(name)
         sub = field.annotation if field is not None else None
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            value = _normalise(sub, value, f"{where}{name}.")
+            value = _normalise(sub, value)
         out[name] = value
     return out
 
@@ -97,7 +96,7 @@ def load_config_file(path: Path) -> Config:
         raise ValueError(f"{path}: does not parse: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a table of config sections")
-    data = _normalise(Config, data, "")
+    data = _normalise(Config, data)
     data["resume"] = False
     if isinstance(data.get("transport"), dict):  # a saved run's ports may be taken now
         data["transport"] |= dict.fromkeys(PORT_FIELDS, 0)
@@ -115,18 +114,19 @@ def split_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
     """
     found: list[Path] = []
     rest: list[str] = []
-    it = iter(range(len(argv)))
-    for i in it:
+    i = 0
+    while i < len(argv):
         arg = argv[i]
         if arg == "--config":
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ValueError("--config needs a file: --config FILE.toml")
             found.append(Path(argv[i + 1]))
-            next(it)
+            i += 1
         elif arg.startswith("--config="):
             found.append(Path(arg.split("=", 1)[1]))
         else:
             rest.append(arg)
+        i += 1
     if len(found) > 1:
         raise ValueError("--config given more than once")
     return (found[0] if found else None), rest
@@ -151,7 +151,7 @@ def json_field_rules():
 
     @registry.primitive_rule
     def _json_dict(info) -> PrimitiveConstructorSpec | None:
-        if info.type != dict[str, Any] and info.type != typing.Dict[str, Any]:  # noqa: UP006
+        if info.type != dict[str, Any]:
             return None
         return PrimitiveConstructorSpec(
             nargs=1,
