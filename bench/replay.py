@@ -66,7 +66,7 @@ EXPERIMENTS: dict[str, list[str]] = {
         "limiter_off_v0",
         "greedy_k2_v0",
         "greedy_k4_v0",
-        "limiter_off",
+        "greedy_k1",
         "greedy_k2",
         "greedy_k4",
         "proportional_k2",
