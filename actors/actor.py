@@ -38,6 +38,7 @@ from dashrl.protocol import ActorStats, Completion, RolloutGroup, encode
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, load_config
 from dashrl.protocol.hardware import local_device, resolve_dtype
+from dashrl.protocol.placement import role_device
 from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
 from dashrl.protocol.security import client_setup
 from dashrl.protocol.weights import WeightSource
@@ -133,16 +134,18 @@ class Actor:
                 self.engine = await VLLMEngine.create(
                     cfg.model.path, self.seed, dtype, v.kv_cache_gib, v.cpu_threads_bind,
                     v.max_model_len, v.gpu_memory_utilization, v.enforce_eager,
-                    v.kv_on_update,
+                    v.kv_on_update, v.kv_cache_memory_bytes,
                 )  # fmt: skip
             elif a.engine == "fake":
                 self.engine = FakeEngine(cfg.model.path, seed=self.seed)
-            else:
-                self.engine = HFEngine(cfg.model.path, seed=self.seed)
+            else:  # on this process's GPU where it sees one (actor.gpus)
+                device = role_device("auto", local_rank=0)
+                log.info("HF engine on %s", device)
+                self.engine = HFEngine(cfg.model.path, seed=self.seed, device=device)
             self.tokenizer = self.engine.tokenizer
-        if self.weights_endpoint:  # an attached node: weights from the learner's publisher
-            source = WeightSource("zmq", endpoint=self.weights_endpoint,
-                                  curve_dir=_str_or_none(t.curve_dir))  # fmt: skip
+        if self.weights_endpoint or t.weight_backend == "zmq":  # the learner's publisher
+            endpoint = self.weights_endpoint or f"tcp://{t.host}:{t.weights_port}"
+            source = WeightSource("zmq", endpoint=endpoint, curve_dir=_str_or_none(t.curve_dir))
         else:  # started with the job: the launch-time process group (local actors only)
             source = WeightSource(
                 "group",
@@ -150,6 +153,7 @@ class Actor:
                 world_size=1 + a.num_actors,
                 rank=1 + self.index,
                 timeout_s=cfg.learner.weight_sync_timeout_s,
+                backend=t.weight_backend,  # the learner's plan must say the same
             )
             self._on_group = True
         await self.engine.connect_weights(source)

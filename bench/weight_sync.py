@@ -29,7 +29,8 @@ from common import header, print_table
 def _actor(kind: str, address: str, rank: int, world: int, shapes, versions: int, out) -> None:
     import torch
 
-    from dashrl.protocol.weights import WeightSource, open_receiver
+    from dashrl.protocol.receivers import open_receiver
+    from dashrl.protocol.weights import WeightSource
 
     torch.set_num_threads(1)
     params = [torch.zeros(s) for s in shapes]

@@ -22,6 +22,7 @@ from dashrl.launch.children import Children
 from dashrl.launch.commands import AttachCommand
 from dashrl.protocol import NodeHello, NodeWelcome, ProtocolError, decode, encode
 from dashrl.protocol.config import Config
+from dashrl.protocol.placement import cuda_available
 from dashrl.protocol.runtime import StopFlag, actor_env
 from dashrl.protocol.security import client_setup
 
@@ -114,10 +115,12 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
         (work / "config.json").write_text(cfg.model_dump_json())
         log.info("attached as %s at version %d; logs in %s", node_id, welcome.version, work)
         children = Children(work)
+        # this machine's GPUs, not the job's actor.gpus (those name the learner's machine)
+        cpu_env = {} if cuda_available() else actor_env(cfg.actor.engine)
         for i in range(cmd.actors):
             children.spawn(f"{node_id}-actor{i}", "dashrl.actors.actor", str(work / "config.json"),
                            str(i), node_id, welcome.weights_endpoint,
-                           env_extra=actor_env(cfg.actor.engine))  # fmt: skip
+                           env_extra=cpu_env)  # fmt: skip
         while not stop:
             client.heartbeat()
             for role, p in children.procs.items():

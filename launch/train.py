@@ -34,8 +34,8 @@ from dashrl.launch.plot import plot_run
 from dashrl.learner.checkpoint import resumable_checkpoint
 from dashrl.protocol.config import PORT_FIELDS, Config
 from dashrl.protocol.model import load_tokenizer, resolve_model
+from dashrl.protocol.placement import child_env, cuda_available, resolve_weight_backend
 from dashrl.protocol.runtime import (
-    actor_env,
     free_ports,
     read_jsonl,
     set_thread_budget,
@@ -138,9 +138,15 @@ def resolve(cfg: Config) -> Config:
     model = cfg.model.model_copy(
         update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
     )
+    # the weight transport, decided once here for every child (protocol/placement.py)
+    a = cfg.actor
+    backend = resolve_weight_backend(t.weight_backend, cfg.learner.gpus, a.gpus, a.num_actors,
+                                     a.engine, cuda_available(), cfg.learner.num_ranks)  # fmt: skip
+    log.info("weights travel over %s (transport.weight_backend %s; learner.gpus %s, "
+             "actor.gpus %s)", backend, t.weight_backend, cfg.learner.gpus, a.gpus)  # fmt: skip
     resolved = cfg.model_copy(
-        update={"run_dir": run_dir, "transport": t.model_copy(update=ports), "model": model,
-                **absolute_data_paths(cfg)}
+        update={"run_dir": run_dir, "model": model, **absolute_data_paths(cfg),
+                "transport": t.model_copy(update={**ports, "weight_backend": backend})}
     )  # fmt: skip
     resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
@@ -184,7 +190,7 @@ class Supervisor:
             self.children.spawn(role, "dashrl.actors.actor", self.config_path,
                                 role.removeprefix("actor"), "launcher",
                                 f"tcp://{t.host}:{t.weights_port}",
-                                env_extra=actor_env(self.cfg.actor.engine))  # fmt: skip
+                                env_extra=child_env(self.cfg, role, cuda_available()))  # fmt: skip
         log.warning("restarted %s (restart %d of %d)", role, n + 1, self.MAX_RESTARTS)
         return True
 
@@ -261,7 +267,9 @@ def follow(cfg: Config, children: Children, interrupted: list[bool], failures: l
 def heldout(cfg: Config, model: Path, when: str, summary: dict, task: Task) -> None:
     """Held-out reward of ``model`` into ``summary["heldout_<when>"]`` (and its mean into
     ``heldout_reward_<when>``); ``when`` is "before" or "after" training."""
-    res = heldout_reward(cfg, HFEngine(model), task=task)
+    # nothing else runs now: the GPU where there is one, else every core
+    res = heldout_reward(cfg, HFEngine(model, device="cuda" if cuda_available() else None),
+                         task=task)  # fmt: skip
     log.info("held-out reward %s training: %.4f (%.0f s)", when, res["reward_mean"],
              res["seconds"])  # fmt: skip
     summary[f"heldout_{when}"] = res
@@ -300,6 +308,7 @@ def run(cfg: Config) -> dict:
     children, failures = Children(run_dir), []
     config_path = str(run_dir / "config.json")
     t_train = time.monotonic()
+    cuda = cuda_available()
     try:
         t = cfg.transport
         log.info("nodes can attach with: python launch/start.py attach --connect %s:%d",
@@ -307,12 +316,13 @@ def run(cfg: Config) -> dict:
         children.spawn("queue", "dashrl.queue.server", config_path)
         for i in range(cfg.actor.num_actors):
             children.spawn(f"actor{i}", "dashrl.actors.actor", config_path, str(i),
-                           env_extra=actor_env(cfg.actor.engine))  # fmt: skip
+                           env_extra=child_env(cfg, f"actor{i}", cuda))  # fmt: skip
         ranks, t = cfg.learner.num_ranks, cfg.transport
         torchrun = ["torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-addr={t.host}",
                     f"--master-port={t.learner_port}", "--module"]  # fmt: skip
         children.spawn("learner", "dashrl.launch.learn", config_path,
-                       launcher=torchrun if ranks > 1 else None)  # fmt: skip
+                       launcher=torchrun if ranks > 1 else None,
+                       env_extra=child_env(cfg, "learner", cuda))  # fmt: skip
         follow(cfg, children, interrupted, failures)
     finally:
         children.stop_all()

@@ -7,7 +7,7 @@ would be ~10% of the forward cost for nothing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -56,6 +56,20 @@ class MicroBatch:
     def __post_init__(self) -> None:
         if self.is_weights is None:
             self.is_weights = torch.ones(self.advantages.shape[0], dtype=torch.float32)
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """This micro-batch with every tensor (the packed layout's too) on ``device``; the
+        same object when they are already there."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        if self.packed is not None:
+            moved["packed"] = self.packed.to(device)
+        return MicroBatch(**moved)
 
     @property
     def num_tokens(self) -> int:

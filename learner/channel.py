@@ -15,6 +15,7 @@ A learner without actors (unit tests, ``start.py replay``) gets :class:`NoChanne
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -23,7 +24,21 @@ import torch
 from dashrl.learner.nodes import NodeRegistry, WeightPublisher
 from dashrl.protocol import NodeWelcome
 from dashrl.protocol.config import Config
+from dashrl.protocol.placement import resolve_weight_backend
 from dashrl.protocol.weights import WeightSender
+
+log = logging.getLogger("dashrl.learner")
+
+
+def wire_dtype_for(setting: str, learner: torch.dtype, actor: torch.dtype) -> torch.dtype:
+    """The dtype the weights travel in (``transport.weight_dtype``): auto is bfloat16 when
+    the learner computes in bf16 and the actors' engine holds bf16 weights (it would round
+    float32 weights to bf16 on load, so it gets the same weights from half the bytes),
+    else float32."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    both_bf16 = learner == torch.bfloat16 and actor == torch.bfloat16
+    return torch.bfloat16 if both_bf16 else torch.float32
 
 
 class NoChannel:
@@ -75,7 +90,7 @@ class WeightChannel(NoChannel):
         return self.sender.send(version, params) + self._publish()
 
     def _publish(self) -> float:
-        if not (self.nodes.alive() or self.sender.broken):
+        if not (self.nodes.alive() or self.sender.broken or self.sender.publishes_only):
             return 0.0
         self._published_at = time.monotonic()
         return self.publisher.publish(self._version, self.sender.flat)
@@ -96,22 +111,41 @@ class WeightChannel(NoChannel):
 
 
 def open_weight_channel(
-    cfg: Config, shapes: list[torch.Tensor], version: Callable[[], int]
+    cfg: Config,
+    shapes: list[torch.Tensor],
+    version: Callable[[], int],
+    dtype: torch.dtype = torch.float32,
 ) -> WeightChannel:
     """Build rank 0's channel for ``cfg``: join the launch-time group (blocks until all
-    ``actor.num_actors`` local actors joined), bind the publisher and the control socket.
+    ``actor.num_actors`` local actors joined and accepted the plan), bind the publisher
+    and the control socket.
 
     Args:
         cfg: the resolved run config (transport section, actor count, timeouts).
         shapes: the parameters (or meta tensors of their shapes) in broadcast order.
         version: returns the learner's current policy version (for a node's welcome).
+        dtype: the wire dtype (:func:`wire_dtype_for`).
+
+    Raises:
+        RuntimeError: an actor refused the learner's plan (the reason is in the message).
     """
     t = cfg.transport
+    backend = t.weight_backend
+    if backend == "auto":  # not resolved by the launcher (a test, a hand-written config)
+        a = cfg.actor
+        backend = resolve_weight_backend(backend, cfg.learner.gpus, a.gpus, a.num_actors,
+                                         a.engine, torch.cuda.is_available(),
+                                         cfg.learner.num_ranks)  # fmt: skip
+    log.info("weights go to %d actor(s) over %s in %s, buckets of %d MiB", cfg.actor.num_actors,
+             backend, str(dtype).removeprefix("torch."), t.weight_bucket_mb)  # fmt: skip
     sender = WeightSender(
         shapes,
         init_method=f"tcp://127.0.0.1:{t.dist_port}",  # launch-time actors are local
         world_size=1 + cfg.actor.num_actors,
         timeout_s=cfg.learner.weight_sync_timeout_s,
+        backend=backend,
+        dtype=dtype,
+        bucket_bytes=t.weight_bucket_mb << 20,
     )
     weights_at = f"tcp://{t.host}:{t.weights_port}"
     publisher = WeightPublisher(weights_at, sender.layout, t.curve_dir, t.max_nodes)

@@ -60,7 +60,7 @@ def sparse_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     m = mask.float()
     last = (m.sum(1).long() - 1).clamp(min=0)
     out = torch.zeros_like(m)
-    out[torch.arange(m.shape[0]), last] = rewards.float()
+    out[torch.arange(m.shape[0], device=m.device), last] = rewards.float()
     return out * m
 
 

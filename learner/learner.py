@@ -32,7 +32,7 @@ import torch
 
 from dashrl.learner.backend import init_ranks, make_backend
 from dashrl.learner.batch import PolicyForward, collate, token_logprobs
-from dashrl.learner.channel import NoChannel, open_weight_channel
+from dashrl.learner.channel import NoChannel, open_weight_channel, wire_dtype_for
 from dashrl.learner.checkpoint import (
     load_checkpoint_state,
     resumable_checkpoint,
@@ -49,6 +49,7 @@ from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
 from dashrl.protocol.hardware import local_device, resolve_dtype
 from dashrl.protocol.model import load_causal_lm, load_tokenizer
+from dashrl.protocol.placement import role_device
 from dashrl.protocol.runtime import MetricsWriter, StopFlag
 from dashrl.protocol.security import client_setup
 from dashrl.queue.client import QueueClient
@@ -86,19 +87,23 @@ class Learner:
         # a resumed run starts from its newest checkpoint's weights (optimizer state below)
         self.resume_from = resumable_checkpoint(Path(cfg.run_dir)) if cfg.resume else None
         weights = self.resume_from or cfg.model.path
+        # one device for the role (cuda:LOCAL_RANK where there is a GPU); the policy,
+        # reference and heads go there before any optimizer is built over them
+        self.device = role_device(lc.device)
+        log.info("learner rank %d on %s", self.rank, self.device)
         # mixed precision where the hardware has bf16 matrix units (protocol/hardware.py)
-        self.dtype = resolve_dtype(lc.dtype, local_device(), "learner")
-        policy = PolicyForward(load_causal_lm(weights, train=True), self.dtype)
+        self.dtype = resolve_dtype(lc.dtype, self.device.type, "learner")
+        policy = PolicyForward(load_causal_lm(weights, train=True).to(self.device), self.dtype)
         self.backend = make_backend(policy, lc, rendezvous_port=cfg.transport.learner_port)
         self.model = self.backend.module.model  # the HF model (eval, checkpoints)
         needs_ref = lc.kl_coef > 0 or self.algo.reference
-        self.ref_model = load_causal_lm(cfg.model.path) if needs_ref else None
+        self.ref_model = load_causal_lm(cfg.model.path).to(self.device) if needs_ref else None
         # PPO's critic and the dense-reward ORM: small heads on the policy's hidden states,
         # with their own AdamW and clipping (a fresh critic's large gradient must not shrink
         # the policy's step through a shared global norm; they are never sharded).
         hidden, pc = self.model.config.hidden_size, cfg.ppo
         names = [*self.algo.heads, *(["orm"] if cfg.reward.dense == "orm" else [])]
-        self.heads = {name: ScalarHead(hidden, pc.head_hidden) for name in names}
+        self.heads = {name: ScalarHead(hidden, pc.head_hidden).to(self.device) for name in names}
         head_params = [p for h in self.heads.values() for p in h.parameters()]
         self.head_optimizer = (
             torch.optim.AdamW(head_params, lr=pc.head_lr, betas=lc.betas) if head_params else None
@@ -109,9 +114,11 @@ class Learner:
         # tis_cap None (auto): on where bf16 makes the engines' logprobs disagree
         # (learner/objectives.py); the actor's dtype is resolved only then
         a, actor = cfg.actor, torch.float32
-        if lc.tis_cap is None and a.engine == "vllm":
+        auto_wire = cfg.transport.weight_dtype == "auto"
+        if (lc.tis_cap is None or auto_wire) and a.engine == "vllm":
             actor = resolve_dtype(a.vllm.dtype, local_device(), "actor (as the learner expects)")
         self.context.tis_cap = auto_tis_cap(lc.tis_cap, self.dtype, actor)
+        self.wire_dtype = wire_dtype_for(cfg.transport.weight_dtype, self.dtype, actor)
         log.info("truncated importance sampling cap %s", self.context.tis_cap or "off")
         self.version = self.step_count = self.skipped_steps = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
@@ -130,7 +137,7 @@ class Learner:
             self.source = self._open_source()
             log.info("waiting for %d actor(s) to join the weight group", cfg.actor.num_actors)
             self.channel = open_weight_channel(
-                cfg, self.backend.parameter_shapes(), lambda: self.version
+                cfg, self.backend.parameter_shapes(), lambda: self.version, self.wire_dtype
             )
 
     def _open_source(self) -> MicroBatchSource:
@@ -169,7 +176,7 @@ class Learner:
         (loss, clip fraction, KL, entropy, staleness...).
         """
         lc, temperature = self.cfg.learner, self.cfg.actor.temperature
-        batch = collate(samples, self.pad_id, share_prefix=lc.share_prefix)
+        batch = collate(samples, self.pad_id, share_prefix=lc.share_prefix).to(self.device)
         lag = self.version - batch.policy_versions
         h, logp, entropy = self.backend.forward(batch, temperature, with_entropy=True)
         loss, metrics = self.objective(Inputs(batch, h, logp, lag), self.context)

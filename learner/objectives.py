@@ -173,7 +173,7 @@ def ppo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[
     values = ctx.heads["critic"](h)  # [B, T]
     token_rewards = C.sparse_token_rewards(b.rewards, mask)
     metrics: dict[str, float] = {}
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=mask.device)
     orm_head = ctx.heads.get("orm")
     if orm_head is not None:
         orm_logits = orm_head(x.hidden.detach())
@@ -186,7 +186,7 @@ def ppo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[
                 phi, mask, pc.gamma
             )
             last = (mask.sum(1).long() - 1).clamp(min=0)
-            p_end = phi[torch.arange(len(last)), last]
+            p_end = phi[torch.arange(len(last), device=last.device), last]
             metrics["learner/orm_loss"] = float(orm.detach())
             metrics["learner/orm_acc"] = float(((p_end > 0.5).float() == correct).float().mean())
     adv, returns = C.gae(token_rewards, values.detach(), mask, pc.gamma, pc.lam)
@@ -228,7 +228,7 @@ def dpo_objective(x: Inputs, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[
     pairs = dpo_pairs(b.prompt_keys, b.advantages.tolist())
     if not pairs:
         return x.logprobs.sum() * 0.0, {"learner/dpo_pairs": 0.0}
-    w, lo = (torch.tensor(i) for i in zip(*pairs, strict=True))
+    w, lo = (torch.tensor(i, device=b.mask.device) for i in zip(*pairs, strict=True))
     seq = sequence_logprobs(x.logprobs, b.mask)
     with torch.no_grad():
         ref_logp, _ = token_logprobs(ctx.ref_model, b, ctx.temperature, dtype=ctx.dtype)

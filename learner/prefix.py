@@ -69,6 +69,11 @@ class Packed:
     owner: torch.Tensor
     predict: torch.Tensor
 
+    def to(self, device: torch.device | str) -> Packed:
+        """The same layout with every tensor on ``device``."""
+        return Packed(*(t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.position_ids, self.group, self.owner, self.predict)))  # fmt: skip
+
     @property
     def length(self) -> int:
         """L, the tokens the forward computes (no padding)."""

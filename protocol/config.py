@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dashrl.protocol.algorithms import AlgoName, algorithm_help, get_algorithm
+from dashrl.protocol.placement import placement_problem
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 """Hosts a job may bind without CurveZMQ keys."""
@@ -111,6 +112,10 @@ class VLLMConfig(Strict):
     """Longest prompt + completion vLLM accepts, in tokens."""
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """Fraction of GPU memory vLLM may take (GPU only; the learner needs the rest)."""
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    """GPU only: the KV cache's size in bytes, instead of what gpu_memory_utilization leaves
+    after vLLM's memory profile. Set it when the learner shares the actor's GPU: the
+    profile assumes no other process allocates meanwhile, and the learner does."""
     enforce_eager: bool = False
     """Skip vLLM's torch.compile (and CUDA graphs on GPU). On the 2-core CPU: start-up 23 s
     instead of 37 s, generation about 2% slower (bench/RESULTS.md): worth it for short runs."""
@@ -125,6 +130,10 @@ class VLLMConfig(Strict):
 class ActorConfig(Strict):
     num_actors: int = Field(1, ge=1)
     """Number of generator processes."""
+    gpus: list[int] | None = None
+    """GPUs of the actors: actor i runs on gpus[i % len(gpus)] (its CUDA_VISIBLE_DEVICES).
+    None: inherit the launcher's environment (vLLM and HF then use cuda:0 where there is a
+    GPU, the CPU otherwise)."""
     engine: Literal["vllm", "hf", "fake"] = "vllm"
     """Generation engine: "vllm" (AsyncLLM with in-flight weight updates; needs the cpu or
     gpu extra), "hf" (transformers generate, the fallback) or "fake" (random tokens as fast
@@ -290,6 +299,13 @@ class LearnerConfig(Strict):
     talks to the queue and the actors; each micro-batch is split across ranks."""
     torch_threads: int = Field(1, ge=1)
     """Torch/OpenMP threads of the learner process."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner trains: auto is cuda:LOCAL_RANK where torch sees a GPU, else the
+    CPU (protocol/placement.py). The policy, reference model and heads are placed there
+    before their optimizers are built; every micro-batch is moved there."""
+    gpus: list[int] | None = None
+    """GPUs of the learner (its CUDA_VISIBLE_DEVICES; rank r uses the r-th). None: inherit
+    the launcher's environment (on a one-GPU machine every role then shares cuda:0)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every N steps (0: only at the end)."""
     checkpoint_optimizer: bool = True
@@ -399,6 +415,21 @@ class TransportConfig(Strict):
     """Micro-batch requests the queue holds per peer; older ones beyond it are dropped and
     counted (queue/dropped_requests). The learner waits for each reply, so it has one;
     waiting requests are answered one per peer in turn, so no peer can crowd out another."""
+    weight_backend: Literal["auto", "gloo", "nccl", "zmq"] = "auto"
+    """How the learner's weights reach the launch-time actors. gloo: a torch.distributed
+    group over host memory (CPU or GPU actors, a GPU shared with the learner). nccl: GPU to
+    GPU, only when the learner and each actor have GPUs of their own (learner.gpus,
+    actor.gpus). zmq: the learner's ZeroMQ publisher for every actor. auto: nccl where that
+    placement allows it, else gloo (protocol/placement.py). The launcher resolves it into
+    config.json, the learner ships its choice to every receiver at the rendezvous, and a
+    receiver that cannot honour it fails at once instead of hanging."""
+    weight_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the weights on the wire. auto: bfloat16 when the learner computes in bf16
+    and the vLLM actors run bf16 (the engine would round them to bf16 on load anyway, so
+    it gets the same weights from half the bytes), else float32."""
+    weight_bucket_mb: int = Field(256, ge=1, le=1 << 16)
+    """Weights travel in buckets of at most this many MiB: with NCCL each side holds one
+    bucket on its GPU besides the model, never a second full copy."""
     send_hwm: int = Field(64, ge=1, le=1_000_000)
     """ZeroMQ high-water mark of an actor's rollout socket, in messages: when the queue
     falls behind, sends block (backpressure) instead of dropping."""
@@ -477,6 +508,10 @@ class Config(Strict):
                     "mode sync trains on every sample of the current version: "
                     "set --queue.filter-threshold None --queue.max-staleness 0"
                 )
+        problem = placement_problem(self.transport.weight_backend, lc.gpus, self.actor.gpus,
+                                    self.actor.num_actors, lc.num_ranks)  # fmt: skip
+        if problem:
+            raise ValueError(problem)
         if self.transport.host not in LOOPBACK and self.transport.curve_dir is None:
             raise ValueError(
                 f"transport.host {self.transport.host!r} is not loopback: binding there needs "

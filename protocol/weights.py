@@ -1,40 +1,40 @@
 """Weight broadcast from the learner (rank 0) to the actors over torch.distributed.
 
-Each update is two broadcasts: a fixed-size header tensor holding an encoded
-:class:`~dashrl.protocol.WeightsVersion` frame, then one flat buffer with every
-parameter in ``model.parameters()`` order (tied weights appear once, so SmolLM2's tied
-embedding/LM head stays tied on the receiving side). gloo on CPU; NCCL when the tensors
-live on a GPU.
+Each update is a fixed-size header tensor holding an encoded
+:class:`~dashrl.protocol.WeightsVersion` frame, then the parameters in
+``model.parameters()`` order (tied weights appear once, so SmolLM2's tied embedding/LM
+head stays tied on the receiving side), flattened, cast to the wire dtype and cut into
+buckets of at most ``transport.weight_bucket_mb``. The backend (gloo over host memory, or
+NCCL between GPUs of their own), the dtype and the bucket size are the learner's
+decision, shipped to every receiver at the rendezvous (protocol/weight_group.py).
 
-The group is *stateless*: a process group built directly on its own TCPStore, not
-torch.distributed's default group. The default group belongs to the learner's own ranks
-(DeepSpeed ZeRO data parallelism), and the learner-to-actors group is a second, separate
-world (as TRL, OpenRLHF and prime-rl do for their vLLM weight sync).
+Memory. The learner keeps one host copy of the weights in the wire dtype (gloo sends
+from it; the ZeroMQ publisher reads it); with NCCL it also holds one bucket on its GPU.
+A receiver stages each version in two host buffers (one being received, one ready to
+load), and with NCCL one bucket on its GPU: besides its model an actor's GPU holds at
+most one bucket plus, while a version loads, one parameter tensor at a time.
 
-Receivers never make the learner wait for a generation to finish: each actor runs a
-thread that sits in the broadcast, lands the weights in a staging buffer and swaps it
-in under a lock; the actor's loop applies the newest staged weights between generate
-calls (so one generate call never mixes two versions, and each rollout is stamped with
-exactly the version that produced it).
+Receivers (protocol/receivers.py) never make the learner wait for a generation to
+finish: each actor runs a thread that sits in the broadcast and stages every version; the
+actor's loop applies the newest staged weights between generate calls (so one generate
+call never mixes two versions, and each rollout is stamped with exactly the version that
+produced it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from dashrl.protocol import ProtocolError, WeightsVersion, decode, encode
-from dashrl.protocol.security import client_setup
+from dashrl.protocol.weight_group import StatelessGroup, WeightPlan
 
 log = logging.getLogger("dashrl.weights")
 
@@ -50,49 +50,40 @@ def layout_hash(params: list[torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-class StatelessGroup:
-    """A broadcast-only process group on its own TCPStore, independent of the default group.
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "float32" for torch.float32 (the wire's spelling of a dtype)."""
+    return str(dtype).removeprefix("torch.")
 
-    Args:
-        init_method: "tcp://HOST:PORT"; rank 0 hosts the store there.
-        world_size, rank: this group's size and this process's rank in it.
-        timeout_s: rendezvous and collective timeout, in seconds.
-        device: where the broadcast tensors live (cuda: NCCL, else gloo).
+
+def wire_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire dtype name.
 
     Raises:
-        ValueError: init_method is not tcp://HOST:PORT.
-        RuntimeError / DistNetworkError: the rendezvous failed or timed out.
+        ProtocolError: not float32, bfloat16 or float16.
     """
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ProtocolError(f"weights in dtype {name!r}: expected float32, bfloat16 or float16")
+    return getattr(torch, name)
 
-    def __init__(
-        self, init_method: str, world_size: int, rank: int, timeout_s: float, device: torch.device
-    ):
-        if not init_method.startswith("tcp://") or ":" not in init_method[6:]:
-            raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
-        host, port = init_method[6:].rsplit(":", 1)
-        timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
-                                   timeout=timeout)  # fmt: skip
-        if device.type == "cuda":  # NCCL moves CUDA tensors only
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
-        else:
-            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
-        self.rank, self.world_size = rank, world_size
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """In-place broadcast of ``tensor`` from rank ``src`` (blocking)."""
-        opts = dist.BroadcastOptions()
-        opts.rootRank = src
-        self.pg.broadcast([tensor], opts).wait()
-
-    def close(self) -> None:
-        """Release the group (NCCL communicators are aborted; gloo needs nothing)."""
-        shutdown = getattr(self.pg, "shutdown", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except RuntimeError:
-                pass
+def fill_buckets(tensors: Iterable[torch.Tensor], buf: torch.Tensor) -> Iterator[int]:
+    """Copy ``tensors``, flattened and concatenated, into ``buf`` (1-D, any dtype: values
+    are cast) a bucket at a time; yields the number of values in ``buf`` each time it is
+    full, and once more for the last partial bucket. A tensor may straddle two buckets.
+    The caller must use ``buf`` before resuming the iteration."""
+    cap, fill = buf.numel(), 0
+    with torch.no_grad():
+        for t in tensors:
+            flat, i = t.detach().reshape(-1), 0
+            while i < flat.numel():
+                k = min(cap - fill, flat.numel() - i)
+                buf[fill : fill + k].copy_(flat[i : i + k])
+                fill, i = fill + k, i + k
+                if fill == cap:
+                    yield fill
+                    fill = 0
+    if fill:
+        yield fill
 
 
 def _pack_header(msg: WeightsVersion) -> torch.Tensor:
@@ -105,7 +96,12 @@ def _pack_header(msg: WeightsVersion) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).clone()
 
 
-def _unpack_header(t: torch.Tensor) -> WeightsVersion:
+def unpack_header(t: torch.Tensor) -> WeightsVersion:
+    """The WeightsVersion frame in a header tensor.
+
+    Raises:
+        ProtocolError: a length out of range or a frame that does not decode.
+    """
     raw = bytes(t.cpu().numpy().tobytes())
     n = int.from_bytes(raw[:4], "little")
     if not 0 < n <= HEADER_BYTES - 4:
@@ -117,28 +113,53 @@ class WeightSender:
     """Rank 0: broadcasts the learner's parameters after every optimizer step.
 
     Args:
-        params: the learner model's parameters (``list(model.parameters())``).
+        params: the learner model's parameters (``list(model.parameters())``, or meta
+            tensors of their shapes for a sharded backend).
         init_method: torch.distributed rendezvous, e.g. "tcp://127.0.0.1:29500".
-        world_size: 1 + number of actors. Blocks until every actor has joined.
-        timeout_s: timeout of one collective, in seconds.
+        world_size: 1 + number of actors. Blocks until every actor has joined and
+            accepted the plan.
+        timeout_s: timeout of the rendezvous and of one collective, in seconds.
+        backend: "gloo", "nccl" or "zmq" (no group: the publisher serves every actor).
+        dtype: the wire dtype (values are cast to it).
+        bucket_bytes: most bytes one broadcast carries.
+
+    Raises:
+        RuntimeError: a receiver refused the plan (its reason is in the message).
     """
 
     def __init__(
-        self, params: list[torch.Tensor], init_method: str, world_size: int, timeout_s: float
+        self,
+        params: list[torch.Tensor],
+        init_method: str,
+        world_size: int,
+        timeout_s: float,
+        backend: str = "gloo",
+        dtype: torch.dtype = torch.float32,
+        bucket_bytes: int = 256 << 20,
     ):
         self.params = params
         self.layout = layout_hash(params)
-        self.world_size = world_size
-        device = params[0].device
-        if device.type == "meta":  # shapes only (a sharded backend): send from the compute device
-            cuda = torch.cuda.is_available()
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-            )
-        self.group = StatelessGroup(init_method, world_size, 0, timeout_s, device)
-        self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=device)
-        self._header_device = device
+        self.world_size, self.dtype = world_size, dtype
+        self.numel = sum(p.numel() for p in params)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.plan = WeightPlan(backend, dtype_name(dtype), max(1, bucket_bytes // itemsize),
+                               self.layout, self.numel)  # fmt: skip
+        # the host copy in the wire dtype: gloo's send buffer, the publisher's source
+        self.flat = torch.empty(self.numel, dtype=dtype)
+        self.group: StatelessGroup | None = None
+        self._bucket: torch.Tensor | None = None
+        if backend != "zmq" and world_size > 1:
+            self.group = StatelessGroup(init_method, world_size, 0, timeout_s, plan=self.plan)
+            if backend == "nccl":
+                n = min(self.plan.bucket_numel, self.numel)
+                self._bucket = torch.empty(n, dtype=dtype, device=self.group.device)
         self.broken = False
+
+    @property
+    def publishes_only(self) -> bool:
+        """True when no group carries the weights (weight backend zmq): the ZeroMQ
+        publisher must send every version."""
+        return self.group is None
 
     def send(self, version: int, tensors: Iterable[torch.Tensor] | None = None) -> float:
         """Broadcast the parameters as ``version``; returns the seconds it took.
@@ -148,22 +169,32 @@ class WeightSender:
             tensors: the full parameters in order, possibly produced one at a time (a ZeRO-3
                 backend gathers each only while it is copied); default: the ``params``
                 given at construction.
+
+        Raises:
+            ValueError: ``tensors`` hold another number of values than the layout.
         """
         t0 = time.perf_counter()
-        offset = 0
-        with torch.no_grad():
-            for p in self.params if tensors is None else tensors:
-                n = p.numel()
-                self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
-                offset += n
-        if offset != self.flat.numel():
-            raise ValueError(f"sent {offset} parameter values, the layout has {self.flat.numel()}")
-        if self.broken:
-            return time.perf_counter() - t0
-        header = WeightsVersion(version, self.flat.numel() * 4, "float32", self.layout, time.time())
+        tensors = self.params if tensors is None else tensors
+        group = None if self.broken else self.group
+        if group is not None:
+            header = WeightsVersion(version, self.numel * self.flat.element_size(),
+                                    self.plan.dtype, self.layout, time.time())  # fmt: skip
         try:
-            self.group.broadcast(_pack_header(header).to(self._header_device))
-            self.group.broadcast(self.flat)
+            if group is not None and self._bucket is not None:  # NCCL: GPU buckets
+                group.broadcast(_pack_header(header).to(group.device))
+                offset = 0
+                for n in fill_buckets(tensors, self._bucket):
+                    group.broadcast(self._bucket[:n])
+                    self.flat[offset : offset + n].copy_(self._bucket[:n])
+                    offset += n
+            else:
+                offset = sum(n for n in fill_buckets(tensors, self.flat))
+            if offset != self.numel:
+                raise ValueError(f"sent {offset} parameter values, the layout has {self.numel}")
+            if group is not None and self._bucket is None:  # gloo: host buckets
+                group.broadcast(_pack_header(header))
+                for start, end in self.plan.buckets():
+                    group.broadcast(self.flat[start:end])
         except (RuntimeError, dist.DistError) as e:  # a launch-time actor died: its peers
             self.broken = True  # and restarts get weights from the publisher from now on
             log.error("weight group broken (%s): later versions go out over ZeroMQ only", e)
@@ -171,18 +202,20 @@ class WeightSender:
 
     def close(self) -> None:
         """Tell receivers to stop, then leave the process group."""
+        if self.group is None:
+            return
         if self.broken:
             self.group.close()
             return
         try:
-            stop = _pack_header(WeightsVersion(STOP_VERSION, 0, "float32", self.layout))
-            self.group.broadcast(stop.to(self._header_device))
+            stop = _pack_header(WeightsVersion(STOP_VERSION, 0, self.plan.dtype, self.layout))
+            self.group.broadcast(stop.to(self.group.device))
         finally:
             self.group.close()
 
 
 LoadFn = Callable[[torch.Tensor], None]
-"""Loads one flat float32 buffer (learner parameter order) into an engine's weights."""
+"""Loads one flat host buffer (learner parameter order, the wire dtype) into an engine."""
 
 
 @dataclass
@@ -190,9 +223,11 @@ class WeightSource:
     """Where an actor's weights come from; plain data, so it crosses into a vLLM worker.
 
     Attributes:
-        kind: "group" (the launch-time stateless process group: gloo, NCCL on GPU) or
-            "zmq" (the learner's ZeroMQ weight publisher, for attached nodes and restarts).
+        kind: "group" (the launch-time stateless process group) or "zmq" (the learner's
+            ZeroMQ weight publisher, for attached nodes, restarts and weight backend zmq).
         init_method, world_size, rank, timeout_s: the group's rendezvous ("group" only).
+        backend: the group backend this actor's config expects ("" or "auto": the
+            learner's choice); a different one from the learner's is refused at once.
         endpoint, curve_dir: the publisher's address and the job's CurveZMQ key folder
             ("zmq" only; curve_dir None on the loopback).
     """
@@ -202,216 +237,6 @@ class WeightSource:
     world_size: int = 0
     rank: int = 0
     timeout_s: float = 120.0
+    backend: str = ""
     endpoint: str = ""
     curve_dir: str | None = None
-
-
-class _StagedWeights:
-    """What both receivers share: a staging buffer filled by a background thread, and
-    :meth:`apply`, which swaps the newest staged weights into the engine when the actor
-    says so (between generate calls for HF; paused between engine steps for vLLM).
-
-    Args:
-        params: the engine's parameters in the learner's order, or meta tensors of the
-            same shapes (float32) when the weights live elsewhere (a vLLM worker's fused
-            layers): they give the layout that every update is checked against.
-        version: the version of the weights the engine holds now (-1: none the learner made).
-        load: loads the flat buffer into the engine; default: copy into ``params``.
-        device: where the staging buffers live (default: the params' device, CPU for meta);
-            CUDA makes the group an NCCL group.
-    """
-
-    def __init__(
-        self,
-        params: list[torch.Tensor],
-        version: int,
-        load: LoadFn | None = None,
-        device: torch.device | None = None,
-    ):
-        self.params = params
-        self.layout = layout_hash(params)
-        self.numel = sum(p.numel() for p in params)
-        meta = params[0].device.type == "meta"
-        self.device = device or (torch.device("cpu") if meta else params[0].device)
-        self._ready = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self._ready_version: int | None = None
-        self._lock = threading.Lock()
-        self._load = load or self._copy_into_params
-        self.version = version
-        self.received = self.rejected = 0
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
-
-    def _copy_into_params(self, flat: torch.Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p))
-                offset += n
-
-    def status(self) -> dict:
-        """version, received, rejected, error (repr or None) and whether the thread stopped:
-        plain data, so it crosses vLLM's RPC as well."""
-        return {"version": self.version, "received": self.received, "rejected": self.rejected,
-                "error": None if self.error is None else repr(self.error),
-                "stopped": self.stopped.is_set()}  # fmt: skip
-
-    @property
-    def staged_version(self) -> int | None:
-        """The version waiting in the staging buffer (None: nothing newer than ``version``)."""
-        return self._ready_version
-
-    def apply(self) -> int:
-        """Load the newest received weights into the engine, if any; returns the current version."""
-        with self._lock:
-            if self._ready_version is None:
-                return self.version
-            self._load(self._ready)
-            self.version, self._ready_version = self._ready_version, None
-        return self.version
-
-
-class WeightReceiver(_StagedWeights):
-    """Actor side: a thread receives broadcasts into a staging buffer; :meth:`apply` swaps them in.
-
-    Args:
-        params: the engine's parameters, same layout as the learner's (see _StagedWeights).
-        init_method, world_size, rank, timeout_s: the torch.distributed group.
-        load: see _StagedWeights.
-    """
-
-    def __init__(
-        self,
-        params: list[torch.Tensor],
-        init_method: str,
-        world_size: int,
-        rank: int,
-        timeout_s: float,
-        load: LoadFn | None = None,
-        device: torch.device | None = None,
-    ):
-        super().__init__(params, version=0, load=load, device=device)  # all start equal
-        self._recv = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self.group = StatelessGroup(init_method, world_size, rank, timeout_s, self.device)
-        self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        try:
-            while True:
-                self.group.broadcast(header)
-                msg = _unpack_header(header)
-                if msg.version == STOP_VERSION:
-                    break
-                ok = msg.layout_hash == self.layout and msg.num_bytes == self.numel * 4
-                target = (
-                    self._recv
-                    if ok
-                    else torch.empty(msg.num_bytes // 4, dtype=torch.float32, device=self.device)
-                )
-                self.group.broadcast(target)  # always receive, to stay in step with rank 0
-                if not ok:
-                    self.rejected += 1
-                    log.error(
-                        "refused weights v%d: layout %s != %s",
-                        msg.version,
-                        msg.layout_hash,
-                        self.layout,
-                    )
-                    continue
-                with self._lock:
-                    self._recv, self._ready = self._ready, self._recv
-                    self._ready_version = msg.version
-                self.received += 1
-        except BaseException as e:  # learner gone or group torn down: keep generating
-            self.error = e
-            log.warning("weight receiver stopped: %s", e)
-        finally:
-            self.stopped.set()
-
-
-class ZmqWeightReceiver(_StagedWeights):
-    """Attached node side: the same staging/apply as :class:`WeightReceiver`, fed by
-    the learner's ZeroMQ weight publisher (learner/nodes.py) instead of a process group.
-
-    Args:
-        params: the engine's parameters, same layout as the learner's.
-        endpoint: the learner's weights endpoint (NodeWelcome.weights_endpoint).
-        configure: applied to the SUB socket before connecting (CurveZMQ client keys).
-        load: see _StagedWeights.
-
-    ``version`` stays -1 until the first weights arrive; an attached actor waits for them
-    rather than generate with weights the learner never had.
-    """
-
-    def __init__(
-        self, params: list[torch.Tensor], endpoint: str, configure=None, load: LoadFn | None = None
-    ):
-        import zmq
-
-        super().__init__(params, version=-1, load=load)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, 2)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if configure:
-            configure(self._sock)
-        self._sock.connect(endpoint)
-        self._thread = threading.Thread(target=self._run, name="weight-sub", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stopped.is_set():
-                if not self._sock.poll(500):
-                    continue
-                parts = self._sock.recv_multipart(copy=False)
-                try:
-                    if len(parts) != 2:
-                        raise ProtocolError(f"weights message of {len(parts)} parts")
-                    msg = decode(parts[0].bytes, expect=WeightsVersion)
-                    if msg.layout_hash != self.layout or msg.num_bytes != self.numel * 4:
-                        raise ProtocolError(f"layout {msg.layout_hash} != {self.layout}")
-                    data = torch.frombuffer(parts[1].buffer, dtype=torch.float32)
-                    if data.numel() != self.numel:
-                        raise ProtocolError(f"{data.numel()} weights, expected {self.numel}")
-                except ProtocolError as e:
-                    self.rejected += 1
-                    log.error("refused published weights: %s", e)
-                    continue
-                with self._lock:
-                    self._ready.copy_(data)
-                    self._ready_version = msg.version
-                self.received += 1
-        except BaseException as e:
-            self.error = e
-            log.warning("weight subscriber stopped: %s", e)
-
-    def close(self) -> None:
-        self.stopped.set()
-        self._thread.join(timeout=2)
-        self._sock.close(0)
-        self._ctx.term()
-
-
-def open_receiver(
-    source: WeightSource,
-    params: list[torch.Tensor],
-    load: LoadFn | None = None,
-    device: torch.device | None = None,
-) -> WeightReceiver | ZmqWeightReceiver:
-    """The receiver that ``source`` names, staging into ``params``' layout (see _StagedWeights;
-    ``device`` matters for a group: CUDA staging buffers make it an NCCL group).
-
-    Raises:
-        ValueError: unknown source kind; RuntimeError: the group rendezvous failed.
-    """
-    if source.kind == "group":
-        return WeightReceiver(params, source.init_method, source.world_size, source.rank,
-                              source.timeout_s, load=load, device=device)  # fmt: skip
-    if source.kind == "zmq":
-        keys = Path(source.curve_dir) if source.curve_dir else None
-        return ZmqWeightReceiver(params, source.endpoint, client_setup(keys), load=load)
-    raise ValueError(f"unknown weight source kind {source.kind!r}")

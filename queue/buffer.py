@@ -93,6 +93,7 @@ class BufferCounters:
     accepted: int = 0
     filtered: int = 0
     evicted_stale: int = 0
+    stale_on_arrival: int = 0  # of evicted_stale: refused on arrival, never held
     evicted_capacity: int = 0
     evicted_low_priority: int = 0
     served: int = 0
@@ -217,6 +218,7 @@ class ReplayBuffer:
         c.accepted += len(result.accepted)
         c.filtered += result.filtered
         c.evicted_stale += result.stale
+        c.stale_on_arrival += result.stale
         c.evicted_capacity += result.evicted
         return result
 

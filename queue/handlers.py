@@ -396,6 +396,9 @@ class QueueServer:
             "queue/accepted": float(c.accepted),
             "queue/filtered": float(c.filtered),
             "queue/evicted_stale": float(c.evicted_stale),
+            # of those, refused as they arrived (generation took longer than the staleness
+            # allows) rather than aged in the buffer
+            "queue/stale_on_arrival": float(c.stale_on_arrival),
             "queue/evicted_capacity": float(c.evicted_capacity),
             "queue/evicted_low_priority": float(c.evicted_low_priority),
             "queue/served": float(c.served),

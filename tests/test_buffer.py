@@ -74,6 +74,7 @@ def test_stale_samples_refused_on_arrival_and_evicted_when_version_moves() -> No
     assert len(buf.set_learner_version(6)) == 1  # version 3 now lags 3 > 2
     assert [s.policy_version for s in buf.pop_micro_batch(1)] == [5]
     assert buf.counters.evicted_stale == 2 and len(buf) == 0
+    assert buf.counters.stale_on_arrival == 1  # the other one aged in the buffer
     assert buf.set_learner_version(4) == [] and buf.learner_version == 6  # never goes back
 
 

@@ -121,7 +121,8 @@ def test_queue_refuses_clients_without_the_key(tmp_path: Path) -> None:
 
 def test_control_socket_and_weights_refuse_strangers(tmp_path: Path) -> None:
     from dashrl.learner.nodes import NodeRegistry, WeightPublisher
-    from dashrl.protocol.weights import ZmqWeightReceiver, layout_hash
+    from dashrl.protocol.receivers import ZmqWeightReceiver
+    from dashrl.protocol.weights import layout_hash
 
     keys = generate_keys(tmp_path / "keys")
     control, weights = f"tcp://{HOST}:{free_port(HOST)}", f"tcp://{HOST}:{free_port(HOST)}"
