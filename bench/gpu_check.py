@@ -234,7 +234,7 @@ def check_sync(args) -> dict:
 
     cuda = args.device == "cuda"
     auto = resolve_weight_backend("auto", [0], [0], 1, "vllm", cuda_available=cuda)
-    shapes = [(8192, 8192)] * 1  # 256 MB of float32
+    shapes = [(8192, 8192)]  # 256 MB of float32
     res = {"auto_backend_on_a_shared_gpu": auto,
            "gloo": run_sync(shapes, args.device, torch.float32, 3, auto)}  # fmt: skip
     if not cuda:

@@ -13,6 +13,17 @@ import torch
 from dashrl.protocol.runtime import free_port
 
 
+def spawn_receiver(target, *args):
+    """(port, process, result queue): ``target(port, *args, queue)`` started in a spawned
+    process, to be the receiving rank of a weight group on ``port``."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=target, args=(port, *args, out))
+    p.start()
+    return port, p, out
+
+
 def _receiver(port: int, shapes, out) -> None:
     from dashrl.protocol.receivers import WeightReceiver
 
@@ -35,11 +46,7 @@ def _receiver(port: int, shapes, out) -> None:
 def run_pair(send_shapes, recv_shapes):
     from dashrl.protocol.weights import WeightSender
 
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=_receiver, args=(port, recv_shapes, out))
-    p.start()
+    port, p, out = spawn_receiver(_receiver, recv_shapes)
     params = [torch.randn(s) for s in send_shapes]
     tx = WeightSender(params, f"tcp://127.0.0.1:{port}", 2, 60)
     tx.send(1)
@@ -89,11 +96,7 @@ def test_a_plan_the_receiver_cannot_honour_fails_fast_on_both_sides(
     """120 s is the group's timeout; both sides must give up with the reason in seconds."""
     from dashrl.protocol.weights import WeightSender
 
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=_refusing_receiver, args=(port, recv_shapes, receiver_backend, out))
-    p.start()
+    port, p, out = spawn_receiver(_refusing_receiver, recv_shapes, receiver_backend)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="receiver rank 1 refused") as e:
         WeightSender([torch.zeros(3, 4), torch.zeros(5)], f"tcp://127.0.0.1:{port}", 2, 120,
@@ -125,11 +128,7 @@ def test_the_learners_dtype_and_buckets_reach_the_receiver() -> None:
     from dashrl.protocol.weights import WeightSender
 
     shapes = [(7, 5), (13,), (3, 3, 3)]
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=_bf16_receiver, args=(port, shapes, out))
-    p.start()
+    port, p, out = spawn_receiver(_bf16_receiver, shapes)
     params = [torch.randn(s) for s in shapes]
     tx = WeightSender(params, f"tcp://127.0.0.1:{port}", 2, 60, dtype=torch.bfloat16,
                       bucket_bytes=48)  # fmt: skip
@@ -190,11 +189,7 @@ def test_a_load_never_sees_a_partial_version() -> None:
     from dashrl.protocol.weights import WeightSender
 
     numel = 4096
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=_slow_loading_receiver, args=(port, numel, out))
-    p.start()
+    port, p, out = spawn_receiver(_slow_loading_receiver, numel)
     param = torch.zeros(numel)
     tx = WeightSender([param], f"tcp://127.0.0.1:{port}", 2, 60, bucket_bytes=numel)
     for v in range(1, 31):
