@@ -282,6 +282,12 @@ class VLLMEngine:
         self.updates += 1
         return self.version
 
+    async def load_checkpoint(self, path: Path) -> None:
+        """Replace the engine's weights by an HF checkpoint directory's (no requests may be
+        running; the prefix cache is dropped with the old weights' keys and values)."""
+        await self.llm.collective_rpc("dashrl_load_checkpoint", args=(str(path),))
+        await self.llm.reset_prefix_cache()
+
     async def weight_status(self) -> dict:
         """The worker's receiver: version, received, rejected, error (str or None), stopped."""
         return (await self.llm.collective_rpc("dashrl_status"))[0]

@@ -92,6 +92,32 @@ class WeightSyncExtension:
 
             dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
+    def dashrl_load_checkpoint(self, path: str) -> None:
+        """Load an HF checkpoint directory's weights (its ``*.safetensors``, HF names) into
+        the model in place, so one engine evaluates a run's checkpoints in turn
+        (launch/sweep_eval.py) instead of starting vLLM once per checkpoint.
+
+        Raises:
+            FileNotFoundError: the directory holds no safetensors file.
+        """
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors to load")
+        device = next(self.model_runner.get_model().parameters()).device
+
+        def named():
+            for f in files:
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        yield key, st.get_tensor(key).to(device)
+
+        self.reload_weights(weights_iterator=named(), is_checkpoint_format=True)
+        self._dashrl_retie()
+
     def dashrl_staged_version(self) -> int | None:
         """The version waiting to be loaded (None: nothing new)."""
         return self._dashrl_receiver.staged_version

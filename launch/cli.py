@@ -3,7 +3,7 @@
     start.py [train] [--field value ...]     a training run (the default subcommand)
     start.py --resume RUN_DIR [--field ...]  continue a run from its newest checkpoint
     start.py --config FILE.toml [--field ...] a run from a config file (configs/), flags over it
-    start.py eval | replay | attach | keys   see each one's --help
+    start.py eval | replay | attach | keys | sweep   see each one's --help
 
 Each subcommand's arguments are a typed model (``Config`` for train, launch/commands.py
 for the others), so ``--help`` shows every field with its docstring. Parsing imports
@@ -24,7 +24,13 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from dashrl.launch.commands import AttachCommand, EvalCommand, KeysCommand, ReplayCommand
+from dashrl.launch.commands import (
+    AttachCommand,
+    EvalCommand,
+    KeysCommand,
+    ReplayCommand,
+    SweepCommand,
+)
 from dashrl.launch.config_file import (
     json_field_rules,
     load_config_file,
@@ -41,6 +47,7 @@ SUBCOMMANDS: dict[str, tuple[type, str, str]] = {
     "replay": (ReplayCommand, "dashrl.launch.replay", "run_replay_command"),
     "attach": (AttachCommand, "dashrl.launch.attach", "attach"),
     "keys": (KeysCommand, "dashrl.launch.keys", "keys_command"),
+    "sweep": (SweepCommand, "dashrl.launch.sweep", "sweep_command"),
 }
 """Subcommand -> (argument model, module, function called with the parsed arguments)."""
 

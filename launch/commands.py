@@ -91,3 +91,19 @@ class KeysCommand(Strict):
 
     out: Positional[Path]
     """The folder to create (it must not exist)."""
+
+
+class SweepCommand(Strict):
+    """dashrl sweep: run an experiment file's configurations x seeds (resumable) and write
+    its table and curves (launch/sweep.py; experiments/README.md)."""
+
+    experiment: Positional[str]
+    """An experiment file (.toml), or the name of one under experiments/ ("kl")."""
+    runs: Path | None = None
+    """Where the run directories go (default runs/sweep/NAME)."""
+    results: Path | None = None
+    """Where NAME.json, NAME.md and NAME.png go (default experiments/results)."""
+    only: tuple[str, ...] = ()
+    """Run only these configurations now (the report covers every recorded run)."""
+    report_only: bool = False
+    """Start no run; rewrite the report from the recorded runs."""

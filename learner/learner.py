@@ -122,6 +122,7 @@ class Learner:
         log.info("truncated importance sampling cap %s", self.context.tis_cap or "off")
         self.version = self.step_count = self.skipped_steps = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
+        self._last_save = 0.0  # monotonic time of the last periodic checkpoint (0: none yet)
         q = cfg.queue
         # With reuse, each served sample's new priority goes back to the queue. With several
         # ranks each holds only its shard's ratios: priorities then stay |A| (not gathered).
@@ -278,11 +279,18 @@ class Learner:
             broadcast_s = self.broadcast_weights()
             self.update_reference()
         step_s = time.perf_counter() - t0
-        if lc.checkpoint_every and self.step_count % lc.checkpoint_every == 0:
+        ckpt_s, now = 0.0, time.monotonic()
+        self._last_save = self._last_save or now - step_s  # the clock starts with step 1
+        if (lc.checkpoint_every and self.step_count % lc.checkpoint_every == 0) or (
+            lc.checkpoint_every_s and now - self._last_save >= lc.checkpoint_every_s
+        ):
             self.save(self.checkpoints / f"step_{self.step_count}", full=lc.checkpoint_optimizer)
+            self._last_save = time.monotonic()
+            ckpt_s = self._last_save - now  # reported, so a clock can leave saving out
         out = {**mean_rows(rows), **queue_stats, "learner/grad_norm": grad_norm,
                "learner/step_taken": float(took), "learner/step_s": step_s,
                "learner/queue_wait_s": waited, "learner/broadcast_s": broadcast_s,
+               "learner/checkpoint_s": ckpt_s,
                "learner/micro_batches_per_step": float(len(rows))}  # fmt: skip
         compute_s = max(step_s - waited, 1e-9)
         out["learner/tokens_per_s"] = out["learner/tokens"] * self.world / compute_s

@@ -222,6 +222,12 @@ class QueueConfig(Strict):
     generated batches' accepted samples on the default job, so two batches can be in flight."""
     min_size: int = Field(0, ge=0)
     """Samples held before any micro-batch is served (Reverb's MinSize)."""
+    expiring_first: bool | None = None
+    """Greedy micro-batches serve the units on their last servable version (lag ==
+    max_staleness) before higher-|A| fresher ones (earliest deadline first), so a paced
+    queue trains on what it accepted instead of evicting its low-|A| bottom as stale
+    (queue/policies.py expiring_first_pick). None: on exactly when the rate limiter is
+    (without one the queue is large and every micro-batch would be its oldest samples)."""
     serve_groups: bool = False
     """Store and serve each group's filtered samples as one unit (cut to micro_batch_size
     sequences), ranked by its largest |A|, so that a micro-batch's completions share their
@@ -308,6 +314,10 @@ class LearnerConfig(Strict):
     the launcher's environment (on a one-GPU machine every role then shares cuda:0)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every N steps (0: only at the end)."""
+    checkpoint_every_s: float = Field(0.0, ge=0)
+    """Also save one whenever this many seconds of training passed since the last (0: off;
+    the experiment runner's clock, launch/sweep.py). learner/checkpoint_s reports the
+    seconds each save took."""
     checkpoint_optimizer: bool = True
     """Periodic checkpoints also hold the optimizer state and RNG, so --resume can continue
     from them. False: weights, tokenizer and version only (a checkpoint to evaluate, as

@@ -36,6 +36,7 @@ from dashrl.queue.policies import (
     UNITS,
     RateLimit,
     dpo_pair_units,
+    expiring_first_pick,
     importance_weights,
     is_stale,
     length_aware_pick,
@@ -118,6 +119,8 @@ class ReplayBuffer:
             exponent (queue/policies.py).
         rate_limit: pace inserts to serves (None: off).
         seed: seed of proportional sampling.
+        expiring_first: greedy micro-batches by sequences take the units on their last
+            servable version first (queue/policies.py expiring_first_pick).
 
     Raises:
         ValueError: capacity < 1, negative threshold or staleness, length_window < 1,
@@ -127,7 +130,8 @@ class ReplayBuffer:
     def __init__(self, capacity: int, filter_threshold: float | None = 0.0,
                  max_staleness: int = 4, length_window: int = 1, max_uses: int = 1,
                  sampling: str = "greedy", alpha: float = 1.0, beta: float = 0.0,
-                 rate_limit: RateLimit | None = None, seed: int = 0):  # fmt: skip
+                 rate_limit: RateLimit | None = None, seed: int = 0,
+                 expiring_first: bool = False):  # fmt: skip
         if capacity < 1 or (filter_threshold or 0) < 0 or max_staleness < 0 or length_window < 1:
             raise ValueError("capacity >= 1, filter_threshold >= 0, max_staleness >= 0, "
                              "length_window >= 1 required")  # fmt: skip
@@ -137,7 +141,7 @@ class ReplayBuffer:
         self.capacity, self.filter_threshold = capacity, filter_threshold
         self.max_staleness, self.length_window = max_staleness, length_window
         self.max_uses, self.sampling, self.alpha, self.beta = max_uses, sampling, alpha, beta
-        self.rate_limit = rate_limit
+        self.rate_limit, self.expiring_first = rate_limit, expiring_first
         self.rng = np.random.default_rng(seed)
         self.learner_version = 0
         self.counters = BufferCounters()
@@ -293,8 +297,19 @@ class ReplayBuffer:
             return [entries[i] for i in picked], weights
         if unit == "sequences":
             window = list(itertools.islice(self._items, self.length_window * size))
+            expiring: list[bool] = []
+            if self.expiring_first:  # every held unit on its last version joins the window
+                last = [e for e in self._items if version_lag(
+                    e.oldest_version, self.learner_version) >= self.max_staleness]  # fmt: skip
+                top = {id(e) for e in window}
+                window += [e for e in last if id(e) not in top]
+                window.sort(key=lambda e: (-e.prio, -e.seq))
+                ids = {id(e) for e in last}
+                expiring = [id(e) in ids for e in window]
             lengths = [max(s.num_tokens for s in e.samples) for e in window]
-            picked = length_aware_pick(lengths, [len(e.samples) for e in window], size)
+            sizes = [len(e.samples) for e in window]
+            picked = (expiring_first_pick(expiring, lengths, sizes, size) if any(expiring)
+                      else length_aware_pick(lengths, sizes, size))  # fmt: skip
         else:
             counts, total = [], 0
             for e in self._items:  # only walk as far as one micro-batch reaches

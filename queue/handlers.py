@@ -94,6 +94,7 @@ class QueueServer:
         self.buffer = ReplayBuffer(
             q.capacity, q.filter_threshold, q.max_staleness, q.length_window, q.max_uses,
             q.sampling, q.priority_exponent, q.is_beta, rate_limit(cfg), cfg.seed,
+            q.samples_per_insert is not None if q.expiring_first is None else q.expiring_first,
         )  # fmt: skip
         self._lent: OrderedDict[int, list[Sample]] = OrderedDict()  # request id -> its samples
         self.rejected_updates = 0  # priority updates that match no recent micro-batch

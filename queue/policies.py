@@ -165,6 +165,46 @@ def length_aware_pick(lengths: list[int], sizes: list[int], size: int) -> list[i
     return sorted(picked)
 
 
+def expiring_first_pick(
+    expiring: list[bool], lengths: list[int], sizes: list[int], size: int
+) -> list[int]:
+    """Greedy micro-batch under the rate limiter: the units on their last servable version
+    first (highest priority first), the rest of the micro-batch by :func:`length_aware_pick`.
+
+    With greedy ranking by |A| and a steady stream of arrivals, the low-|A| units at the
+    bottom of a small paced buffer are outranked by every new group and age until the
+    staleness rule evicts them (measured on the default job with the limiter on: 23% of
+    accepted samples, none stale on arrival). Serving a unit in the version before it
+    would be evicted (earliest deadline first) trains on it instead of throwing away a
+    sample the actor paid for; the higher-|A| units it displaces are still fresh and go in
+    the next micro-batch. A rate limiter is what keeps the expiring share small: without
+    one, a large queue would make every micro-batch the oldest samples'.
+
+    Args:
+        expiring: per unit of the window, whether it is evicted at the next version advance.
+        lengths: longest sequence of each unit (tokens), in priority order.
+        sizes: samples in each unit.
+        size: sequences wanted.
+
+    Returns:
+        Indices into the window in priority order; [] when it holds fewer than ``size``.
+    """
+    if sum(sizes) < size:
+        return []
+    picked, n = [], 0
+    for i, x in enumerate(expiring):
+        if x and n < size:
+            picked.append(i)
+            n += sizes[i]
+    if n >= size:
+        return picked
+    if not picked:
+        return length_aware_pick(lengths, sizes, size)
+    rest = [i for i in range(len(sizes)) if not expiring[i]]
+    sub = length_aware_pick([lengths[i] for i in rest], [sizes[i] for i in rest], size - n)
+    return sorted(picked + [rest[j] for j in sub])
+
+
 def proportional_pick(
     priorities: list[float], sizes: list[int], size: int, alpha: float, rng: np.random.Generator
 ) -> list[int]:

@@ -31,6 +31,7 @@ from dashrl.queue.buffer import ReplayBuffer, dpo_pair_units
 from dashrl.queue.log import ROLLOUT_LOG, read_queue_log
 from dashrl.queue.policies import (
     RateLimit,
+    expiring_first_pick,
     importance_weights,
     proportional_pick,
     replay_priority,
@@ -192,6 +193,36 @@ def test_evictions_write_off_their_budget_so_intake_never_stalls() -> None:
     assert not buf.accepting()
     assert len(buf.set_learner_version(1)) == 4  # all stale, never served
     assert buf.budget == 0 and buf.accepting()
+
+
+def test_expiring_first_pick_by_hand() -> None:
+    # no unit expiring: exactly the length-aware pick (top unit, then the closest lengths)
+    assert expiring_first_pick([False] * 4, [10, 30, 11, 12], [1, 1, 1, 1], 3) == [0, 2, 3]
+    # units 1 and 3 expire: both first, then the length-aware pick among the rest
+    assert expiring_first_pick([False, True, False, True], [10, 30, 11, 50],
+                               [1, 1, 1, 1], 3) == [0, 1, 3]  # fmt: skip
+    # more expiring than fit: the highest-priority expiring ones only
+    assert expiring_first_pick([True, True, True], [5, 5, 5], [1, 1, 1], 2) == [0, 1]
+    assert expiring_first_pick([True], [5], [1], 2) == []  # too few held
+
+
+def test_greedy_serves_the_expiring_bottom_before_fresher_higher_priority() -> None:
+    def run(expiring_first: bool) -> tuple[list[Sample], list[Sample]]:
+        buf = ReplayBuffer(capacity=10, max_staleness=1, expiring_first=expiring_first)
+        low = sample(0.1, version=0, name="low")
+        buf.add([low])
+        buf.set_learner_version(1)  # low is now at lag 1 = max_staleness: its last version
+        high = [sample(2.0, version=1, name=f"h{i}") for i in range(2)]
+        for s in high:
+            buf.add([s])
+        served = buf.pop_micro_batch(2)
+        return served, buf.set_learner_version(2)
+
+    served, evicted = run(expiring_first=True)
+    assert {s.prompt_id for s in served} == {"low", "h1"} and evicted == []  # h1: the newer
+    served, evicted = run(expiring_first=False)  # plain greedy: low starves and goes stale
+    assert {s.prompt_id for s in served} == {"h0", "h1"}
+    assert [s.prompt_id for s in evicted] == ["low"]
 
 
 def test_generation_permits_wait_for_the_limiter_and_for_batches_on_their_way(tmp_path) -> None:

@@ -1,0 +1,354 @@
+"""``start.py sweep EXPERIMENT``: named configurations x seeds x a wall-clock budget, each run
+evaluated the same way, resumable, written up as a table with intervals over seeds.
+
+An experiment is a TOML file (``experiments/NAME.toml``; see experiments/README.md)::
+
+    description = "grpo with and without a KL penalty"
+    budget_s = 600            # training seconds per run (the learner's clock)
+    seeds = [0, 1]
+    [base]                    # config fields every run shares (the config tree's sections)
+    data.task = "chain_sum"
+    [eval]                    # held-out evaluation of every run's checkpoints
+    prompts = 256
+    k = 4
+    final_k = 32
+    [configs.kl_0]            # one table per configuration: fields over base
+    learner.kl_coef = 0.0
+
+The runner takes one (config, seed) at a time: it writes the run's resolved config, runs
+``start.py --config`` on it with the time limit (in-run evaluation off, a weights-only
+checkpoint every ``checkpoint_every_s`` of training), then evaluates, in a separate
+process (launch/sweep_eval.py) after the run, the latest checkpoint written by each
+fraction ``eval.at`` of the budget, with k samples per prompt (``final_k`` for the last),
+deletes the checkpoints and records the run in ``experiments/results/NAME.json``. A
+restart skips every recorded run whose resolved config and evaluation plan are unchanged,
+so a long experiment completes over several sittings. Times are training seconds: the
+learner's clock (``wall_s`` in metrics.jsonl) less the seconds spent writing checkpoints;
+start-up (model load, engine compile) is not counted.
+
+Only pydantic and the standard library are imported at module level (``--help`` stays
+fast); the report (launch/sweep_report.py) imports matplotlib when it draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+
+from dashrl.launch.commands import SweepCommand
+from dashrl.launch.config_file import _normalise, one_line
+from dashrl.launch.sweep_report import write_report
+from dashrl.protocol.config import Config, Strict
+from dashrl.protocol.model import resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP_GRACE_S = 900.0
+"""Seconds a run may take beyond its budget (start-up, the final checkpoint) before the
+runner stops it by its pid."""
+
+
+class EvalPlan(Strict):
+    """How every run of an experiment is evaluated (launch/sweep_eval.py)."""
+
+    prompts: int = Field(256, ge=1)
+    """Held-out prompts of the training task (the first N of the run's held-out split;
+    data.heldout_size is raised to at least this)."""
+    k: int = Field(4, ge=1)
+    """Samples per prompt at each evaluated checkpoint but the last (avg@k, maj@k, pass@j)."""
+    final_k: int = Field(32, ge=1)
+    """Samples per prompt at the last checkpoint (pass@j for j up to it)."""
+    at: tuple[float, ...] = (0.25, 1.0)
+    """Fractions of the budget at which the latest checkpoint is evaluated (1.0: the final
+    weights)."""
+    engine: str = Field("vllm", pattern="^(vllm|hf)$")
+    """vllm (one engine, checkpoints loaded in place) or hf (tiny test models)."""
+
+    @field_validator("at")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < f <= 1 for f in v) or list(v) != sorted(set(v)):
+            raise ValueError(f"eval.at must be increasing fractions in (0, 1], got {v}")
+        return v
+
+
+class Experiment(Strict):
+    """An experiment file: configurations x seeds x a budget, evaluated by one plan."""
+
+    description: str
+    """What the experiment asks (printed at the top of its results)."""
+    budget_s: float = Field(gt=0)
+    """Training seconds per run (the learner's clock, start-up not counted)."""
+    seeds: list[int] = Field(min_length=1)
+    """Seeds; every configuration runs once per seed."""
+    checkpoint_every_s: float | None = Field(None, gt=0)
+    """Seconds of training between checkpoints (default: budget_s / 8)."""
+    base: dict[str, Any] = {}
+    """Config fields shared by every run (sections of the config tree, as in configs/)."""
+    configs: dict[str, dict[str, Any]] = Field(min_length=1)
+    """Configuration name -> its fields over base."""
+    eval: EvalPlan = EvalPlan()
+    """The evaluation of every run."""
+
+
+def _nulls(d: Any) -> Any:
+    """TOML has no null: the string "None" in an experiment file means None (e.g.
+    ``queue.filter_threshold = "None"``, no gradient filter)."""
+    if isinstance(d, dict):
+        return {k: _nulls(v) for k, v in d.items()}
+    return None if d == "None" else d
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, section by section."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_experiment(path: Path) -> Experiment:
+    """The experiment in ``path``, every configuration checked against the config tree.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a file that does not parse, an unknown key, or a configuration the
+            config refuses (one line naming the file, the configuration and the field).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment file not found: {path}")
+    try:
+        exp = Experiment.model_validate(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: does not parse: {e}") from None
+    except ValidationError as e:
+        raise ValueError(f"{path}: {one_line(str(e))}") from None
+    for name in exp.configs:
+        run_config(exp, name, 0, Path("/nonexistent"), source=path)  # raises on a bad field
+    return exp
+
+
+def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
+               source: Path | None = None) -> Config:  # fmt: skip
+    """The resolved config of one run: base, the configuration, then what the runner fixes
+    (seed, run directory, time limit, checkpoints, no in-run evaluation).
+
+    Raises:
+        ValueError: a field the config refuses (naming ``source`` and the configuration).
+    """
+    data = _merge(_normalise(Config, _nulls(exp.base)),
+                  _normalise(Config, _nulls(exp.configs[name])))  # fmt: skip
+    every = exp.checkpoint_every_s or exp.budget_s / 8
+    fixed = {"seed": seed, "run_dir": str(run_dir), "time_limit_s": exp.budget_s,
+             "learner": {"checkpoint_every_s": every, "checkpoint_optimizer": False},
+             "eval": {"heldout": False, "every_steps": 0}}  # fmt: skip
+    data = _merge(data, fixed)
+    data.setdefault("learner", {}).setdefault("steps", 1_000_000)  # the budget ends a run
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"{source or 'experiment'}: configs.{name}: {one_line(str(e))}") from None
+    if cfg.data.heldout_size < exp.eval.prompts:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"heldout_size": exp.eval.prompts})})  # fmt: skip
+    return cfg
+
+
+def fingerprint(exp: Experiment, cfg: Config) -> str:
+    """What makes a recorded run still valid: its resolved config (paths and ports aside)
+    and the evaluation plan. A changed field re-runs it."""
+    d = cfg.model_dump(mode="json", exclude={"run_dir", "transport"})
+    blob = json.dumps([d, exp.eval.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def training_clock(run_dir: Path) -> tuple[list[dict], dict[int, float]]:
+    """(metrics rows, step -> training seconds at its end): the learner's ``wall_s`` less
+    the seconds spent writing checkpoints up to and including that step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]  # fmt: skip
+    clock, saved = {}, 0.0
+    for r in rows:
+        saved += r.get("learner/checkpoint_s", 0.0)
+        r["train_s"] = r["wall_s"] - saved
+        clock[int(r["step"])] = r["train_s"]
+    return rows, clock
+
+
+def pick_checkpoints(run_dir: Path, exp: Experiment, clock: dict[int, float]) -> list[dict]:
+    """Per fraction of ``eval.at``: the latest checkpoint written by then (the final weights
+    for 1.0), as {"label", "path", "k", "step", "train_s"}; fractions before the first
+    checkpoint are left out."""
+    ckpts = sorted((int(d.name.split("_")[1]), d) for d in (run_dir / "checkpoints").glob("step_*")
+                   if (d / "config.json").exists())  # fmt: skip
+    last_step = max(clock) if clock else 0
+    final = run_dir / "checkpoints" / "final"
+    if (final / "config.json").exists():
+        ckpts.append((last_step, final))
+    out = []
+    for f in exp.eval.at:
+        t = f * exp.budget_s
+        found = [(s, d) for s, d in ckpts if clock.get(s, float("inf")) <= t + 1e-6]
+        if f == 1.0 and ckpts:
+            found = [ckpts[-1]]  # the final weights, whenever the run stopped
+        if found:
+            s, d = found[-1]
+            last = f == exp.eval.at[-1]
+            out.append({"label": f"{f:g}", "path": str(d), "step": s,
+                        "train_s": clock.get(s, 0.0),
+                        "k": exp.eval.final_k if last else exp.eval.k})  # fmt: skip
+    return out
+
+
+def _launch(cmd: list[str], log: Path, timeout_s: float) -> int:
+    """Run ``cmd`` (its output to ``log``); past ``timeout_s`` it is stopped by its pid
+    (SIGTERM, then SIGKILL to its process group 120 s later). Returns its exit status."""
+    with log.open("w") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                             start_new_session=True)  # fmt: skip
+        try:
+            return p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGTERM)
+            try:
+                return p.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                return p.wait()
+
+
+def evaluate_checkpoints(job: dict, work: Path) -> dict[str, dict[str, float]]:
+    """Run launch/sweep_eval.py on ``job`` in its own process; label -> metrics.
+
+    Raises:
+        RuntimeError: the evaluator failed (its log is named).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "eval_job.json").write_text(json.dumps(job, indent=1))
+    out, log = work / "eval.json", work / "eval.log"
+    rc = _launch([sys.executable, "-m", "dashrl.launch.sweep_eval", str(work / "eval_job.json"),
+                  str(out)], log, 3 * 3600)  # fmt: skip
+    if rc != 0 or not out.exists():
+        raise RuntimeError(f"evaluation failed (exit {rc}); see {log}")
+    return json.loads(out.read_text())
+
+
+def run_one(exp: Experiment, name: str, seed: int, runs: Path) -> dict:
+    """Train and evaluate one (configuration, seed); its record.
+
+    Raises:
+        RuntimeError: the run left no metrics or failed, or its evaluation failed.
+    """
+    run_dir = runs / f"{name}_s{seed}"
+    cfg = run_config(exp, name, seed, run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not finish starts over
+    cfg_file = runs / f"{name}_s{seed}.json"
+    cfg_file.write_text(cfg.model_dump_json(indent=1))
+    t0 = time.time()
+    rc = _launch([sys.executable, str(REPO / "launch" / "start.py"), "--config", str(cfg_file)],
+                 runs / f"{name}_s{seed}.log", exp.budget_s + SETUP_GRACE_S)  # fmt: skip
+    summary = run_dir / "summary.json"
+    if not (run_dir / "metrics.jsonl").exists() or not summary.exists():
+        raise RuntimeError(f"{name} seed {seed}: the run left no metrics (exit {rc}); see "
+                           f"{runs / f'{name}_s{seed}.log'}")  # fmt: skip
+    failed = json.loads(summary.read_text()).get("failed_role")
+    if failed:
+        raise RuntimeError(f"{name} seed {seed}: role {failed} failed; see {run_dir / 'logs'}")
+    rows, clock = training_clock(run_dir)
+    picks = pick_checkpoints(run_dir, exp, clock)
+    job = {"config": str(run_dir / "config.json"), "prompts": exp.eval.prompts,
+           "engine": exp.eval.engine, "checkpoints": picks}  # fmt: skip
+    evals = evaluate_checkpoints(job, run_dir / "sweep_eval") if picks else {}
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 0.5-2 GB each; numbers kept
+    keep = ("actor/reward_mean", "learner/entropy", "actor/completion_len", "learner/kl")
+    curve = [{"step": r["step"], "train_s": round(r["train_s"], 2),
+              **{k: r[k] for k in keep if k in r}} for r in rows]  # fmt: skip
+    return {"config": name, "seed": seed, "fingerprint": fingerprint(exp, cfg),
+            "steps": len(rows), "run_s": round(time.time() - t0, 1),
+            "evals": [{**p, **evals.get(p["label"], {})} for p in picks],
+            "curve": curve}  # fmt: skip
+
+
+def base_record(exp: Experiment, runs: Path) -> dict[str, float]:
+    """The base model's held-out metrics (k = final_k) under the first configuration's
+    data and sampler settings, once per experiment."""
+    cfg = run_config(exp, next(iter(exp.configs)), exp.seeds[0], runs / "base")
+    (runs / "base").mkdir(parents=True, exist_ok=True)
+    cfg_file = runs / "base" / "config.json"
+    cfg_file.write_text(cfg.model_dump_json(indent=1))
+    model = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    ck = {"label": "base", "path": str(model), "k": exp.eval.final_k}
+    job = {"config": str(cfg_file), "prompts": exp.eval.prompts, "engine": exp.eval.engine,
+           "checkpoints": [ck]}  # fmt: skip
+    return evaluate_checkpoints(job, runs / "base")["base"]
+
+
+def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
+          only: tuple[str, ...] = (), report_only: bool = False) -> dict:  # fmt: skip
+    """Run every (configuration, seed) of the experiment in ``path`` not yet recorded, then
+    write the report. Returns the results (as written to JSON).
+
+    Args:
+        path: the experiment file.
+        runs: where run directories go (default runs/sweep/NAME).
+        results: where NAME.json/.md/.png go (default experiments/results).
+        only: run just these configurations (the report still covers every recorded run).
+        report_only: start nothing; rewrite the report from what is recorded.
+
+    Raises:
+        ValueError: a bad experiment file or an unknown name in ``only``.
+    """
+    exp, name = load_experiment(path), Path(path).stem
+    unknown = set(only) - set(exp.configs)
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {sorted(unknown)}; the experiment has "
+                         f"{sorted(exp.configs)}")  # fmt: skip
+    runs = Path(runs or REPO / "runs" / "sweep" / name)
+    results = Path(results or REPO / "experiments" / "results")
+    out = results / f"{name}.json"
+    recorded = json.loads(out.read_text()) if out.exists() else {}
+    state = {"experiment": name, "description": exp.description, "budget_s": exp.budget_s,
+             "eval": exp.eval.model_dump(mode="json"), "base": recorded.get("base"),
+             "runs": {}}  # fmt: skip
+    for seed in exp.seeds:
+        for cname in exp.configs:
+            key, old = f"{cname}/{seed}", recorded.get("runs", {}).get(f"{cname}/{seed}")
+            fp = fingerprint(exp, run_config(exp, cname, seed, runs / f"{cname}_s{seed}"))
+            if old is not None and old.get("fingerprint") == fp:
+                state["runs"][key] = old  # recorded with this config and plan: skip
+                continue
+            if report_only or (only and cname not in only):
+                continue
+            runs.mkdir(parents=True, exist_ok=True)
+            print(f"sweep {name}: {key} ({exp.budget_s:.0f} s)", flush=True)
+            state["runs"][key] = run_one(exp, cname, seed, runs)
+            write_report(state, out)  # after every run: a stopped sweep keeps what it has
+    if state["base"] is None and not report_only and state["runs"]:
+        state["base"] = base_record(exp, runs)
+    write_report(state, out)
+    return state
+
+
+def sweep_command(cmd: SweepCommand) -> dict:
+    """``start.py sweep``: :func:`sweep` on the named or given experiment file.
+
+    Raises:
+        FileNotFoundError: neither a file nor a name under experiments/.
+    """
+    path = Path(cmd.experiment)
+    if not path.suffix and not path.exists():
+        path = REPO / "experiments" / f"{cmd.experiment}.toml"
+    state = sweep(path, cmd.runs, cmd.results, cmd.only, cmd.report_only)
+    print((Path(cmd.results or REPO / "experiments" / "results") / f"{path.stem}.md").read_text())
+    return state

@@ -1,0 +1,151 @@
+"""The experiment runner (launch/sweep.py): experiment files checked against the config
+tree, the training clock and checkpoint choice, intervals over seeds by hand, and a real
+tiny-model sweep of 2 configurations x 2 seeds that writes its table and skips its
+finished runs when restarted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from dashrl.launch import sweep as sweep_mod
+from dashrl.launch.sweep import (
+    Experiment,
+    fingerprint,
+    load_experiment,
+    pick_checkpoints,
+    run_config,
+    training_clock,
+)
+from dashrl.launch.sweep_report import markdown, t_interval
+
+TINY = REPO / "tests" / "fixtures" / "tiny_sweep.toml"
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = 'description = "x"\nbudget_s = 60\nseeds = [0]\n'
+
+
+def test_every_shipped_experiment_file_loads() -> None:
+    assert EXPERIMENTS, "experiments/*.toml missing"
+    for path in [*EXPERIMENTS, TINY]:
+        exp = load_experiment(path)
+        assert exp.configs and exp.seeds
+
+
+def test_a_bad_experiment_file_names_the_file_the_configuration_and_the_field(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"configs\.bad: --learner\.lr: "):
+        load_experiment(write(tmp_path, MINIMAL + '[configs.bad]\nlearner.lr = "fast"\n'))
+    with pytest.raises(ValueError, match="exp.toml.*learner.*lrr"):
+        load_experiment(write(tmp_path, MINIMAL + "[configs.bad]\nlearner.lrr = 1.0\n"))
+    with pytest.raises(ValueError, match="exp.toml.*budjet"):
+        load_experiment(write(tmp_path, MINIMAL + "budjet_s = 3\n[configs.a]\nalgo = 'grpo'\n"))
+    with pytest.raises(ValueError, match="increasing fractions"):
+        load_experiment(write(tmp_path, MINIMAL + "[eval]\nat = [1.0, 0.5]\n[configs.a]\n"
+                              "algo = 'grpo'\n"))  # fmt: skip
+    with pytest.raises(ValueError, match="does not parse"):
+        load_experiment(write(tmp_path, "description = \n"))
+    with pytest.raises(FileNotFoundError):
+        load_experiment(tmp_path / "none.toml")
+
+
+def test_run_config_layers_base_configuration_and_the_runners_fields(tmp_path) -> None:
+    exp = load_experiment(TINY)
+    cfg = run_config(exp, "lr_high", 3, tmp_path / "r")
+    assert cfg.learner.lr == 1e-4 and cfg.model.name == "tiny-random" and cfg.seed == 3
+    assert cfg.queue.filter_threshold is None  # "None" in TOML
+    assert cfg.time_limit_s == exp.budget_s and cfg.learner.checkpoint_every_s == 2
+    assert not cfg.eval.heldout and cfg.eval.every_steps == 0
+    assert cfg.data.heldout_size >= exp.eval.prompts
+    # the fingerprint ignores where a run lives, not what it is
+    same = run_config(exp, "lr_high", 3, tmp_path / "elsewhere")
+    assert fingerprint(exp, cfg) == fingerprint(exp, same)
+    assert fingerprint(exp, cfg) != fingerprint(exp, run_config(exp, "lr_low", 3, tmp_path))
+
+
+def test_training_clock_leaves_checkpoint_writing_out_and_picks_the_latest_by_each_time(
+    tmp_path,
+) -> None:
+    run = tmp_path / "run"
+    rows = [{"step": 1, "wall_s": 10.0, "learner/checkpoint_s": 0.0},
+            {"step": 2, "wall_s": 25.0, "learner/checkpoint_s": 5.0},  # a save of 5 s
+            {"step": 3, "wall_s": 35.0, "learner/checkpoint_s": 0.0},
+            {"step": 4, "wall_s": 52.0, "learner/checkpoint_s": 2.0}]  # fmt: skip
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, clock = training_clock(run)
+    assert clock == {1: 10.0, 2: 20.0, 3: 30.0, 4: 45.0}
+    for name in ("step_2", "step_4", "final"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / "config.json").write_text("{}")
+    exp = Experiment.model_validate({"description": "x", "budget_s": 80, "seeds": [0],
+                                     "configs": {"a": {}},
+                                     "eval": {"at": [0.1, 0.25, 0.5, 1.0], "k": 2,
+                                              "final_k": 8}})  # fmt: skip
+    picks = pick_checkpoints(run, exp, clock)
+    # 0.1 x 80 = 8 s: nothing written yet; 20 s: step_2; 40 s: step_2 (step_4 at 45 s); final
+    assert [(p["label"], Path(p["path"]).name, p["k"]) for p in picks] == [
+        ("0.25", "step_2", 2), ("0.5", "step_2", 2), ("1", "final", 8)]  # fmt: skip
+    assert picks[-1]["train_s"] == 45.0
+
+
+def test_t_interval_by_hand() -> None:
+    m, h = t_interval([0.5, 0.7])  # sd 0.1414, n 2: 12.706 * 0.1414 / 1.4142
+    assert m == pytest.approx(0.6) and h == pytest.approx(1.2706, abs=1e-4)
+    m, h = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3: 4.303 / sqrt(3)
+    assert m == 2.0 and h == pytest.approx(4.303 / math.sqrt(3))
+    assert math.isnan(t_interval([0.3])[1])
+    with pytest.raises(ValueError):
+        t_interval([])
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, monkeypatch) -> None:
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "launch" / "start.py"), "sweep", str(TINY),
+           "--runs", str(runs), "--results", str(results)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    state = json.loads((results / "tiny_sweep.json").read_text())
+    assert sorted(state["runs"]) == ["lr_high/0", "lr_high/1", "lr_low/0", "lr_low/1"]
+    for run in state["runs"].values():
+        assert run["steps"] >= 1 and run["curve"]
+        final = run["evals"][-1]
+        assert final["label"] == "1" and final["k"] == 4 and final["prompts"] == 8
+        assert 0.0 <= final["reward_mean"] <= 1.0 and "pass@4" in final and "maj@4" in final
+        assert not (runs / f"{run['config']}_s{run['seed']}" / "checkpoints").exists()
+    assert state["base"]["k"] == 4
+    md = (results / "tiny_sweep.md").read_text()
+    assert "| lr_low | 2 |" in md and "| lr_high | 2 |" in md and " ± " in md
+    assert (results / "tiny_sweep.png").stat().st_size > 10_000
+    assert md == markdown(state)
+
+    # a restart runs nothing that is recorded; a changed configuration runs again
+    launched: list[tuple[str, int]] = []
+
+    def fake_run_one(exp, name, seed, runs_dir):
+        launched.append((name, seed))
+        return {
+            **state["runs"][f"{name}/{seed}"],
+            "fingerprint": fingerprint(exp, run_config(exp, name, seed, runs_dir)),
+        }
+
+    monkeypatch.setattr(sweep_mod, "run_one", fake_run_one)
+    sweep_mod.sweep(TINY, runs, results)
+    assert launched == []
+    changed = tmp_path / "tiny_sweep.toml"
+    changed.write_text(TINY.read_text().replace("learner.lr = 1e-4", "learner.lr = 2e-4"))
+    sweep_mod.sweep(changed, runs, results)
+    assert sorted(launched) == [("lr_high", 0), ("lr_high", 1)]
