@@ -38,8 +38,12 @@ CONFIGS: dict[str, list[str] | None] = {
     # batches on their way; error buffer one step) ran on commit 3528aa2
     "limiter_off_v0": None, "limiter_on_v1_v0": None, "limiter_on_v2_v0": None,
     "greedy_k2_v0": None, "greedy_k4_v0": None,
+    # "_v1": the limiter before expiring-first serving (commit 3be50d9 and earlier)
+    "limiter_on_v1": None,
     "limiter_off": [],  # the default job
-    "limiter_on": LIMITER,
+    "limiter_on_greedy": [*LIMITER, "--queue.expiring-first", "False"],  # plain greedy
+    "limiter_on": LIMITER,  # expiring-first serving is on with the limiter
+    "limiter_on_eb16": [*LIMITER, "--queue.rate-error-buffer", "16"],  # one step of slack
     # reuse: the wall-clock budget, not the default job's 60 steps, ends each run (the
     # learner got 3x faster in issue 17 and finishes 60 steps in ~5 minutes)
     "greedy_k1": [*UNCAPPED],
@@ -59,7 +63,10 @@ EXPERIMENTS: dict[str, list[str]] = {
         "limiter_on_v1_v0",
         "limiter_on_v2_v0",
         "limiter_off",
+        "limiter_on_v1",
+        "limiter_on_greedy",
         "limiter_on",
+        "limiter_on_eb16",
     ],
     "ablation": ["limiter_off_v0", "limiter_off", "tis_2", "sample_units", "float32"],
     "reuse": [

@@ -1,4 +1,5 @@
-"""vLLM engine on the real model: logprob agreement with HF, weight updates in place, in flight.
+"""vLLM engine on the real model: logprob agreement with HF, weight updates in place, in flight,
+and a checkpoint loaded from disk in place.
 
 One live vLLM engine (float32, SmolLM2-135M-Instruct) per KV policy on update ("keep",
 "recompute"): starting one takes 25 s with a warm compile cache and about 2 minutes
@@ -72,6 +73,7 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
     path = resolve_model("smollm2-135m-instruct", Path("~/.cache/dashrl/models"))
     tok = load_tokenizer(path)
     model = load_causal_lm(path).eval()
+    base_model = load_causal_lm(path).eval()  # kept unperturbed
     params = list(model.parameters())
     # the engine's layout is the learner's broadcast order (tied embedding once)
     layout = hf_parameter_layout(path)
@@ -110,6 +112,10 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
             res["in_flight_done_before_update"] = running.done()
             res["in_flight"] = await running
             res["status"] = await engine.weight_status()
+            # an HF checkpoint from disk over the perturbed weights (the experiment runner's
+            # evaluator, launch/sweep_eval.py): the engine runs the base model again
+            await engine.load_checkpoint(path)
+            res["reloaded"] = _mismatch(base_model, prompts, await sample())
             return res
         finally:
             engine.shutdown()
@@ -133,3 +139,4 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
     assert res["in_flight_version"] == 2 and not res["in_flight_done_before_update"]
     assert all(len(grp) == 4 and all(len(c.token_ids) > 0 for c in grp) for grp in res["in_flight"])
     assert res["status"]["received"] >= 2 and res["status"]["error"] is None
+    assert res["reloaded"].mean() < 1e-3 and res["reloaded"].max() < 2e-2
