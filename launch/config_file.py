@@ -21,7 +21,13 @@ from pydantic import BaseModel, ValidationError
 
 from dashrl.protocol.config import PORT_FIELDS, Config
 
-__all__ = ["json_field_rules", "load_config_file", "one_line", "split_config_flag"]
+__all__ = [
+    "json_field_rules",
+    "load_config_file",
+    "normalise_keys",
+    "one_line",
+    "split_config_flag",
+]
 
 
 def _flag_prefixes(model: type = Config, prefix: str = "") -> dict[str, str]:
@@ -56,7 +62,7 @@ def one_line(message: str) -> str:
     return "; ".join(parts) or " ".join(ln.strip() for ln in lines)
 
 
-def _normalise(model: type[BaseModel], data: Any) -> Any:
+def normalise_keys(model: type[BaseModel], data: Any) -> Any:
     """``data`` with its keys spelled as ``model``'s field names (``-`` -> ``_``), at every
     level that is a config model (not inside free-form dict fields such as task_kwargs)."""
     if not isinstance(data, dict):
@@ -67,7 +73,7 @@ def _normalise(model: type[BaseModel], data: Any) -> Any:
         field = model.model_fields.get(name)
         sub = field.annotation if field is not None else None
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            value = _normalise(sub, value)
+            value = normalise_keys(sub, value)
         out[name] = value
     return out
 
@@ -96,7 +102,7 @@ def load_config_file(path: Path) -> Config:
         raise ValueError(f"{path}: does not parse: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a table of config sections")
-    data = _normalise(Config, data)
+    data = normalise_keys(Config, data)
     data["resume"] = False
     if isinstance(data.get("transport"), dict):  # a saved run's ports may be taken now
         data["transport"] |= dict.fromkeys(PORT_FIELDS, 0)

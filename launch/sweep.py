@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from dashrl.launch.commands import SweepCommand
-from dashrl.launch.config_file import _normalise, one_line
+from dashrl.launch.config_file import normalise_keys, one_line
 from dashrl.launch.sweep_report import write_report
 from dashrl.protocol.config import Config, Strict
 from dashrl.protocol.model import resolve_model
@@ -147,8 +147,8 @@ def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
     Raises:
         ValueError: a field the config refuses (naming ``source`` and the configuration).
     """
-    data = _merge(_normalise(Config, _nulls(exp.base)),
-                  _normalise(Config, _nulls(exp.configs[name])))  # fmt: skip
+    data = _merge(normalise_keys(Config, _nulls(exp.base)),
+                  normalise_keys(Config, _nulls(exp.configs[name])))  # fmt: skip
     every = exp.checkpoint_every_s or exp.budget_s / 8
     fixed = {"seed": seed, "run_dir": str(run_dir), "time_limit_s": exp.budget_s,
              "learner": {"checkpoint_every_s": every, "checkpoint_optimizer": False},

@@ -223,8 +223,8 @@ class QueueConfig(Strict):
     min_size: int = Field(0, ge=0)
     """Samples held before any micro-batch is served (Reverb's MinSize)."""
     expiring_first: bool | None = None
-    """Greedy micro-batches serve the units on their last servable version (lag ==
-    max_staleness) before higher-|A| fresher ones (earliest deadline first), so a paced
+    """Greedy micro-batches by sequences serve the units on their last servable version (lag
+    == max_staleness) before higher-|A| fresher ones (earliest deadline first), so a paced
     queue trains on what it accepted instead of evicting its low-|A| bottom as stale
     (queue/policies.py expiring_first_pick). None: on exactly when the rate limiter is
     (without one the queue is large and every micro-batch would be its oldest samples)."""
