@@ -283,7 +283,7 @@ class Actor:
         try:
             while not stop and await self.refresh_weights() < 0:  # attached: wait for weights
                 await asyncio.sleep(0.2)
-            # sync mode: one batch per version, weights refreshed inline (no second loop)
+            # sync/dash mode: one batch per version, weights refreshed inline (no second loop)
             in_flight = self.engine.in_flight_updates and self.cfg.mode == "async"
             # The other batch loops start once the first batch is out: all of them at once
             # would share the engine from the start and double the wait for the learner's
@@ -365,7 +365,7 @@ class Actor:
                     return
                 if sent is not None:
                     sent.set()
-                if self.cfg.mode == "sync":  # the standard loop: wait for the step on this batch
+                if self.cfg.mode != "async":  # sync and dash: wait for the step on this batch
                     while not stop and await self.refresh_weights() <= version:
                         await asyncio.sleep(0.05)
                 if self.groups_sent % (10 * a.prompts_per_batch) < a.prompts_per_batch:

@@ -98,7 +98,7 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
 
     Raises:
         TimeoutError: the learner did not answer.
-        ValueError: ``--connect`` is not HOST:PORT.
+        ValueError: ``--connect`` is not HOST:PORT, or the job is not ``--mode async``.
     """
     stop = stop or StopFlag()
     node_id = cmd.node_id or f"node-{secrets.token_hex(3)}"
@@ -109,6 +109,9 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
     try:
         welcome = client.register(cmd.timeout_s)
         cfg = Config.model_validate_json(welcome.config_json)
+        if cfg.mode != "async":  # its steps are sized by its own actors' batches
+            raise ValueError(f"the job runs --mode {cfg.mode}: only an async job takes "
+                             "attached generator nodes")  # fmt: skip
         # this machine's copy of the keys, not the learner machine's path
         transport = cfg.transport.model_copy(update={"curve_dir": cmd.curve_dir})
         cfg = cfg.model_copy(update={"transport": transport})

@@ -24,7 +24,11 @@ deletes the checkpoints and records the run in ``experiments/results/NAME.json``
 restart skips every recorded run whose resolved config and evaluation plan are unchanged,
 so a long experiment completes over several sittings. Times are training seconds: the
 learner's clock (``wall_s`` in metrics.jsonl) less the seconds spent writing checkpoints;
-start-up (model load, engine compile) is not counted.
+start-up (model load, engine compile) is not counted. Every point also carries its
+``launch_s``, seconds since the run was launched (start-up counted, checkpoint writing
+not): an experiment with ``clock = "launch"`` is reported on that clock, and with
+``targets`` the report gives each configuration's seconds to each held-out reward level
+and its speed-up over each of ``baselines`` (launch/sweep_report.py).
 
 Only pydantic and the standard library are imported at module level (``--help`` stays
 fast); the report (launch/sweep_report.py) imports matplotlib when it draws.
@@ -42,9 +46,9 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dashrl.launch.commands import SweepCommand
 from dashrl.launch.config_file import normalise_keys, one_line
@@ -99,6 +103,39 @@ class Experiment(Strict):
     """Configuration name -> its fields over base."""
     eval: EvalPlan = EvalPlan()
     """The evaluation of every run."""
+    clock: Literal["train", "launch"] = "train"
+    """The report's time axis: training seconds, or seconds since launch (start-up
+    counted: the clock of a time-to-reward comparison between systems)."""
+    targets: list[float] = []
+    """Held-out reward levels: the report gives the seconds to reach each (interpolated
+    between evaluated checkpoints, the base model at 0 s)."""
+    baselines: list[str] = []
+    """Configurations every other one's time to each target is compared with (speed-up,
+    paired by seed)."""
+
+    @model_validator(mode="after")
+    def _known_baselines(self) -> Experiment:
+        unknown = [b for b in self.baselines if b not in self.configs]
+        if unknown:
+            raise ValueError(f"baselines {unknown} are not configurations "
+                             f"({sorted(self.configs)})")  # fmt: skip
+        for name, fields in self.configs.items():
+            if fields.get("runner", "dashrl") not in RUNNERS:
+                raise ValueError(f"configs.{name}.runner must be one of {sorted(RUNNERS)}, "
+                                 f"got {fields['runner']!r}")  # fmt: skip
+        return self
+
+
+RUNNERS = {"dashrl": ["launch", "start.py"], "trl": ["bench", "trl_grpo.py"]}
+"""A configuration's ``runner`` key -> the script (under the repo) that trains it from the
+resolved config (``SCRIPT --config FILE``): dashrl itself, or TRL's GRPOTrainer with the
+same model, data, sampler and hyper-parameters (bench/trl_grpo.py), writing the same
+metrics.jsonl and checkpoints so that both are evaluated and timed alike."""
+
+
+def runner_of(exp: Experiment, name: str) -> str:
+    """The runner of configuration ``name`` (default "dashrl")."""
+    return exp.configs[name].get("runner", "dashrl")
 
 
 def _nulls(d: Any) -> Any:
@@ -148,7 +185,8 @@ def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
         ValueError: a field the config refuses (naming ``source`` and the configuration).
     """
     data = _merge(normalise_keys(Config, _nulls(exp.base)),
-                  normalise_keys(Config, _nulls(exp.configs[name])))  # fmt: skip
+                  normalise_keys(Config, _nulls({k: v for k, v in exp.configs[name].items()
+                                                 if k != "runner"})))  # fmt: skip
     every = exp.checkpoint_every_s or exp.budget_s / 8
     fixed = {"seed": seed, "run_dir": str(run_dir), "time_limit_s": exp.budget_s,
              "learner": {"checkpoint_every_s": every, "checkpoint_optimizer": False},
@@ -165,25 +203,42 @@ def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
     return cfg
 
 
-def fingerprint(exp: Experiment, cfg: Config) -> str:
-    """What makes a recorded run still valid: its resolved config (paths and ports aside)
-    and the evaluation plan. A changed field re-runs it."""
+def fingerprint(exp: Experiment, cfg: Config, runner: str = "dashrl") -> str:
+    """What makes a recorded run still valid: its resolved config (paths and ports aside),
+    the evaluation plan and the runner. A changed field re-runs it."""
     d = cfg.model_dump(mode="json", exclude={"run_dir", "transport"})
-    blob = json.dumps([d, exp.eval.model_dump(mode="json")], sort_keys=True)
+    parts = [d, exp.eval.model_dump(mode="json")] + ([runner] if runner != "dashrl" else [])
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def training_clock(run_dir: Path) -> tuple[list[dict], dict[int, float]]:
+def training_clock(
+    run_dir: Path, launched_at: float | None = None
+) -> tuple[list[dict], dict[int, float]]:
     """(metrics rows, step -> training seconds at its end): the learner's ``wall_s`` less
-    the seconds spent writing checkpoints up to and including that step."""
+    the seconds spent writing checkpoints up to and including that step. With the unix
+    time ``launched_at`` each row also gets ``launch_s``: seconds from then to the step's
+    end (its ``unix_s``), checkpoint writing left out."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]  # fmt: skip
     clock, saved = {}, 0.0
     for r in rows:
         saved += r.get("learner/checkpoint_s", 0.0)
         r["train_s"] = r["wall_s"] - saved
+        if launched_at is not None and "unix_s" in r:
+            r["launch_s"] = r["unix_s"] - launched_at - saved
         clock[int(r["step"])] = r["train_s"]
     return rows, clock
+
+
+def startup_s(rows: list[dict], launched_at: float) -> float | None:
+    """Seconds from launch to the learner's first step starting (model loading, engine
+    start, weights to the actors), from the first row's ``unix_s`` and ``wall_s``; None
+    for rows without ``unix_s``."""
+    if not rows or "unix_s" not in rows[0]:
+        return None
+    first = rows[0]
+    return first["unix_s"] - first["wall_s"] - launched_at
 
 
 def pick_checkpoints(run_dir: Path, exp: Experiment, clock: dict[int, float]) -> list[dict]:
@@ -209,6 +264,12 @@ def pick_checkpoints(run_dir: Path, exp: Experiment, clock: dict[int, float]) ->
                         "train_s": clock.get(s, 0.0),
                         "k": exp.eval.final_k if last else exp.eval.k})  # fmt: skip
     return out
+
+
+KEPT = ("actor/reward_mean", "learner/entropy", "actor/completion_len", "learner/kl",
+        "learner/step_s", "learner/queue_wait_s", "learner/broadcast_s", "actor/busy_frac",
+        "learner/empty_batches")  # fmt: skip
+"""Metrics kept in a run's record, per step (the curves and where the time went)."""
 
 
 def _launch(cmd: list[str], log: Path, timeout_s: float) -> int:
@@ -256,7 +317,8 @@ def run_one(exp: Experiment, name: str, seed: int, runs: Path) -> dict:
     cfg_file = runs / f"{name}_s{seed}.json"
     cfg_file.write_text(cfg.model_dump_json(indent=1))
     t0 = time.time()
-    rc = _launch([sys.executable, str(REPO / "launch" / "start.py"), "--config", str(cfg_file)],
+    script = REPO.joinpath(*RUNNERS[runner_of(exp, name)])
+    rc = _launch([sys.executable, str(script), "--config", str(cfg_file)],
                  runs / f"{name}_s{seed}.log", exp.budget_s + SETUP_GRACE_S)  # fmt: skip
     summary = run_dir / "summary.json"
     if not (run_dir / "metrics.jsonl").exists() or not summary.exists():
@@ -265,17 +327,23 @@ def run_one(exp: Experiment, name: str, seed: int, runs: Path) -> dict:
     failed = json.loads(summary.read_text()).get("failed_role")
     if failed:
         raise RuntimeError(f"{name} seed {seed}: role {failed} failed; see {run_dir / 'logs'}")
-    rows, clock = training_clock(run_dir)
+    rows, clock = training_clock(run_dir, launched_at=t0)
+    launch = {int(r["step"]): r["launch_s"] for r in rows if "launch_s" in r}
     picks = pick_checkpoints(run_dir, exp, clock)
+    for p in picks:
+        if p["step"] in launch:
+            p["launch_s"] = round(launch[p["step"]], 2)
     job = {"config": str(run_dir / "config.json"), "prompts": exp.eval.prompts,
            "engine": exp.eval.engine, "checkpoints": picks}  # fmt: skip
     evals = evaluate_checkpoints(job, run_dir / "sweep_eval") if picks else {}
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 0.5-2 GB each; numbers kept
-    keep = ("actor/reward_mean", "learner/entropy", "actor/completion_len", "learner/kl")
     curve = [{"step": r["step"], "train_s": round(r["train_s"], 2),
-              **{k: r[k] for k in keep if k in r}} for r in rows]  # fmt: skip
-    return {"config": name, "seed": seed, "fingerprint": fingerprint(exp, cfg),
+              **({"launch_s": round(r["launch_s"], 2)} if "launch_s" in r else {}),
+              **{k: r[k] for k in KEPT if k in r}} for r in rows]  # fmt: skip
+    return {"config": name, "seed": seed,
+            "fingerprint": fingerprint(exp, cfg, runner_of(exp, name)),
             "steps": len(rows), "run_s": round(time.time() - t0, 1),
+            "startup_s": startup_s(rows, t0),
             "evals": [{**p, **evals.get(p["label"], {})} for p in picks],
             "curve": curve}  # fmt: skip
 
@@ -320,11 +388,13 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
     recorded = json.loads(out.read_text()) if out.exists() else {}
     state = {"experiment": name, "description": exp.description, "budget_s": exp.budget_s,
              "eval": exp.eval.model_dump(mode="json"), "base": recorded.get("base"),
+             "clock": exp.clock, "targets": exp.targets, "baselines": exp.baselines,
              "runs": {}}  # fmt: skip
     for seed in exp.seeds:
         for cname in exp.configs:
             key, old = f"{cname}/{seed}", recorded.get("runs", {}).get(f"{cname}/{seed}")
-            fp = fingerprint(exp, run_config(exp, cname, seed, runs / f"{cname}_s{seed}"))
+            fp = fingerprint(exp, run_config(exp, cname, seed, runs / f"{cname}_s{seed}"),
+                             runner_of(exp, cname))  # fmt: skip
             if old is not None and old.get("fingerprint") == fp:
                 state["runs"][key] = old  # recorded with this config and plan: skip
                 continue

@@ -5,12 +5,19 @@ The interval is Student's t over seeds (mean ± t_{0.975, n-1} s / sqrt(n)): wit
 t is 12.7, so only effects larger than the seed-to-seed spread by an order of magnitude
 show as separated. That is the honest width for two runs; more seeds narrow it. With one
 seed no interval is given.
+
+With ``targets`` the report adds seconds to each held-out reward level per configuration
+and the speed-up over each baseline: per seed, baseline seconds / configuration seconds,
+summarised as the geometric mean with the t-interval taken on the log ratios (a ratio's
+interval is not symmetric). And "where the time went": start-up, learner compute, the
+learner's waits for data and for the weight broadcast, and the actors' busy share.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -34,6 +41,128 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     df = n - 1
     t = T975.get(df) or next((T975[d] for d in sorted(T975) if d >= df), 1.96)
     return mean, t * sd / math.sqrt(n)
+
+
+def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds at which a curve of (seconds, reward) points, in time order, first reaches
+    ``target``: linear between the last point below and the first at or above it; None
+    if it never does. A curve that starts at or above it reaches it at its first point."""
+    prev = None
+    for t, r in points:
+        if r >= target:
+            if prev is None:
+                return t
+            (t0, r0) = prev
+            return t0 + (t - t0) * (target - r0) / (r - r0)
+        prev = (t, r)
+    return None
+
+
+def ratio_interval(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of a / b over seed-paired (a, b) seconds: the 95%
+    t-interval of log(a / b), exponentiated; low = high = NaN for one pair.
+
+    Raises:
+        ValueError: no pairs, or a non-positive time.
+    """
+    if not pairs or any(a <= 0 or b <= 0 for a, b in pairs):
+        raise ValueError(f"need positive seconds, got {pairs}")
+    m, h = t_interval([math.log(a / b) for a, b in pairs])
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
+
+
+def curve_points(state: dict, run: dict) -> list[tuple[float, float]]:
+    """A run's held-out reward against the report's clock, the base model at 0 s."""
+    clock = "launch_s" if state.get("clock") == "launch" else "train_s"
+    pts = [(e[clock], e["reward_mean"]) for e in run["evals"]
+           if "reward_mean" in e and clock in e]  # fmt: skip
+    if state.get("base"):
+        pts = [(0.0, state["base"]["reward_mean"]), *pts]
+    return pts
+
+
+def target_lines(state: dict) -> list[str]:
+    """The time-to-target table and the speed-ups over the baselines (markdown lines)."""
+    targets = state.get("targets") or []
+    if not targets:
+        return []
+    by_config: dict[str, dict[int, dict]] = {}
+    for run in state["runs"].values():
+        by_config.setdefault(run["config"], {})[run["seed"]] = run
+    times = {c: {seed: [time_to_target(curve_points(state, r), t) for t in targets]
+                 for seed, r in runs.items()} for c, runs in by_config.items()}  # fmt: skip
+    clock = "seconds since launch" if state.get("clock") == "launch" else "training seconds"
+    head = " | ".join(f"to {t:g}" for t in targets)
+    lines = [f"## Time to held-out reward ({clock}; mean ± 95% t-interval over seeds)", "",
+             f"| config | seeds | {head} |", "|---|---|" + "---|" * len(targets)]  # fmt: skip
+    for c, per_seed in times.items():
+        cells = []
+        for i in range(len(targets)):
+            got = [ts[i] for ts in per_seed.values() if ts[i] is not None]
+            if len(got) < len(per_seed):
+                cells.append(f"{len(got)}/{len(per_seed)} seeds reached it")
+            else:
+                cells.append(_cell(t_interval(got), pct=False))
+        lines.append(f"| {c} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    for b in state.get("baselines") or []:
+        if b not in times:
+            continue
+        lines += ["", f"Speed-up over `{b}` (its seconds / the configuration's, paired by "
+                  "seed; geometric mean [95% interval]):", "",
+                  f"| config | {head} |", "|---|" + "---|" * len(targets)]  # fmt: skip
+        for c, per_seed in times.items():
+            if c == b:
+                continue
+            cells = []
+            for i in range(len(targets)):
+                pairs = [
+                    (times[b][s][i], ts[i])
+                    for s, ts in per_seed.items()
+                    if s in times[b] and ts[i] is not None and times[b][s][i] is not None
+                ]
+                if not pairs:
+                    cells.append("-")
+                    continue
+                g, lo, hi = ratio_interval(pairs)
+                ci = "" if lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+                cells.append(f"{g:.2f}x{ci} ({len(pairs)} seeds)")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return ["", *lines]
+
+
+def _mean_over(runs: list[dict], f: Callable[[dict], float | None]) -> float:
+    vals = [v for v in (f(r) for r in runs) if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _total(run: dict, key: str) -> float:
+    return sum(p.get(key, 0.0) for p in run["curve"])
+
+
+def time_lines(state: dict) -> list[str]:
+    """Where each configuration's time went, from its runs' own metrics (mean over seeds)."""
+    by_config: dict[str, list[dict]] = {}
+    for run in state["runs"].values():
+        by_config.setdefault(run["config"], []).append(run)
+    lines = [
+        "",
+        "## Where the time went (seconds per run, mean over seeds)",
+        "",
+        "| config | start-up | learner compute | waiting for data | weight broadcast | "
+        "actor busy | evaluation (after the run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, runs in by_config.items():
+        wait = _mean_over(runs, lambda r: _total(r, "learner/queue_wait_s"))
+        bcast = _mean_over(runs, lambda r: _total(r, "learner/broadcast_s"))
+        compute = _mean_over(runs, lambda r: _total(r, "learner/step_s")) - wait - bcast
+        busy = _mean_over(runs, lambda r: next((p["actor/busy_frac"] for p in
+                          reversed(r["curve"]) if "actor/busy_frac" in p), None))  # fmt: skip
+        evals = _mean_over(runs, lambda r: sum(e.get("eval_s", 0.0) for e in r["evals"]))
+        start = _mean_over(runs, lambda r: r.get("startup_s"))
+        lines.append(f"| {c} | {start:.0f} | {compute:.0f} | {wait:.0f} | {bcast:.0f} | "
+                     f"{100 * busy:.0f}% | {evals:.0f} |")  # fmt: skip
+    return lines
 
 
 def _eval_at(run: dict, label: str) -> dict:
@@ -102,6 +231,9 @@ def markdown(state: dict) -> str:
             pct = not (c.startswith(("completion_len", "train_len", "steps", "entropy")))
             cells.append(_cell(r[c], pct) if c in r else "-")
         lines.append(f"| {r['config']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += target_lines(state)
+    if state.get("targets") or state.get("clock") == "launch":
+        lines += time_lines(state)
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +246,7 @@ def plot(state: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    clock = "launch_s" if state.get("clock") == "launch" else "train_s"
     names = sorted({r["config"] for r in state["runs"].values()})
     colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
     labelled: set[str] = set()
@@ -121,23 +254,40 @@ def plot(state: dict, path: Path) -> None:
         c = colours[run["config"]]
         lab = None if run["config"] in labelled else run["config"]  # one legend entry each
         labelled.add(run["config"])
-        pts = [(e["train_s"], e["reward_mean"]) for e in run["evals"] if "reward_mean" in e]
-        if state.get("base"):
-            pts = [(0.0, state["base"]["reward_mean"]), *pts]
+        pts = curve_points(state, run)
         if pts:
             axes[0].plot(*zip(*pts, strict=True), marker="o", color=c, label=lab)
         for ax, key in zip(axes[1:], ("actor/reward_mean", "learner/entropy",
                                        "actor/completion_len"), strict=True):  # fmt: skip
-            xy = [(p["train_s"], p[key]) for p in run["curve"] if key in p]
+            xy = [(p[clock], p[key]) for p in run["curve"] if key in p and clock in p]
             if xy:
                 ax.plot(*zip(*xy, strict=True), color=c, alpha=0.7, linewidth=1)
+    _mean_bands(state, axes[0], colours)
     titles = ("held-out reward", "training reward", "entropy", "completion length (tokens)")
     for ax, t in zip(axes, titles, strict=True):
         ax.set_title(t)
-        ax.set_xlabel("training seconds")
+        ax.set_xlabel("seconds since launch" if clock == "launch_s" else "training seconds")
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _mean_bands(state: dict, ax, colours: dict[str, str]) -> None:
+    """Per configuration with several seeds: the mean held-out curve (dashed) and the band
+    between the seeds' lowest and highest reward at each evaluated fraction."""
+    by_config: dict[str, list[dict]] = {}
+    for run in state["runs"].values():
+        by_config.setdefault(run["config"], []).append(run)
+    for c, runs in by_config.items():
+        curves = [curve_points(state, r) for r in runs]
+        n = min(len(pts) for pts in curves)
+        if len(runs) < 2 or n < 2:
+            continue
+        t = [sum(pts[i][0] for pts in curves) / len(curves) for i in range(n)]
+        ys = [[pts[i][1] for pts in curves] for i in range(n)]
+        ax.plot(t, [sum(y) / len(y) for y in ys], color=colours[c], linestyle="--", linewidth=2)
+        ax.fill_between(t, [min(y) for y in ys], [max(y) for y in ys], color=colours[c],
+                        alpha=0.15)  # fmt: skip
 
 
 def write_report(state: dict, out: Path) -> None:

@@ -5,7 +5,9 @@ backprops small ones) is owned by :meth:`Learner.step`:
   1. for each of ``micro_batches_per_step`` micro-batches: take the highest-|A| samples
      from the feed (learner/sources.py), recompute their logprobs under the current
      policy, and backprop the algorithm's objective scaled by 1/micro_batches_per_step, so
-     the accumulated gradient is the mean over micro-batches;
+     the accumulated gradient is the mean over micro-batches (``--mode dash``: every
+     informative sample of the actors' current batch, each micro-batch scaled by its share
+     of the batch's samples; ``Feed.step_slices``);
   2. skip the step (counted; the last good weights stay, the version does not move) if a
      loss or the gradient norm is not finite, else clip and take an AdamW step through the
      backend (DeepSpeed ZeRO or plain torch, learner/backend.py);
@@ -120,7 +122,7 @@ class Learner:
         self.context.tis_cap = auto_tis_cap(lc.tis_cap, self.dtype, actor)
         self.wire_dtype = wire_dtype_for(cfg.transport.weight_dtype, self.dtype, actor)
         log.info("truncated importance sampling cap %s", self.context.tis_cap or "off")
-        self.version = self.step_count = self.skipped_steps = 0
+        self.version = self.step_count = self.skipped_steps = self.empty_batches = 0
         self.checkpoints = Path(cfg.run_dir) / "checkpoints"
         self._last_save = 0.0  # monotonic time of the last periodic checkpoint (0: none yet)
         q = cfg.queue
@@ -251,30 +253,36 @@ class Learner:
         or None when the feed ran dry (stopped or out of time) and the partial step was
         dropped."""
         lc, t0 = self.cfg.learner, time.perf_counter()
-        n, rows, waited, queue_stats = lc.micro_batches_per_step, [], 0.0, {}
-        for i in range(n):
-            samples, stats, wait_s = feed.next(self.version, stop, deadline)
-            waited += wait_s
-            queue_stats.update(stats)
-            if not samples:
-                self.zero_grad()
-                return None
-            mine, weight = shard(samples, self.rank, self.world, self.algo.unit_size)
-            rows.append(self.train_micro_batch(mine, weight / n, last=i == n - 1))
+        rows, waited, queue_stats, ended = [], 0.0, {}, False
+        for sl in feed.step_slices(self.version, stop, self.cfg.mode == "dash", deadline):
+            waited += sl.waited_s
+            queue_stats.update(sl.stats)
+            ended = sl.last
+            if not sl.samples:  # mode dash: the filter left nothing of this batch
+                break
+            mine, weight = shard(sl.samples, self.rank, self.world, self.algo.unit_size)
+            rows.append(self.train_micro_batch(mine, weight * sl.share, last=sl.last))
             if self.reports_priorities:
                 feed.report_priorities(self.priorities)
+        if not ended:  # the feed ran dry: drop the partial step
+            self.zero_grad()
+            return None
         grad_norm, took = float("nan"), False
-        if all_ranks_agree(all(math.isfinite(r["learner/loss"]) for r in rows), self.world):
+        if not rows:
+            # An empty dash batch: nothing to step on, but a new version sends the actors
+            # (waiting for one) to sample the next batch, from the same weights.
+            self.empty_batches += 1
+        elif all_ranks_agree(all(math.isfinite(r["learner/loss"]) for r in rows), self.world):
             grad_norm, took = self.optimizer_step()
         else:
             self.zero_grad()  # a NaN/inf loss: skip the step, keep the last good weights
-        if not took:
+        if rows and not took:
             self.skipped_steps += 1
             log.warning("non-finite loss or gradient: step skipped (%d so far)",
                         self.skipped_steps)  # fmt: skip
         self.step_count += 1
         broadcast_s = 0.0
-        if took:  # a skipped step changes no weight: no new version to send
+        if took or not rows:  # a skipped step changes no weight: no new version to send
             self.version += 1
             broadcast_s = self.broadcast_weights()
             self.update_reference()
@@ -291,9 +299,10 @@ class Learner:
                "learner/step_taken": float(took), "learner/step_s": step_s,
                "learner/queue_wait_s": waited, "learner/broadcast_s": broadcast_s,
                "learner/checkpoint_s": ckpt_s,
-               "learner/micro_batches_per_step": float(len(rows))}  # fmt: skip
+               "learner/micro_batches_per_step": float(len(rows)),
+               "learner/empty_batches": float(self.empty_batches)}  # fmt: skip
         compute_s = max(step_s - waited, 1e-9)
-        out["learner/tokens_per_s"] = out["learner/tokens"] * self.world / compute_s
+        out["learner/tokens_per_s"] = out.get("learner/tokens", 0.0) * self.world / compute_s
         return out
 
     def done(self) -> bool:
@@ -379,7 +388,7 @@ def train(
             if not lead:
                 continue
             row = {"step": learner.step_count, "version": learner.version,
-                   "wall_s": time.monotonic() - start, **out,
+                   "wall_s": time.monotonic() - start, "unix_s": time.time(), **out,
                    "learner/skipped_steps": float(learner.skipped_steps),
                    "learner/rejected_replies": float(feed.rejected_replies),
                    "learner/rejected_samples": float(feed.rejected_samples),

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +29,7 @@ from dashrl.learner.ranks import share_micro_batch
 from dashrl.protocol import MicroBatchReply, QueueEvent, Sample
 from dashrl.protocol.config import LearnerConfig
 from dashrl.protocol.runtime import StopFlag
+from dashrl.queue.batches import BATCH_LEFT
 
 log = logging.getLogger("dashrl.learner")
 
@@ -142,6 +144,26 @@ def valid_samples(samples: list[Sample], vocab_size: int) -> list[Sample]:
     return [s for s in samples if max(s.prompt_ids.max(), s.completion_ids.max()) < vocab_size]
 
 
+@dataclass
+class Slice:
+    """One micro-batch of an optimizer step.
+
+    Attributes:
+        samples: this rank's view of the micro-batch ([] only for an empty dash batch).
+        stats: the queue's reply stats.
+        waited_s: seconds spent waiting for it.
+        share: its weight in the step's mean loss (1/micro_batches_per_step, or under
+            ``--mode dash`` its samples over the batch's).
+        last: it ends the gradient accumulation.
+    """
+
+    samples: list[Sample]
+    stats: dict[str, float]
+    waited_s: float
+    share: float
+    last: bool
+
+
 class Feed:
     """The learner loop's supply of micro-batches (see the module docstring).
 
@@ -209,9 +231,45 @@ class Feed:
             if samples:
                 self.last_reply = reply
                 return samples, reply.stats, time.perf_counter() - t0
+            if not reply.samples and reply.stats.get(BATCH_LEFT) == 0:  # an empty dash batch
+                return [], reply.stats, time.perf_counter() - t0
             self.on_idle()
             time.sleep(lc.queue_poll_s)
         return [], {}, time.perf_counter() - t0
+
+    def step_slices(
+        self, version: int, stop: StopFlag, whole_batch: bool, deadline: float = math.inf
+    ) -> Iterator[Slice]:
+        """The micro-batches of one optimizer step, the last with ``last`` set; it ends
+        early (no slice marked last) when the feed runs dry (``stop`` or ``deadline``).
+
+        Normally ``micro_batches_per_step`` micro-batches of equal share. With
+        ``whole_batch`` (``--mode dash``, DASH's preemptive sampling: Huang et al. 2025,
+        arXiv 2505.17218, sec. 4) every informative sample of the learner's current batch,
+        however many micro-batches that takes, each weighted by its share of the batch's
+        samples so the accumulated gradient is the batch's per-sample mean; a batch the
+        gradient filter emptied yields one empty slice (marked last).
+        """
+        if not whole_batch:
+            n = self.lc.micro_batches_per_step
+            for i in range(n):
+                samples, stats, waited = self.next(version, stop, deadline)
+                if not samples:
+                    return
+                yield Slice(samples, stats, waited, 1.0 / n, i == n - 1)
+            return
+        total = 0
+        while True:
+            samples, stats, waited = self.next(version, stop, deadline)
+            left = stats.get(BATCH_LEFT)
+            if not samples:
+                if left == 0 and not total:
+                    yield Slice([], stats, waited, 0.0, True)
+                return
+            total = total or len(samples) + int(left or 0)
+            yield Slice(samples, stats, waited, len(samples) / total, not left)
+            if not left:
+                return
 
     def report_priorities(self, priorities: dict[int, float]) -> None:
         """Rank 0: send the new priorities of the last micro-batch, keyed by ``id(sample)``,

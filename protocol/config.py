@@ -463,12 +463,18 @@ class Config(Strict):
     micro-batches served after the checkpoint are trained on again, in their logged order)."""
     time_limit_s: float = Field(900.0, gt=0, le=30 * 86400)
     """Wall-clock budget of training, in seconds; the learner stops cleanly when it runs out."""
-    mode: Literal["async", "sync"] = "async"
-    """async: actors stream without waiting for the learner (DASH, the default). sync: the
+    mode: Literal["async", "sync", "dash"] = "async"
+    """async: actors stream without waiting for the learner (dashrl, the default). sync: the
     standard GRPO loop for comparison: each actor generates one batch, waits until the
     learner has trained on all of it and broadcast the new weights, and repeats (needs
     num_actors * prompts_per_batch * group_size == micro_batch_size *
-    micro_batches_per_step sequences, no gradient filter and max_staleness 0)."""
+    micro_batches_per_step sequences, no gradient filter and max_staleness 0). dash: DASH
+    as published (Huang et al. 2025, arXiv 2505.17218, sec. 4): the sync loop with
+    preemptive sampling and gradient filtering: each actor samples one large batch, the
+    queue drops |A| <= filter_threshold, and the learner takes one optimizer step per
+    batch over all its informative samples in micro-batches of micro_batch_size,
+    accumulating gradients (micro_batches_per_step is ignored; max_staleness 0, one
+    learner rank, no attached nodes)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
@@ -498,13 +504,15 @@ class Config(Strict):
         if q.max_uses > 1 and q.max_staleness == 0:
             raise ValueError("queue.max_uses > 1 reuses a sample at a later learner version: "
                              "it needs --queue.max-staleness >= 1")  # fmt: skip
+        if self.mode != "async" and (q.max_uses > 1 or q.samples_per_insert is not None):
+            raise ValueError(
+                f"mode {self.mode} trains once on each sample, one batch per step: "
+                "no --queue.max-uses or --queue.samples-per-insert"
+            )
+        if self.mode == "dash":
+            check_dash_mode(self)
         if self.mode == "sync":
             a = self.actor
-            if q.max_uses > 1 or q.samples_per_insert is not None:
-                raise ValueError(
-                    "mode sync is the standard loop (each sample once, one batch "
-                    "per step): no --queue.max-uses or --queue.samples-per-insert"
-                )
             batch = a.num_actors * a.prompts_per_batch * a.group_size
             step = lc.micro_batch_size * lc.micro_batches_per_step
             if lc.micro_batch_unit != "sequences" or batch != step:
@@ -528,6 +536,27 @@ class Config(Strict):
                 "CurveZMQ keys (start.py keys DIR, then --transport.curve-dir DIR)"
             )
         return self
+
+
+def check_dash_mode(cfg: Config) -> None:
+    """What ``mode dash`` needs (see ``Config.mode``).
+
+    Raises:
+        ValueError: naming the field to change.
+    """
+    q, lc, a = cfg.queue, cfg.learner, cfg.actor
+    if q.max_staleness != 0:
+        raise ValueError("mode dash trains on the current version's batch only: "
+                         "set --queue.max-staleness 0")  # fmt: skip
+    if lc.micro_batch_unit != "sequences" or lc.num_ranks != 1:
+        raise ValueError("mode dash needs --learner.micro-batch-unit sequences and one "
+                         "learner rank (it sizes each step by the batch's samples)")  # fmt: skip
+    batch = a.num_actors * a.prompts_per_batch * a.group_size
+    if q.capacity < batch:
+        raise ValueError(
+            f"mode dash holds a whole batch: --queue.capacity ({q.capacity}) must "
+            f"be at least num_actors * prompts_per_batch * group_size ({batch})"
+        )
 
 
 def load_config(path: Path) -> Config:

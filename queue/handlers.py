@@ -36,6 +36,7 @@ from dashrl.protocol import (
 )
 from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config
+from dashrl.queue.batches import BATCH_LEFT, BatchGate
 from dashrl.queue.buffer import ReplayBuffer, version_lag
 from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
 from dashrl.queue.policies import RateLimit, unit_grouping
@@ -116,6 +117,8 @@ class QueueServer:
                                    q.filter_threshold, lc.micro_batch_size
                                    if lc.micro_batch_unit == "sequences" else None)  # fmt: skip
         self.cfg = cfg
+        # mode dash: a version's samples are served once every actor's batch has arrived
+        self.batches = BatchGate(cfg.actor.num_actors) if cfg.mode == "dash" else None
         self._backlog: list[bytes] = []  # records not yet written (the log failed), in order
         self._held: list[bytes] = []  # rollout frames received while blocked
         self._serve_failed = False
@@ -160,6 +163,8 @@ class QueueServer:
             if isinstance(msg, ActorStats):  # each actor's latest running statistics
                 self.actor_stats[msg.actor_id] = msg
                 self._batches_arrived += 1  # one ActorStats ends each batch
+                if self.batches is not None:
+                    self.batches.on_batch_end(msg.actor_id, self.buffer.learner_version)
                 if self._permits_out:
                     self._permits_out.popleft()
             else:
@@ -180,6 +185,9 @@ class QueueServer:
         return None
 
     def _accept(self, group: RolloutGroup, frame: bytes | None = None) -> None:
+        if self.batches is not None:  # refused or filtered, it still belongs to its batch
+            version = max((c.policy_version for c in group.completions), default=0)
+            self.batches.on_group(group.actor_id, version)
         if (why := self._out_of_bounds(group)) is not None:
             self.rejected_values += 1
             self._reject("rollout", ProtocolError(f"rollout_group {group.prompt_id!r}: {why}"))
@@ -348,10 +356,13 @@ class QueueServer:
         try:
             self._log_event("evicted_stale", self.buffer.set_learner_version(req.learner_version))
             samples: list[Sample] = []
-            if not self.blocked:  # serve nothing that cannot be logged first
+            size, whole = req.size, self.batches is None
+            if not whole and self.batches.complete(req.learner_version):
+                size, whole = min(req.size, len(self.buffer)), True  # the last may be smaller
+            if not self.blocked and whole and size:  # serve nothing that cannot be logged first
                 try:
                     samples = self.buffer.pop_micro_batch(
-                        req.size, req.unit, commit=self._commit_served(req.request_id)
+                        size, req.unit, commit=self._commit_served(req.request_id)
                     )
                 except LogWriteError as e:  # nothing left the buffer
                     log.error("serve record not writable (%s): serving paused", e)
@@ -362,7 +373,10 @@ class QueueServer:
                 while len(self._lent) > LENT_REQUESTS:
                     self._lent.popitem(last=False)
             weights = np.asarray([s.is_weight for s in samples], dtype=np.float32)
-            reply = MicroBatchReply(req.request_id, samples, self.stats(samples), weights)
+            stats = self.stats(samples)
+            if self.batches is not None and whole and not self.blocked:
+                stats[BATCH_LEFT] = float(len(self.buffer))  # 0 with no samples: none passed
+            reply = MicroBatchReply(req.request_id, samples, stats, weights)
             return encode(reply)
         except Exception:
             self.handler_errors += 1

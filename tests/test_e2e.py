@@ -112,7 +112,7 @@ def test_two_rank_deepspeed_learner(tiny_cfg) -> None:
 
 @pytest.mark.slow
 def test_sync_mode_trains_each_step_on_exactly_one_fresh_batch(tiny_cfg) -> None:
-    """mode sync (the standard GRPO loop, the baseline of bench/time_to_reward.py): the actor
+    """mode sync (the standard GRPO loop, a rung of experiments/ladder.toml): the actor
     waits for every step, so each step trains on one whole batch of the current version."""
     tiny_cfg.mode = "sync"
     tiny_cfg.queue.max_staleness = 0  # tiny_cfg has no gradient filter already

@@ -23,7 +23,13 @@ from dashrl.launch.sweep import (
     run_config,
     training_clock,
 )
-from dashrl.launch.sweep_report import markdown, t_interval
+from dashrl.launch.sweep_report import (
+    markdown,
+    ratio_interval,
+    t_interval,
+    target_lines,
+    time_to_target,
+)
 
 TINY = REPO / "tests" / "fixtures" / "tiny_sweep.toml"
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
@@ -111,6 +117,52 @@ def test_t_interval_by_hand() -> None:
         t_interval([])
 
 
+def test_time_to_target_interpolates_between_evaluations() -> None:
+    pts = [(0.0, 0.3), (30.0, 0.5), (60.0, 0.7)]
+    assert time_to_target(pts, 0.6) == pytest.approx(45.0)
+    assert time_to_target(pts, 0.5) == 30.0 and time_to_target(pts, 0.2) == 0.0
+    assert time_to_target(pts, 0.8) is None
+    assert time_to_target([(0.0, 0.3), (10.0, 0.7), (20.0, 0.5)], 0.6) == pytest.approx(7.5)
+
+
+def test_speedup_is_a_geometric_mean_with_an_interval_on_log_ratios() -> None:
+    g, lo, hi = ratio_interval([(90.0, 45.0), (60.0, 30.0)])
+    assert (g, lo, hi) == pytest.approx((2.0, 2.0, 2.0))  # no spread: no width
+    g, lo, hi = ratio_interval([(100.0, 50.0), (80.0, 20.0)])  # ratios 2 and 4
+    half = 12.706 * (math.log(2) / math.sqrt(2)) / math.sqrt(2)
+    assert g == pytest.approx(math.sqrt(8))
+    assert lo == pytest.approx(math.exp(math.log(math.sqrt(8)) - half))
+    assert hi == pytest.approx(math.exp(math.log(math.sqrt(8)) + half))
+    with pytest.raises(ValueError):
+        ratio_interval([(10.0, 0.0)])
+
+
+def test_the_target_table_pairs_seeds_and_says_what_was_not_reached() -> None:
+    def run(config: str, seed: int, curve: list[tuple[float, float]]) -> dict:
+        evals = [{"label": str(i), "launch_s": t, "train_s": t - 50, "reward_mean": r}
+                 for i, (t, r) in enumerate(curve)]  # fmt: skip
+        return {"config": config, "seed": seed, "evals": evals, "curve": []}
+
+    state = {
+        "clock": "launch",
+        "targets": [0.6, 0.8],
+        "baselines": ["slow"],
+        "base": {"reward_mean": 0.4},
+        "runs": {
+            "slow/0": run("slow", 0, [(100, 0.5), (200, 0.7)]),  # 0.6 at 150 s
+            "slow/1": run("slow", 1, [(100, 0.6), (200, 0.7)]),  # 0.6 at 100 s
+            "fast/0": run("fast", 0, [(50, 0.6), (100, 0.9)]),  # 50 s; 0.8 at 83.3
+            "fast/1": run("fast", 1, [(50, 0.6), (100, 0.7)]),
+        },
+    }  # 50 s; 0.8 never
+    text = "\n".join(target_lines(state))
+    # 150 and 100 s: sd 35.36, 12.706 x 35.36 / sqrt(2) = 317.6
+    assert "| slow | 2 | 125.0 ± 317.6 | 0/2 seeds reached it |" in text
+    assert "| fast | 2 | 50.0 ± 0.0 | 1/2 seeds reached it |" in text
+    # speed-up at 0.6: 150/50 = 3 and 100/50 = 2 -> geometric mean sqrt(6) = 2.45
+    assert "| fast | 2.45x [" in text and "(2 seeds) | - |" in text
+
+
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, monkeypatch) -> None:
     runs, results = tmp_path / "runs", tmp_path / "results"
@@ -126,9 +178,14 @@ def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, mo
         assert final["label"] == "1" and final["k"] == 4 and final["prompts"] == 8
         assert 0.0 <= final["reward_mean"] <= 1.0 and "pass@4" in final and "maj@4" in final
         assert not (runs / f"{run['config']}_s{run['seed']}" / "checkpoints").exists()
+        # seconds since launch: start-up counted, so every point comes later than on the
+        # training clock
+        assert run["startup_s"] > 0
+        assert all(e["launch_s"] > e["train_s"] for e in run["evals"])
     assert state["base"]["k"] == 4
     md = (results / "tiny_sweep.md").read_text()
     assert "| lr_low | 2 |" in md and "| lr_high | 2 |" in md and " ± " in md
+    assert "0/2 seeds reached it" in md and "## Where the time went" in md
     assert (results / "tiny_sweep.png").stat().st_size > 10_000
     assert md == markdown(state)
 
