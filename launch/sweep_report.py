@@ -160,9 +160,14 @@ def time_lines(state: dict) -> list[str]:
                           reversed(r["curve"]) if "actor/busy_frac" in p), None))  # fmt: skip
         evals = _mean_over(runs, lambda r: sum(e.get("eval_s", 0.0) for e in r["evals"]))
         start = _mean_over(runs, lambda r: r.get("startup_s"))
+        busy_cell = "-" if busy != busy else f"{100 * busy:.0f}%"  # no actors (TRL): -
         lines.append(f"| {c} | {start:.0f} | {compute:.0f} | {wait:.0f} | {bcast:.0f} | "
-                     f"{100 * busy:.0f}% | {evals:.0f} |")  # fmt: skip
+                     f"{busy_cell} | {evals:.0f} |")  # fmt: skip
     return lines
+
+
+NOT_METRICS = ("k", "eval_s", "prompts", "train_s", "launch_s", "step")
+"""Fields of an evaluation record that are not held-out metrics (times, sizes)."""
 
 
 def _eval_at(run: dict, label: str) -> dict:
@@ -182,7 +187,7 @@ def summary_rows(state: dict) -> list[dict]:
         row: dict = {"config": name, "seeds": len(runs)}
         final = [_eval_at(r, labels[-1]) for r in runs]
         metrics = [m for m in final[0] if not m.endswith("_ci95") and isinstance(final[0][m],
-                   float) and m not in ("k", "eval_s", "prompts")]  # fmt: skip
+                   float) and m not in NOT_METRICS]  # fmt: skip
         for m in metrics:
             vals = [f[m] for f in final if m in f]
             if vals:

@@ -206,3 +206,27 @@ def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, mo
     changed.write_text(TINY.read_text().replace("learner.lr = 1e-4", "learner.lr = 2e-4"))
     sweep_mod.sweep(changed, runs, results)
     assert sorted(launched) == [("lr_high", 0), ("lr_high", 1)]
+
+
+@pytest.mark.slow
+def test_the_trl_runner_writes_what_the_sweep_reads(tmp_path) -> None:
+    """bench/trl_grpo.py on a resolved tiny config: metrics rows on the training clock,
+    checkpoints the runner can pick, the final weights and a summary, within its budget."""
+    pytest.importorskip("trl")
+    exp = load_experiment(TINY)
+    cfg = run_config(exp, "lr_high", 0, tmp_path / "run")
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "trl_grpo.py"), "--config",
+                        str(cfg_file)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["failed_role"] is None
+    rows, clock = training_clock(run, launched_at=0.0)
+    assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(0 <= r["actor/reward_mean"] <= 1 and r["launch_s"] > r["train_s"] for r in rows)
+    # it stops once its training clock passes the budget, not long after
+    assert rows[-1]["train_s"] >= exp.budget_s - rows[-1]["learner/step_s"] - 1e-6
+    picks = pick_checkpoints(run, exp, clock)
+    assert picks[-1]["label"] == "1" and Path(picks[-1]["path"]).name == "final"
+    assert (Path(picks[-1]["path"]) / "model.safetensors").exists()
