@@ -153,9 +153,12 @@ class Learner:
         path = Path(self.cfg.run_dir) / ROLLOUT_LOG
         served = read_queue_log(path, strict=True).served() if path.exists() else []
         done = self.step_count * self.cfg.learner.micro_batches_per_step
+        if self.cfg.mode == "dash":  # steps of any length: the checkpoint's version says
+            done = sum(e.learner_version < self.version for e, _ in served)
         log.info("re-training on %d logged micro-batches served after step %d",
                  max(len(served) - done, 0), self.step_count)  # fmt: skip
-        return ResumeSource([mb for _, mb in served[done:]], queue)
+        rest = served[done:]
+        return ResumeSource([mb for _, mb in rest], queue, [e.learner_version for e, _ in rest])
 
     def feed(self, source: MicroBatchSource | None = None) -> Feed:
         """The micro-batch feed of this rank: ``source`` (default: the learner's own)."""

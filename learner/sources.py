@@ -72,10 +72,17 @@ class ResumeSource:
     Args:
         logged: the micro-batches to re-train on, in their logged order.
         live: the queue client asked once they are used up.
+        versions: the learner version each was served at; given, each logged reply says
+            how much of its ``--mode dash`` batch the log still holds (:func:`batch_left`).
+            A dash learner that died in the middle of a step has the rest of that batch
+            in the live queue, which the log cannot count: that one step is weighted by
+            the logged part alone.
     """
 
-    def __init__(self, logged: list[list[Sample]], live: MicroBatchSource):
+    def __init__(self, logged: list[list[Sample]], live: MicroBatchSource,
+                 versions: list[int] | None = None):  # fmt: skip
         self._logged, self.live = list(logged), live
+        self._left = batch_left(versions, [len(m) for m in logged]) if versions else []
         self._from_log = False
 
     @property
@@ -89,8 +96,9 @@ class ResumeSource:
         self._from_log = bool(self._logged)
         if self._logged:
             samples = self._logged.pop(0)
-            return MicroBatchReply(0, samples, {}, np.asarray([s.is_weight for s in samples],
-                                                              dtype=np.float32))  # fmt: skip
+            stats = {BATCH_LEFT: self._left.pop(0)} if self._left else {}
+            return MicroBatchReply(0, samples, stats, np.asarray([s.is_weight for s in samples],
+                                                                 dtype=np.float32))  # fmt: skip
         return self.live.request(learner_version, size, unit, timeout_s)
 
     def update_priorities(self, request_id: int, priorities: list[float]) -> None:
@@ -114,6 +122,9 @@ class LogSource:
         self._served, self._next, self.stop = served, 0, stop
         self.rejected_replies = 0
         self.version_mismatches = 0
+        # a --mode dash step spans its batch's micro-batches: the log says where each ends
+        self._left = batch_left([e.learner_version for e, _ in served],
+                                [len(m) for _, m in served])  # fmt: skip
 
     def request(
         self, learner_version: int, size: int, unit: str, timeout_s: float = 0.0
@@ -123,16 +134,30 @@ class LogSource:
             self.stop.stop = True
             return MicroBatchReply(0, [])
         event, samples = self._served[self._next]
+        left = self._left[self._next]
         self._next += 1
         if event.learner_version != learner_version:  # the replay has drifted from the run
             self.version_mismatches += 1
-        return MicroBatchReply(event.request_id, samples, {}, event.values)
+        return MicroBatchReply(event.request_id, samples, {BATCH_LEFT: left}, event.values)
 
     def update_priorities(self, request_id: int, priorities: list[float]) -> None:
         """Nothing to update: the log already holds what the queue did with them."""
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def batch_left(versions: list[int], sizes: list[int]) -> list[float]:
+    """Per logged micro-batch: the samples served after it at the same learner version,
+    i.e. what the queue's :data:`BATCH_LEFT` said under ``--mode dash`` (one step per
+    version there). Other modes ignore it."""
+    out, after = [0.0] * len(sizes), 0
+    for i in range(len(sizes) - 1, -1, -1):
+        if i + 1 < len(sizes) and versions[i + 1] != versions[i]:
+            after = 0
+        out[i] = float(after)
+        after += sizes[i]
+    return out
 
 
 def valid_samples(samples: list[Sample], vocab_size: int) -> list[Sample]:

@@ -14,6 +14,7 @@ import torch
 
 from conftest import REPO, tiny_job_args
 from dashrl.learner.learner import Learner
+from dashrl.learner.sources import batch_left
 from dashrl.protocol import (
     ActorStats,
     Completion,
@@ -172,6 +173,12 @@ def test_an_empty_dash_batch_moves_the_version_without_a_step(tiny_cfg) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
 
 
+def test_the_log_says_where_each_dash_batch_ends() -> None:
+    # micro-batches of 3, 3, 1 at version 0, an empty batch (nothing logged), 2 at version 2
+    assert batch_left([0, 0, 0, 2], [3, 3, 1, 2]) == [4.0, 1.0, 0.0, 0.0]
+    assert batch_left([], []) == []
+
+
 def test_dash_mode_config_is_checked() -> None:
     Config.model_validate(DASH)  # the defaults otherwise fit
     with pytest.raises(ValueError, match="max-staleness 0"):
@@ -213,6 +220,12 @@ def test_a_dash_job_steps_once_per_whole_fresh_batch(tmp_path: Path) -> None:
     assert all(per_version[v] == 16 for v in range(4)), per_version
     served = [e for e in qlog.events if e.kind == "served"]
     assert sum(len(e.refs) for e in served) == 4 * 16  # every sample once, none lost
+    # the replay finds each step's end in the log: bit-identical
+    rep = subprocess.run([sys.executable, START, "replay", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert rep.returncode == 0, rep.stdout[-2000:] + rep.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "replay" / "replay.json").read_text())
+    assert result["identical"] and result["steps_compared"] == 4, result
 
 
 @pytest.mark.slow
