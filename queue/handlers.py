@@ -13,8 +13,7 @@ algorithm's unit (``Algorithm.unit``): under ``--algo iterative_dpo`` each group
 from __future__ import annotations
 
 import logging
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +38,11 @@ from dashrl.protocol.config import Config
 from dashrl.queue.batches import BATCH_LEFT, BatchGate
 from dashrl.queue.buffer import ReplayBuffer, version_lag
 from dashrl.queue.log import ROLLOUT_LOG, LogWriteError, RolloutLog, read_queue_log
+from dashrl.queue.permits import PermitDesk
 from dashrl.queue.policies import RateLimit, unit_grouping
 
 log = logging.getLogger("dashrl.queue")
 
-MAX_WAITING_PERMITS = 4096
-"""Most generation permits waiting at once (an actor asks for one per batch loop)."""
-PERMIT_TTL_S = 300.0
-"""Seconds after which a granted permit whose batch never arrived no longer counts."""
 LENT_REQUESTS = 64
 """Most recent micro-batches whose priority update the queue still waits for."""
 
@@ -99,10 +95,8 @@ class QueueServer:
         )  # fmt: skip
         self._lent: OrderedDict[int, list[Sample]] = OrderedDict()  # request id -> its samples
         self.rejected_updates = 0  # priority updates that match no recent micro-batch
-        # actors waiting for the rate limiter before they generate (peer, their request)
-        self._permits: deque[tuple[bytes, bytes]] = deque(maxlen=MAX_WAITING_PERMITS)
-        self._permits_out: deque[float] = deque()  # grant times of batches not arrived yet
-        self._batches_arrived = 0  # ActorStats frames received (one per generated batch)
+        # actors waiting for the rate limiter before they generate (queue/permits.py)
+        self.permits = PermitDesk(self.buffer)
         self.limits = DecodeLimits(
             max_frame_bytes=q.max_frame_bytes,
             max_seq_len=q.max_seq_len,
@@ -162,11 +156,9 @@ class QueueServer:
         try:
             if isinstance(msg, ActorStats):  # each actor's latest running statistics
                 self.actor_stats[msg.actor_id] = msg
-                self._batches_arrived += 1  # one ActorStats ends each batch
+                self.permits.on_batch_end()  # one ActorStats ends each batch
                 if self.batches is not None:
                     self.batches.on_batch_end(msg.actor_id, self.buffer.learner_version)
-                if self._permits_out:
-                    self._permits_out.popleft()
             else:
                 self._accept(msg, frame)
         except Exception:
@@ -335,15 +327,8 @@ class QueueServer:
             if isinstance(req, PriorityUpdate):
                 self.on_priority_update(req)
                 return None
-            if isinstance(req, GenerationPermit):
-                if self._may_permit():
-                    self._permits_out.append(time.monotonic())
-                    return frame  # the grant echoes the request
-                # one waiting request per actor loop: a resend replaces the one it repeats
-                self._permits = deque(((p, f) for p, f in self._permits if p != peer),
-                                      maxlen=MAX_WAITING_PERMITS)  # fmt: skip
-                self._permits.append((peer, frame))
-                return None
+            if isinstance(req, GenerationPermit):  # the grant echoes the request
+                return self.permits.request(peer, frame, self.blocked)
             known, jump = self.buffer.learner_version, self.cfg.queue.max_version_jump
             if self._requests_seen and req.learner_version > known + jump:
                 self.rejected_requests += 1
@@ -383,23 +368,10 @@ class QueueServer:
             log.exception("error answering a request (%d so far)", self.handler_errors)
             return None
 
-    def _may_permit(self) -> bool:
-        """Whether one more batch may be generated: the rate limiter must let in what is
-        held plus what the batches already permitted will bring (their mean number of
-        accepted samples so far), so several actors cannot all be let go at once."""
-        per_batch = self.buffer.counters.accepted / max(self._batches_arrived, 1)
-        while self._permits_out and self._permits_out[0] < time.monotonic() - PERMIT_TTL_S:
-            self._permits_out.popleft()  # its actor died or was stopped: stop waiting for it
-        return not self.blocked and self.buffer.accepting(len(self._permits_out) * per_batch)
-
     def grant_permits(self) -> list[tuple[bytes, bytes]]:
         """(peer, grant) for waiting generation permits, oldest first, as many as the rate
         limiter allows now (each lets one actor loop generate one batch)."""
-        out = []
-        while self._permits and self._may_permit():
-            out.append(self._permits.popleft())
-            self._permits_out.append(time.monotonic())
-        return out
+        return self.permits.grant(self.blocked)
 
     def stats(self, served: list[Sample] | None = None) -> dict[str, float]:
         """Queue counters plus actor-side means over the groups received since the last batch."""
@@ -421,8 +393,8 @@ class QueueServer:
             "queue/uses_mean": c.served / (c.served - c.reused) if c.served > c.reused else 0.0,
             "queue/samples_per_insert": c.served / c.accepted if c.accepted else 0.0,
             "queue/paced": float(not self.buffer.accepting()),
-            "queue/permits_waiting": float(len(self._permits)),
-            "queue/permits_out": float(len(self._permits_out)),
+            "queue/permits_waiting": float(len(self.permits.waiting)),
+            "queue/permits_out": float(len(self.permits.out)),
             "queue/rejected_updates": float(self.rejected_updates),
             "queue/rejected_frames": float(self.rejected_frames),
             "queue/rejected_values": float(self.rejected_values),
