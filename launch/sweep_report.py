@@ -43,6 +43,14 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, t * sd / math.sqrt(n)
 
 
+def runs_by_config(state: dict) -> dict[str, list[dict]]:
+    """The recorded runs grouped by configuration, in recording order."""
+    out: dict[str, list[dict]] = {}
+    for run in state["runs"].values():
+        out.setdefault(run["config"], []).append(run)
+    return out
+
+
 def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
     """Seconds at which a curve of (seconds, reward) points, in time order, first reaches
     ``target``: linear between the last point below and the first at or above it; None
@@ -86,11 +94,8 @@ def target_lines(state: dict) -> list[str]:
     targets = state.get("targets") or []
     if not targets:
         return []
-    by_config: dict[str, dict[int, dict]] = {}
-    for run in state["runs"].values():
-        by_config.setdefault(run["config"], {})[run["seed"]] = run
-    times = {c: {seed: [time_to_target(curve_points(state, r), t) for t in targets]
-                 for seed, r in runs.items()} for c, runs in by_config.items()}  # fmt: skip
+    times = {c: {r["seed"]: [time_to_target(curve_points(state, r), t) for t in targets]
+                 for r in runs} for c, runs in runs_by_config(state).items()}  # fmt: skip
     clock = "seconds since launch" if state.get("clock") == "launch" else "training seconds"
     head = " | ".join(f"to {t:g}" for t in targets)
     lines = [f"## Time to held-out reward ({clock}; mean ± 95% t-interval over seeds)", "",
@@ -141,9 +146,7 @@ def _total(run: dict, key: str) -> float:
 
 def time_lines(state: dict) -> list[str]:
     """Where each configuration's time went, from its runs' own metrics (mean over seeds)."""
-    by_config: dict[str, list[dict]] = {}
-    for run in state["runs"].values():
-        by_config.setdefault(run["config"], []).append(run)
+    by_config = runs_by_config(state)
     lines = [
         "",
         "## Where the time went (seconds per run, mean over seeds)",
@@ -178,9 +181,7 @@ def summary_rows(state: dict) -> list[dict]:
     """One row per configuration: mean and interval over its seeds of the final
     checkpoint's metrics, the first evaluated fraction's reward, and the last logged
     entropy and completion length."""
-    by_config: dict[str, list[dict]] = {}
-    for run in state["runs"].values():
-        by_config.setdefault(run["config"], []).append(run)
+    by_config = runs_by_config(state)
     labels = [f"{f:g}" for f in state["eval"]["at"]]
     rows = []
     for name, runs in by_config.items():
@@ -280,9 +281,7 @@ def plot(state: dict, path: Path) -> None:
 def _mean_bands(state: dict, ax, colours: dict[str, str]) -> None:
     """Per configuration with several seeds: the mean held-out curve (dashed) and the band
     between the seeds' lowest and highest reward at each evaluated fraction."""
-    by_config: dict[str, list[dict]] = {}
-    for run in state["runs"].values():
-        by_config.setdefault(run["config"], []).append(run)
+    by_config = runs_by_config(state)
     for c, runs in by_config.items():
         curves = [curve_points(state, r) for r in runs]
         n = min(len(pts) for pts in curves)

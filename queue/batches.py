@@ -33,25 +33,19 @@ class BatchGate:
 
     def __init__(self, num_actors: int):
         self.num_actors = num_actors
-        self._latest: dict[str, int] = {}  # actor id -> version of its latest group
-        self._since_end: dict[str, int] = {}  # actor id -> groups since its last ActorStats
+        self._open: dict[str, int] = {}  # actor id -> version of its groups since its stats
         self._delivered: dict[str, int] = {}  # actor id -> version of its last whole batch
 
     def on_group(self, actor_id: str, policy_version: int) -> None:
         """A group arrived (before filtering: a filtered group still belongs to its batch)."""
-        self._latest[actor_id] = policy_version
-        self._since_end[actor_id] = self._since_end.get(actor_id, 0) + 1
+        self._open[actor_id] = policy_version
 
     def on_batch_end(self, actor_id: str, learner_version: int) -> None:
         """The actor's ``ActorStats`` arrived: its batch is complete. If none of its groups
         came through since its last one (every frame rejected as malformed), the batch is
         taken to be of ``learner_version``, the version the actor waited for, so one bad
         batch cannot stall the loop."""
-        if self._since_end.get(actor_id, 0):
-            self._delivered[actor_id] = self._latest[actor_id]
-        else:
-            self._delivered[actor_id] = learner_version
-        self._since_end[actor_id] = 0
+        self._delivered[actor_id] = self._open.pop(actor_id, learner_version)
 
     def complete(self, version: int) -> bool:
         """Whether ``num_actors`` actors have delivered a whole batch of ``version``."""
