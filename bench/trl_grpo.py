@@ -33,11 +33,27 @@ from pathlib import Path
 log = logging.getLogger("dashrl.trl")
 
 
+def lone_rank_env() -> None:
+    """Drop a stray ``LOCAL_RANK``/``RANK`` when no launcher set ``WORLD_SIZE``.
+
+    This runner is one process. accelerate (under TRL) reads ``LOCAL_RANK`` as "started by
+    a distributed launcher" and then waits on an env:// rendezvous that nobody set up
+    (``MASTER_ADDR expected, but not set``); a parent that ran DeepSpeed in-process (which
+    insists on ``LOCAL_RANK``) leaves exactly that behind.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return
+    for var in ("LOCAL_RANK", "RANK"):
+        if os.environ.pop(var, None) is not None:
+            log.warning("%s was set without WORLD_SIZE: dropped, this runner is one process", var)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="a resolved dashrl config (JSON)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [trl] %(message)s")
+    lone_rank_env()
     import torch
 
     from dashrl.protocol.config import load_config

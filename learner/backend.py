@@ -152,11 +152,14 @@ class DeepSpeedBackend(TorchBackend):
                 # on the port the launcher reserved for the learner's ranks: a port picked
                 # here could be one the launcher gave another socket that is not bound yet
                 port = rendezvous_port or free_port()
-                os.environ.setdefault("LOCAL_RANK", "0")
                 deepspeed.init_distributed(
                     dist_backend=backend, init_method=f"tcp://127.0.0.1:{port}",
                     rank=0, world_size=1, auto_mpi_discovery=False,
                 )  # fmt: skip
+        if "LOCAL_RANK" not in os.environ and torch.distributed.get_world_size() == 1:
+            # DeepSpeed insists on LOCAL_RANK even for a lone rank whose group someone
+            # else (an earlier backend in this process, a test) has already set up
+            os.environ["LOCAL_RANK"] = "0"
         self.lc = lc
         self.stage = lc.zero_stage
         config = {

@@ -17,6 +17,17 @@ from dashrl.protocol.config import Config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Iterator[None]:
+    """Give every test the environment it started with: an in-process DeepSpeed rank sets
+    ``LOCAL_RANK`` (and the hardware setup thread counts) in ``os.environ``, which would
+    leak into the subprocesses of every later test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     from dashrl.protocol.model import TINY, resolve_model

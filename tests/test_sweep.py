@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,8 +218,13 @@ def test_the_trl_runner_writes_what_the_sweep_reads(tmp_path) -> None:
     cfg = run_config(exp, "lr_high", 0, tmp_path / "run")
     cfg_file = tmp_path / "run.json"
     cfg_file.write_text(cfg.model_dump_json())
+    # LOCAL_RANK without WORLD_SIZE is what an in-process DeepSpeed rank leaves behind in a
+    # parent (CI ran this after the DeepSpeed tests): the runner must stay one process
+    env = {**os.environ, "LOCAL_RANK": "0"}
+    env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, str(REPO / "bench" / "trl_grpo.py"), "--config",
-                        str(cfg_file)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                        str(cfg_file)], capture_output=True, text=True, timeout=600,
+                       env=env)  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["failed_role"] is None
