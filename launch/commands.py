@@ -105,5 +105,8 @@ class SweepCommand(Strict):
     """Where NAME.json, NAME.md and NAME.png go (default experiments/results)."""
     only: tuple[str, ...] = ()
     """Run only these configurations now (the report covers every recorded run)."""
+    seeds: tuple[int, ...] = ()
+    """Run only these seeds now: e.g. one whole seed of every configuration on one machine,
+    so that a speed-up paired by seed compares runs made on the same CPU."""
     report_only: bool = False
     """Start no run; rewrite the report from the recorded runs."""

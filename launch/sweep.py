@@ -54,6 +54,7 @@ from dashrl.launch.commands import SweepCommand
 from dashrl.launch.config_file import normalise_keys, one_line
 from dashrl.launch.sweep_report import write_report
 from dashrl.protocol.config import Config, Strict
+from dashrl.protocol.hardware import machine_name
 from dashrl.protocol.model import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,9 +344,28 @@ def run_one(exp: Experiment, name: str, seed: int, runs: Path) -> dict:
     return {"config": name, "seed": seed,
             "fingerprint": fingerprint(exp, cfg, runner_of(exp, name)),
             "steps": len(rows), "run_s": round(time.time() - t0, 1),
-            "startup_s": startup_s(rows, t0),
+            "startup_s": startup_s(rows, t0), "commit": source_commit(),
+            "machine": machine_name(),
+            "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "evals": [{**p, **evals.get(p["label"], {})} for p in picks],
             "curve": curve}  # fmt: skip
+
+
+def source_commit(repo: Path = REPO) -> str:
+    """The commit the runner's code is at (short hash, ``+dirty`` when tracked files differ
+    from it), so a results table can say which code each row ran on; ``unknown`` outside a
+    git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def base_record(exp: Experiment, runs: Path) -> dict[str, float]:
@@ -363,7 +383,8 @@ def base_record(exp: Experiment, runs: Path) -> dict[str, float]:
 
 
 def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
-          only: tuple[str, ...] = (), report_only: bool = False) -> dict:  # fmt: skip
+          only: tuple[str, ...] = (), report_only: bool = False,
+          seeds: tuple[int, ...] = ()) -> dict:  # fmt: skip
     """Run every (configuration, seed) of the experiment in ``path`` not yet recorded, then
     write the report. Returns the results (as written to JSON).
 
@@ -372,16 +393,20 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
         runs: where run directories go (default runs/sweep/NAME).
         results: where NAME.json/.md/.png go (default experiments/results).
         only: run just these configurations (the report still covers every recorded run).
+        seeds: run just these seeds (likewise).
         report_only: start nothing; rewrite the report from what is recorded.
 
     Raises:
-        ValueError: a bad experiment file or an unknown name in ``only``.
+        ValueError: a bad experiment file, an unknown name in ``only`` or seed in ``seeds``.
     """
     exp, name = load_experiment(path), Path(path).stem
     unknown = set(only) - set(exp.configs)
     if unknown:
         raise ValueError(f"unknown configuration(s) {sorted(unknown)}; the experiment has "
                          f"{sorted(exp.configs)}")  # fmt: skip
+    if set(seeds) - set(exp.seeds):
+        raise ValueError(f"unknown seed(s) {sorted(set(seeds) - set(exp.seeds))}; the "
+                         f"experiment has {exp.seeds}")  # fmt: skip
     runs = Path(runs or REPO / "runs" / "sweep" / name)
     results = Path(results or REPO / "experiments" / "results")
     out = results / f"{name}.json"
@@ -398,7 +423,7 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
             if old is not None and old.get("fingerprint") == fp:
                 state["runs"][key] = old  # recorded with this config and plan: skip
                 continue
-            if report_only or (only and cname not in only):
+            if report_only or (only and cname not in only) or (seeds and seed not in seeds):
                 continue
             runs.mkdir(parents=True, exist_ok=True)
             print(f"sweep {name}: {key} ({exp.budget_s:.0f} s)", flush=True)
@@ -419,6 +444,6 @@ def sweep_command(cmd: SweepCommand) -> dict:
     path = Path(cmd.experiment)
     if not path.suffix and not path.exists():
         path = REPO / "experiments" / f"{cmd.experiment}.toml"
-    state = sweep(path, cmd.runs, cmd.results, cmd.only, cmd.report_only)
+    state = sweep(path, cmd.runs, cmd.results, cmd.only, cmd.report_only, cmd.seeds)
     print((Path(cmd.results or REPO / "experiments" / "results") / f"{path.stem}.md").read_text())
     return state

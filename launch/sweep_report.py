@@ -96,6 +96,8 @@ def target_lines(state: dict) -> list[str]:
         return []
     times = {c: {r["seed"]: [time_to_target(curve_points(state, r), t) for t in targets]
                  for r in runs} for c, runs in runs_by_config(state).items()}  # fmt: skip
+    machine = {(c, r["seed"]): r.get("machine") for c, runs in runs_by_config(state).items()
+               for r in runs}  # fmt: skip
     clock = "seconds since launch" if state.get("clock") == "launch" else "training seconds"
     head = " | ".join(f"to {t:g}" for t in targets)
     lines = [f"## Time to held-out reward ({clock}; mean ± 95% t-interval over seeds)", "",
@@ -109,6 +111,11 @@ def target_lines(state: dict) -> list[str]:
             else:
                 cells.append(_cell(t_interval(got), pct=False))
         lines.append(f"| {c} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    machines = sorted({m for m in machine.values() if m})
+    if len(machines) > 1:
+        lines += ["", f"These runs were made on {len(machines)} machines (see Runs): the "
+                  "seconds above mix them; a speed-up pairs two runs of one seed only when "
+                  "they ran on the same machine."]  # fmt: skip
     for b in state.get("baselines") or []:
         if b not in times:
             continue
@@ -123,7 +130,10 @@ def target_lines(state: dict) -> list[str]:
                 pairs = [
                     (times[b][s][i], ts[i])
                     for s, ts in per_seed.items()
-                    if s in times[b] and ts[i] is not None and times[b][s][i] is not None
+                    if s in times[b]
+                    and ts[i] is not None
+                    and times[b][s][i] is not None
+                    and machine[(b, s)] == machine[(c, s)]  # a ratio across CPUs means little
                 ]
                 if not pairs:
                     cells.append("-")
@@ -166,6 +176,19 @@ def time_lines(state: dict) -> list[str]:
         busy_cell = "-" if busy != busy else f"{100 * busy:.0f}%"  # no actors (TRL): -
         lines.append(f"| {c} | {start:.0f} | {compute:.0f} | {wait:.0f} | {bcast:.0f} | "
                      f"{busy_cell} | {evals:.0f} |")  # fmt: skip
+    return lines
+
+
+def run_lines(state: dict) -> list[str]:
+    """One line per recorded run: its steps, the commit its code was at, when it finished
+    (UTC) and the machine it ran on; ``-`` for what a run recorded before the runner kept
+    these lacks."""
+    lines = ["", "## Runs", "", "| config | seed | steps | commit | finished (UTC) | machine |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for c, runs in runs_by_config(state).items():
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            lines.append(f"| {c} | {r['seed']} | {r['steps']} | {r.get('commit', '-')} | "
+                         f"{r.get('finished', '-')} | {r.get('machine', '-')} |")  # fmt: skip
     return lines
 
 
@@ -240,6 +263,7 @@ def markdown(state: dict) -> str:
     lines += target_lines(state)
     if state.get("targets") or state.get("clock") == "launch":
         lines += time_lines(state)
+    lines += run_lines(state)
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,23 @@ def native_bf16(device: str, flags: set[str] | None = None) -> str | None:
     return next((f for f in BF16_CPU_FLAGS if f in flags), None)
 
 
+def machine_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, its core count and its bf16 matrix flags, e.g. ``AMD EPYC,
+    2 cores (no bf16 units)``: machines differ between sessions, so every timed result
+    says which one made it."""
+    import os
+    import platform
+
+    try:
+        info = cpuinfo.read_text()
+    except OSError:
+        info = ""
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    model = names[0] if names else platform.processor() or "unknown CPU"
+    bf16 = [f for f in BF16_CPU_FLAGS if f in cpu_flags(cpuinfo)]
+    return f"{model}, {os.cpu_count()} cores ({', '.join(bf16) or 'no bf16 units'})"
+
+
 def local_device() -> str:
     """ "cuda" when torch sees a GPU, else "cpu"."""
     import torch

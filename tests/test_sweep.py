@@ -22,6 +22,7 @@ from dashrl.launch.sweep import (
     load_experiment,
     pick_checkpoints,
     run_config,
+    source_commit,
     training_clock,
 )
 from dashrl.launch.sweep_report import (
@@ -164,6 +165,50 @@ def test_the_target_table_pairs_seeds_and_says_what_was_not_reached() -> None:
     assert "| fast | 2.45x [" in text and "(2 seeds) | - |" in text
 
 
+def test_source_commit_names_head_and_says_when_tracked_files_differ(tmp_path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+
+    assert source_commit(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    assert source_commit(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("ignored\n")  # results written beside the code
+    assert source_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == head + "+dirty"
+
+
+def test_a_speedup_pairs_two_runs_of_a_seed_only_on_the_same_machine() -> None:
+    def run(config: str, seed: int, t: float, machine: str) -> dict:
+        return {"config": config, "seed": seed, "machine": machine, "curve": [],
+                "evals": [{"label": "1", "launch_s": t, "reward_mean": 0.9}]}  # fmt: skip
+
+    runs = [run("slow", 0, 100, "xeon"), run("fast", 0, 50, "xeon"),
+            run("slow", 1, 300, "epyc"), run("fast", 1, 25, "xeon")]  # fmt: skip
+    state = {"clock": "launch", "targets": [0.6], "baselines": ["slow"],
+             "base": {"reward_mean": 0.0},
+             "runs": {f"{r['config']}/{r['seed']}": r for r in runs}}  # fmt: skip
+    text = "\n".join(target_lines(state))
+    # seed 1 ran its two rungs on two CPUs: only seed 0's ratio (2x) is counted
+    assert "| fast | 2.00x (1 seeds) |" in text
+    assert "made on 2 machines" in text
+
+
+def test_machine_name_says_cpu_cores_and_bf16_units(tmp_path) -> None:
+    from dashrl.protocol.hardware import machine_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512_bf16 sse\n")
+    assert machine_name(info) == f"Some CPU, {os.cpu_count()} cores (avx512_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert machine_name(info).endswith("(no bf16 units)")
+
+
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, monkeypatch) -> None:
     runs, results = tmp_path / "runs", tmp_path / "results"
@@ -183,10 +228,12 @@ def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, mo
         # training clock
         assert run["startup_s"] > 0
         assert all(e["launch_s"] > e["train_s"] for e in run["evals"])
+        assert run["commit"] == source_commit() and run["commit"] != "unknown"
     assert state["base"]["k"] == 4
     md = (results / "tiny_sweep.md").read_text()
     assert "| lr_low | 2 |" in md and "| lr_high | 2 |" in md and " ± " in md
     assert "0/2 seeds reached it" in md and "## Where the time went" in md
+    assert f"| lr_low | 1 | {state['runs']['lr_low/1']['steps']} | {source_commit()} |" in md
     assert (results / "tiny_sweep.png").stat().st_size > 10_000
     assert md == markdown(state)
 
@@ -205,8 +252,12 @@ def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, mo
     assert launched == []
     changed = tmp_path / "tiny_sweep.toml"
     changed.write_text(TINY.read_text().replace("learner.lr = 1e-4", "learner.lr = 2e-4"))
+    sweep_mod.sweep(changed, runs, results, seeds=(1,))  # one seed of every configuration
+    assert launched == [("lr_high", 1)]
     sweep_mod.sweep(changed, runs, results)
     assert sorted(launched) == [("lr_high", 0), ("lr_high", 1)]
+    with pytest.raises(ValueError, match=r"unknown seed\(s\) \[7\]"):
+        sweep_mod.sweep(changed, runs, results, seeds=(7,))
 
 
 @pytest.mark.slow
