@@ -1,34 +1,22 @@
-"""``start.py sweep EXPERIMENT``: named configurations x seeds x a wall-clock budget, each run
-evaluated the same way, resumable, written up as a table with intervals over seeds.
-
-An experiment is a TOML file (``experiments/NAME.toml``; see experiments/README.md)::
-
-    description = "grpo with and without a KL penalty"
-    budget_s = 600            # training seconds per run (the learner's clock)
-    seeds = [0, 1]
-    [base]                    # config fields every run shares (the config tree's sections)
-    data.task = "chain_sum"
-    [eval]                    # held-out evaluation of every run's checkpoints
-    prompts = 256
-    k = 4
-    final_k = 32
-    [configs.kl_0]            # one table per configuration: fields over base
-    learner.kl_coef = 0.0
+"""``start.py sweep EXPERIMENT``: run an experiment (launch/experiment.py: named
+configurations x seeds x a wall-clock budget), each run evaluated the same way, resumable,
+written up as a table with intervals over seeds.
 
 The runner takes one (config, seed) at a time: it writes the run's resolved config, runs
 ``start.py --config`` on it with the time limit (in-run evaluation off, a weights-only
 checkpoint every ``checkpoint_every_s`` of training), then evaluates, in a separate
 process (launch/sweep_eval.py) after the run, the latest checkpoint written by each
 fraction ``eval.at`` of the budget, with k samples per prompt (``final_k`` for the last),
-deletes the checkpoints and records the run in ``experiments/results/NAME.json``. A
-restart skips every recorded run whose resolved config and evaluation plan are unchanged,
-so a long experiment completes over several sittings. Times are training seconds: the
-learner's clock (``wall_s`` in metrics.jsonl) less the seconds spent writing checkpoints;
-start-up (model load, engine compile) is not counted. Every point also carries its
-``launch_s``, seconds since the run was launched (start-up counted, checkpoint writing
-not): an experiment with ``clock = "launch"`` is reported on that clock, and with
-``targets`` the report gives each configuration's seconds to each held-out reward level
-and its speed-up over each of ``baselines`` (launch/sweep_report.py).
+deletes the checkpoints and records the run (with the commit and the machine it ran on)
+in ``experiments/results/NAME.json``. A restart skips every recorded run whose resolved
+config and evaluation plan are unchanged, so a long experiment completes over several
+sittings. Times are training seconds: the learner's clock (``wall_s`` in metrics.jsonl)
+less the seconds spent writing checkpoints; start-up (model load, engine compile) is not
+counted. Every point also carries its ``launch_s``, seconds since the run was launched
+(start-up counted, checkpoint writing not): an experiment with ``clock = "launch"`` is
+reported on that clock, and with ``targets`` the report gives each configuration's seconds
+to each held-out reward level and its speed-up over each of ``baselines``
+(launch/sweep_report.py).
 
 Only pydantic and the standard library are imported at module level (``--help`` stays
 fast); the report (launch/sweep_report.py) imports matplotlib when it draws.
@@ -36,7 +24,6 @@ fast); the report (launch/sweep_report.py) imports matplotlib when it draws.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,16 +31,18 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dashrl.launch.commands import SweepCommand
-from dashrl.launch.config_file import normalise_keys, one_line
+from dashrl.launch.experiment import (
+    RUNNERS,
+    Experiment,
+    fingerprint,
+    load_experiment,
+    run_config,
+    runner_of,
+)
 from dashrl.launch.sweep_report import write_report
-from dashrl.protocol.config import Config, Strict
 from dashrl.protocol.hardware import machine_name
 from dashrl.protocol.model import resolve_model
 
@@ -61,156 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 SETUP_GRACE_S = 900.0
 """Seconds a run may take beyond its budget (start-up, the final checkpoint) before the
 runner stops it by its pid."""
-
-
-class EvalPlan(Strict):
-    """How every run of an experiment is evaluated (launch/sweep_eval.py)."""
-
-    prompts: int = Field(256, ge=1)
-    """Held-out prompts of the training task (the first N of the run's held-out split;
-    data.heldout_size is raised to at least this)."""
-    k: int = Field(4, ge=1)
-    """Samples per prompt at each evaluated checkpoint but the last (avg@k, maj@k, pass@j)."""
-    final_k: int = Field(32, ge=1)
-    """Samples per prompt at the last checkpoint (pass@j for j up to it)."""
-    at: tuple[float, ...] = (0.25, 1.0)
-    """Fractions of the budget at which the latest checkpoint is evaluated (1.0: the final
-    weights)."""
-    engine: str = Field("vllm", pattern="^(vllm|hf)$")
-    """vllm (one engine, checkpoints loaded in place) or hf (tiny test models)."""
-
-    @field_validator("at")
-    @classmethod
-    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(not 0 < f <= 1 for f in v) or list(v) != sorted(set(v)):
-            raise ValueError(f"eval.at must be increasing fractions in (0, 1], got {v}")
-        return v
-
-
-class Experiment(Strict):
-    """An experiment file: configurations x seeds x a budget, evaluated by one plan."""
-
-    description: str
-    """What the experiment asks (printed at the top of its results)."""
-    budget_s: float = Field(gt=0)
-    """Training seconds per run (the learner's clock, start-up not counted)."""
-    seeds: list[int] = Field(min_length=1)
-    """Seeds; every configuration runs once per seed."""
-    checkpoint_every_s: float | None = Field(None, gt=0)
-    """Seconds of training between checkpoints (default: budget_s / 8)."""
-    base: dict[str, Any] = {}
-    """Config fields shared by every run (sections of the config tree, as in configs/)."""
-    configs: dict[str, dict[str, Any]] = Field(min_length=1)
-    """Configuration name -> its fields over base."""
-    eval: EvalPlan = EvalPlan()
-    """The evaluation of every run."""
-    clock: Literal["train", "launch"] = "train"
-    """The report's time axis: training seconds, or seconds since launch (start-up
-    counted: the clock of a time-to-reward comparison between systems)."""
-    targets: list[float] = []
-    """Held-out reward levels: the report gives the seconds to reach each (interpolated
-    between evaluated checkpoints, the base model at 0 s)."""
-    baselines: list[str] = []
-    """Configurations every other one's time to each target is compared with (speed-up,
-    paired by seed)."""
-
-    @model_validator(mode="after")
-    def _known_baselines(self) -> Experiment:
-        unknown = [b for b in self.baselines if b not in self.configs]
-        if unknown:
-            raise ValueError(f"baselines {unknown} are not configurations "
-                             f"({sorted(self.configs)})")  # fmt: skip
-        for name, fields in self.configs.items():
-            if fields.get("runner", "dashrl") not in RUNNERS:
-                raise ValueError(f"configs.{name}.runner must be one of {sorted(RUNNERS)}, "
-                                 f"got {fields['runner']!r}")  # fmt: skip
-        return self
-
-
-RUNNERS = {"dashrl": ["launch", "start.py"], "trl": ["bench", "trl_grpo.py"]}
-"""A configuration's ``runner`` key -> the script (under the repo) that trains it from the
-resolved config (``SCRIPT --config FILE``): dashrl itself, or TRL's GRPOTrainer with the
-same model, data, sampler and hyper-parameters (bench/trl_grpo.py), writing the same
-metrics.jsonl and checkpoints so that both are evaluated and timed alike."""
-
-
-def runner_of(exp: Experiment, name: str) -> str:
-    """The runner of configuration ``name`` (default "dashrl")."""
-    return exp.configs[name].get("runner", "dashrl")
-
-
-def _nulls(d: Any) -> Any:
-    """TOML has no null: the string "None" in an experiment file means None (e.g.
-    ``queue.filter_threshold = "None"``, no gradient filter)."""
-    if isinstance(d, dict):
-        return {k: _nulls(v) for k, v in d.items()}
-    return None if d == "None" else d
-
-
-def _merge(a: dict, b: dict) -> dict:
-    """``b`` over ``a``, section by section."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_experiment(path: Path) -> Experiment:
-    """The experiment in ``path``, every configuration checked against the config tree.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a file that does not parse, an unknown key, or a configuration the
-            config refuses (one line naming the file, the configuration and the field).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment file not found: {path}")
-    try:
-        exp = Experiment.model_validate(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: does not parse: {e}") from None
-    except ValidationError as e:
-        raise ValueError(f"{path}: {one_line(str(e))}") from None
-    for name in exp.configs:
-        run_config(exp, name, 0, Path("/nonexistent"), source=path)  # raises on a bad field
-    return exp
-
-
-def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
-               source: Path | None = None) -> Config:  # fmt: skip
-    """The resolved config of one run: base, the configuration, then what the runner fixes
-    (seed, run directory, time limit, checkpoints, no in-run evaluation).
-
-    Raises:
-        ValueError: a field the config refuses (naming ``source`` and the configuration).
-    """
-    data = _merge(normalise_keys(Config, _nulls(exp.base)),
-                  normalise_keys(Config, _nulls({k: v for k, v in exp.configs[name].items()
-                                                 if k != "runner"})))  # fmt: skip
-    every = exp.checkpoint_every_s or exp.budget_s / 8
-    fixed = {"seed": seed, "run_dir": str(run_dir), "time_limit_s": exp.budget_s,
-             "learner": {"checkpoint_every_s": every, "checkpoint_optimizer": False},
-             "eval": {"heldout": False, "every_steps": 0}}  # fmt: skip
-    data = _merge(data, fixed)
-    data.setdefault("learner", {}).setdefault("steps", 1_000_000)  # the budget ends a run
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(f"{source or 'experiment'}: configs.{name}: {one_line(str(e))}") from None
-    if cfg.data.heldout_size < exp.eval.prompts:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"heldout_size": exp.eval.prompts})})  # fmt: skip
-    return cfg
-
-
-def fingerprint(exp: Experiment, cfg: Config, runner: str = "dashrl") -> str:
-    """What makes a recorded run still valid: its resolved config (paths and ports aside),
-    the evaluation plan and the runner. A changed field re-runs it."""
-    d = cfg.model_dump(mode="json", exclude={"run_dir", "transport"})
-    parts = [d, exp.eval.model_dump(mode="json")] + ([runner] if runner != "dashrl" else [])
-    blob = json.dumps(parts, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def training_clock(

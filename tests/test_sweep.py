@@ -16,15 +16,8 @@ import pytest
 
 from conftest import REPO
 from dashrl.launch import sweep as sweep_mod
-from dashrl.launch.sweep import (
-    Experiment,
-    fingerprint,
-    load_experiment,
-    pick_checkpoints,
-    run_config,
-    source_commit,
-    training_clock,
-)
+from dashrl.launch.experiment import Experiment, fingerprint, load_experiment, run_config
+from dashrl.launch.sweep import pick_checkpoints, source_commit, training_clock
 from dashrl.launch.sweep_report import (
     markdown,
     ratio_interval,
