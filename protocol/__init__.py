@@ -1,7 +1,8 @@
 """The base layer every dashrl process agrees on, and nothing above it is imported here.
 
-- the wire format: :mod:`~dashrl.protocol.messages` (each message and field declared once)
-  and :mod:`~dashrl.protocol.codec` (encoding and strict decoding derived from them);
+- the wire format: :mod:`~dashrl.protocol.messages` (each message and field declared once,
+  with a rule of :mod:`~dashrl.protocol.rules`) and :mod:`~dashrl.protocol.codec`
+  (encoding and strict decoding derived from them);
 - :mod:`~dashrl.protocol.config`: the config schema (``config.json`` is the contract the
   launcher hands every child process) and :mod:`~dashrl.protocol.algorithms`, the
   registry of what each ``--algo`` changes in each role;
@@ -15,24 +16,22 @@ Importing ``dashrl.protocol`` loads only the wire format (numpy and msgpack).
 
 from dashrl.protocol.codec import decode, decode_object, encode
 from dashrl.protocol.messages import (
-    DEFAULT_LIMITS,
     SCHEMA_VERSION,
     ActorStats,
     Completion,
-    DecodeLimits,
     GenerationPermit,
     MicroBatchReply,
     MicroBatchRequest,
     NodeHello,
     NodeWelcome,
     PriorityUpdate,
-    ProtocolError,
     QueueEvent,
     RolloutGroup,
     Sample,
     WeightsVersion,
     group_to_samples,
 )
+from dashrl.protocol.rules import DEFAULT_LIMITS, DecodeLimits, ProtocolError
 
 __all__ = [
     "DEFAULT_LIMITS",

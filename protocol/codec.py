@@ -21,14 +21,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from dashrl.protocol.messages import (
+from dashrl.protocol.messages import MESSAGES, SCHEMA_VERSION, Message
+from dashrl.protocol.rules import (
     DEFAULT_LIMITS,
     LOGPROB_DTYPE,
-    MESSAGES,
-    SCHEMA_VERSION,
     TOKEN_DTYPE,
     DecodeLimits,
-    Message,
     ProtocolError,
     Wire,
 )

@@ -25,10 +25,20 @@ line and survives. Nothing here uses pickle.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+
+from dashrl.protocol.rules import (
+    DEFAULT_LIMITS,
+    MAX_COUNT,
+    ProtocolError,
+    Wire,
+    tokens_field,
+    weights_field,
+    wire,
+)
 
 SCHEMA_VERSION = 3
 """Bump on any incompatible change of a message body; decoders reject other versions. 2:
@@ -37,8 +47,6 @@ the replay queue: PriorityUpdate, GenerationPermit, importance weights on replie
 serve records, use counts and priorities in the log, ActorStats.paced_frac (version-1 and
 -2 queue logs are still read: codec.LOG_UPGRADES)."""
 
-TOKEN_DTYPE = np.dtype("<i4")
-LOGPROB_DTYPE = np.dtype("<f4")
 FINISH_REASONS = ("stop", "length")
 MICRO_BATCH_UNITS = ("sequences", "tokens")
 NODE_HELLO_KINDS = ("register", "heartbeat", "leave")
@@ -50,78 +58,6 @@ QUEUE_EVENT_KINDS = (
     "evicted_low_priority",
     "evicted_used",
 )
-MAX_COUNT = 2**53
-"""Largest count or version accepted on the wire (exact in a float64, fits an int64)."""
-
-
-class ProtocolError(ValueError):
-    """A frame that does not decode to a valid message. The message says what and where."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds that a decoder enforces before trusting a frame.
-
-    Attributes:
-        max_frame_bytes: largest accepted frame, in bytes.
-        max_seq_len: largest prompt or completion, in tokens.
-        max_group_size: most completions in one group.
-        max_samples: most samples in one micro-batch reply.
-    """
-
-    max_frame_bytes: int = 64 * 1024 * 1024
-    max_seq_len: int = 32768
-    max_group_size: int = 1024
-    max_samples: int = 65536
-
-
-DEFAULT_LIMITS = DecodeLimits()
-
-
-@dataclass(frozen=True)
-class Wire:
-    """How one field is encoded and what a decoder accepts for it.
-
-    Attributes:
-        kind: "int", "float" (finite), "str", "tokens" (int32 bytes, ids >= 0), "logprobs"
-            (float32 bytes, finite, <= 0 up to rounding, as many as the ``of`` field),
-            "refs" (int32 bytes of non-negative (log index, completion) pairs), "weights"
-            (float32 bytes, finite, within lo/hi), "floats" (a map str -> finite float),
-            "list" (of ``of`` messages) or "message" (one ``of`` message).
-        lo, hi: inclusive bounds of an int or float.
-        choices: the allowed values of a str.
-        max_len: longest str / array / list; an int, or the name of a DecodeLimits field.
-        min_len: shortest array or list.
-        of: the tokens field a "logprobs" field matches, or the message class of a "list"
-            or "message" field.
-    """
-
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    choices: tuple[str, ...] | None = None
-    max_len: int | str = 4096
-    min_len: int = 1
-    of: Any = None
-
-
-def wire(kind: str, default: Any = MISSING, **rule: Any) -> Any:
-    """A dataclass field with its :class:`Wire` rule (and an optional default)."""
-    return field(default=default, metadata={"wire": Wire(kind, **rule)})
-
-
-def _no_weights() -> np.ndarray:
-    return np.zeros(0, dtype=LOGPROB_DTYPE)
-
-
-def weights_field(lo: float, hi: float) -> Any:
-    """A float32 array field ("weights" rule), empty by default, up to max_samples long."""
-    rule = Wire("weights", lo=lo, hi=hi, max_len="max_samples", min_len=0)
-    return field(default_factory=_no_weights, metadata={"wire": rule})
-
-
-def _tokens() -> Any:
-    return wire("tokens", max_len="max_seq_len")
 
 
 # --------------------------------------------------------------------------- messages
@@ -143,7 +79,7 @@ class Completion:
     """
 
     WIRE_NAME: ClassVar[str] = "completion"
-    token_ids: np.ndarray = _tokens()
+    token_ids: np.ndarray = tokens_field()
     logprobs: np.ndarray = wire("logprobs", max_len="max_seq_len", of="token_ids")
     reward: float = wire("float", 0.0)
     advantage: float = wire("float", 0.0)
@@ -166,7 +102,7 @@ class RolloutGroup:
 
     WIRE_NAME: ClassVar[str] = "rollout_group"
     prompt_id: str = wire("str")
-    prompt_ids: np.ndarray = _tokens()
+    prompt_ids: np.ndarray = tokens_field()
     completions: list[Completion] = wire("list", of=Completion, max_len="max_group_size")
     actor_id: str = wire("str")
     task: str = wire("str", "")
@@ -221,7 +157,7 @@ class Sample:
 
     WIRE_NAME: ClassVar[str] = "sample"
     prompt_id: str = wire("str")
-    prompt_ids: np.ndarray = _tokens()
+    prompt_ids: np.ndarray = tokens_field()
     completion: Completion = wire("message", of=Completion)
     is_weight: float = field(default=1.0, compare=False)
 
