@@ -9,9 +9,9 @@ import time
 
 def header() -> dict[str, str]:
     """Date and machine, the first fields of every results JSON."""
-    machine = f"{platform.machine()} {os.cpu_count()} cores"
     from dashrl.protocol.hardware import machine_name
 
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "cpu": machine_name()}
 
 

@@ -94,10 +94,10 @@ def target_lines(state: dict) -> list[str]:
     targets = state.get("targets") or []
     if not targets:
         return []
+    by_config = runs_by_config(state)
     times = {c: {r["seed"]: [time_to_target(curve_points(state, r), t) for t in targets]
-                 for r in runs} for c, runs in runs_by_config(state).items()}  # fmt: skip
-    machine = {(c, r["seed"]): r.get("machine") for c, runs in runs_by_config(state).items()
-               for r in runs}  # fmt: skip
+                 for r in runs} for c, runs in by_config.items()}  # fmt: skip
+    machine = {(c, r["seed"]): r.get("machine") for c, runs in by_config.items() for r in runs}
     clock = "seconds since launch" if state.get("clock") == "launch" else "training seconds"
     head = " | ".join(f"to {t:g}" for t in targets)
     lines = [f"## Time to held-out reward ({clock}; mean ± 95% t-interval over seeds)", "",

@@ -13,6 +13,8 @@ emulated and slower than fp32.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +58,6 @@ def machine_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name, its core count and its bf16 matrix flags, e.g. ``AMD EPYC,
     2 cores (no bf16 units)``: machines differ between sessions, so every timed result
     says which one made it."""
-    import os
-    import platform
-
     try:
         info = cpuinfo.read_text()
     except OSError:

@@ -1,9 +1,10 @@
 """The dashrl wire format, part 1: the messages, each field declared once with its wire rule.
 
 Every frame is one msgpack map ``{"schema": SCHEMA_VERSION, "type": <name>, "body": {...}}``.
-Each message is a dataclass whose fields carry a :class:`Wire` rule in their metadata; the
-codec (:mod:`dashrl.protocol.codec`) derives both the encoding and the strict validation
-from those rules, so a field is written down exactly once. Token ids travel as raw
+Each message is a dataclass whose fields carry a :class:`~dashrl.protocol.rules.Wire` rule
+(protocol/rules.py) in their metadata; the codec (:mod:`dashrl.protocol.codec`) derives
+both the encoding and the strict validation from those rules, so a field is written down
+exactly once. Token ids travel as raw
 little-endian int32 bytes and logprobs as raw little-endian float32 bytes (numpy
 buffers), never as lists of Python ints: a 1k-token completion costs 8 KB on the wire and
 decodes with one ``np.frombuffer``.
