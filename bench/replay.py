@@ -165,11 +165,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="limiter")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="run only these configs of the experiment (default: all of them)",
+    )
     p.add_argument("--budget-s", type=float, default=900.0, help="training seconds per run")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_replay")
     p.add_argument("--report-only", action="store_true",
                    help="write the results of finished runs; start none")  # fmt: skip
     args = p.parse_args()
+    unknown = set(args.configs or []) - set(EXPERIMENTS[args.experiment])
+    if unknown:
+        p.error(f"not configs of {args.experiment}: {sorted(unknown)}")
     out = REPO / "bench" / f"replay_{args.experiment}"  # .json, .md, .png (committed)
     out.parent.mkdir(parents=True, exist_ok=True)
     # runs/ is not committed and a new machine starts without it: what the committed JSON
@@ -182,6 +191,8 @@ def main() -> None:
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
+            if args.configs and name not in args.configs and f"{name}/{seed}" not in done:
+                continue
             key, flags, run = f"{name}/{seed}", CONFIGS[name], args.runs / f"{name}_s{seed}"
             if key in done and not (run / "summary.json").exists():
                 results["runs"][key] = done[key]
