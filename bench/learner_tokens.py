@@ -1,7 +1,9 @@
 """Learner throughput on the same rollouts, in one process: today's path (float32, one
 padded sequence per sample) against bf16 mixed precision, the shared-prefix forward with
 whole-group or (the default) per-sample queue units, and both (issue 17); judged against
-this machine's own matmul peak.
+this machine's own matmul peak. The shared-prefix forward packs a micro-batch as the token
+trie of its samples (learner/prefix.py): with per-sample units that shares the prompts'
+common template, with whole groups also the group's prompt.
 
 Rollouts: a run's rollout log (``--run-dir``, e.g. a default job's), or, by default, fresh
 ones: the default task's prompts, G samples each from SmolLM2-135M-Instruct with HF
@@ -36,6 +38,7 @@ PATHS = [  # name, dtype, shared prefix, whole-group queue units
     ("bf16 per-sample", "bfloat16", False, False),
     ("float32 shared, group units", "float32", True, True),
     ("bf16 shared, group units", "bfloat16", True, True),
+    ("float32 shared, sample units", "float32", True, False),
     ("bf16 shared, sample units (default)", "bfloat16", True, False),
 ]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from dashrl.learner.prefix import Packed, pack, prefix_groups, shared_prefix_hidden
+from dashrl.learner.prefix import Packed, pack, shared_prefix_hidden
 from dashrl.protocol import Sample
 
 
@@ -34,9 +34,8 @@ class MicroBatch:
         prompt_keys: the B samples' prompt ids (strings), e.g. to pair DPO samples.
         is_weights: float32 [B], each sample's importance weight from the queue (1 unless
             it samples proportionally); the surrogate and SFT losses multiply it in.
-        groups: sample indices sharing each distinct prompt when the forward shares
-            prefixes (learner/prefix.py), else None (one padded sequence per sample).
-        packed: the shared-prefix layout (one sequence, no padding), or None.
+        packed: the shared-prefix layout (the samples' token trie as one sequence, no
+            padding; learner/prefix.py), or None (one padded sequence per sample).
     """
 
     input_ids: torch.Tensor
@@ -50,7 +49,6 @@ class MicroBatch:
     policy_versions: torch.Tensor
     prompt_keys: list[str]
     is_weights: torch.Tensor | None = None
-    groups: list[list[int]] | None = None
     packed: Packed | None = None
 
     def __post_init__(self) -> None:
@@ -79,8 +77,8 @@ class MicroBatch:
     @property
     def forward_tokens(self) -> int:
         """Tokens the forward actually computes, padding excluded: ``num_tokens`` for the
-        per-sample forward; each distinct prompt once, then every completion token but
-        the last, for the shared-prefix one."""
+        per-sample forward; the trie's nodes (each shared prefix once, no completion's last
+        token) for the shared-prefix one."""
         return self.num_tokens if self.packed is None else self.packed.length
 
     @property
@@ -90,15 +88,14 @@ class MicroBatch:
 
 
 def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> MicroBatch:
-    """Pad a list of samples into a :class:`MicroBatch`; with ``share_prefix``, also group
-    the samples by identical prompt token ids for the shared-prefix forward.
+    """Pad a list of samples into a :class:`MicroBatch`; with ``share_prefix``, also pack
+    them as their token trie for the shared-prefix forward (learner/prefix.py).
 
     Raises:
         ValueError: empty list.
     """
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
-    groups = prefix_groups([s.prompt_ids.tobytes() for s in samples]) if share_prefix else None
     B = len(samples)
     L = max(s.num_tokens for s in samples)
     T = max(len(s.completion_ids) for s in samples)
@@ -130,9 +127,8 @@ def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> M
         policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
         prompt_keys=[s.prompt_id for s in samples],
         is_weights=torch.tensor([s.is_weight for s in samples], dtype=torch.float32),
-        groups=groups,
-        packed=pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], groups, T)
-        if groups
+        packed=pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], T)
+        if share_prefix
         else None,  # fmt: skip
     )
 
@@ -140,7 +136,7 @@ def collate(samples: list[Sample], pad_id: int, share_prefix: bool = False) -> M
 def completion_hidden(model, batch: MicroBatch) -> torch.Tensor:
     """The decoder's last hidden state at each position that predicts a completion token,
     [B, T, H] (the state s_t before completion token t is emitted); through the
-    shared-prefix forward when the batch has prompt groups."""
+    shared-prefix forward when the batch is packed."""
     if batch.packed is not None:
         return shared_prefix_hidden(model, batch.packed)
     hidden = model.get_decoder()(

@@ -1,28 +1,34 @@
-"""Shared-prefix forward: each distinct prompt of a micro-batch forwarded once, its
-completions packed after it in one sequence, with an attention mask that lets each
-completion see the prompt and its own past only.
+"""Shared-prefix forward: a micro-batch packed as the token trie of its sequences, so every
+token that several samples share (a system prompt, a prompt, a completion's opening) is
+forwarded once, with an attention mask that lets each token see its own ancestors only.
 
-Why: the G completions of a GRPO group share one prompt (chat template and question), and
-on the default job prompts are ~60% of the tokens the padded per-sample forward computes
-(1,200 tokens per step of which 464 completion tokens, issue 17). Forwarding the prompt
-once and letting its completions attend to its keys/values gives the same hidden states,
-hence the same loss; the backward pass then sums the G completions' gradients into the one
-prefix, hence the same parameter gradients. This is Prefix Grouper's shared-prefix
-attention (Liu et al. 2025, "Prefix Grouper: Efficient GRPO Training through Shared-Prefix
-Forward", arXiv 2506.05433, Sec. 3: a completion token's attention splits into the prefix
-part and its own causal part). Packing the completions one after another (instead of a
-[G, C] batch over a cached prefix) also removes the padding between completions of
-different lengths: the micro-batch is one sequence of exactly the tokens it needs.
+Why: the G completions of a GRPO group share one prompt, and the prompts of a task share
+their chat template and instruction: on the default job a prompt is 46 tokens of which the
+first 35 are the same for every prompt (system turn and "State the final answer to the
+following arithmetic problem:"), and prompts are ~60% of the tokens a padded per-sample
+forward computes (issue 17). In a causal decoder a token's hidden state depends only on the
+tokens before it, so a token common to several sequences has the same state in each:
+computing it once and letting every continuation attend to its keys/values gives the same
+hidden states, hence the same loss; the backward pass sums the continuations' gradients
+into the one shared token, hence the same parameter gradients. This is Prefix Grouper's
+shared-prefix attention (Liu et al. 2025, "Prefix Grouper: Efficient GRPO Training through
+Shared-Prefix Forward", arXiv 2506.05433, Sec. 3) taken from one shared prompt per group to
+every shared prefix of the micro-batch, as a radix/prefix tree of the sequences (the
+structure SGLang's RadixAttention keeps for its KV cache, Zheng et al. 2024, arXiv
+2312.07104). Packing the trie as one sequence also removes all padding.
 
-The layout of a packed micro-batch, group by group: the prompt (positions 0..P-1), then
-each completion's tokens but the last (positions P..P+C-2; the last token's state predicts
-nothing). Query q may attend to key k iff both are in the same group, k comes no later
-than q, and k is a prompt token or in q's own completion. The state that predicts a
-completion's token 0 is the prompt's last one; token t >= 1 is predicted by the state of
-its token t-1.
+Layout: the trie's nodes in depth-first pre-order, one token each, with ``position_ids`` =
+the node's depth (so RoPE sees each sequence's own positions). In pre-order, node k is an
+ancestor of node q (or q itself) iff ``k <= q < end[k]``, where ``end[k]`` is one past k's
+subtree: that is the whole attention mask. A sample's sequence in the trie is its prompt
+and its completion but the last token (the last token's state predicts nothing); the state
+that predicts completion token 0 is the prompt's last token's, token t >= 1 is predicted
+by the state of token t-1.
 
 Needs an HF causal LM that takes a ready 4D attention mask and explicit ``position_ids``
-(transformers' sdpa and eager attention do; Llama, Qwen, Mistral...).
+(transformers' sdpa and eager attention do; Llama, Qwen, Mistral...). The mask is
+[L, L] for L packed tokens: fine for CPU micro-batches of hundreds of tokens; a GPU run with
+micro-batches of many thousands wants a block-sparse kernel instead (FlexAttention).
 tests/test_shared_prefix.py checks loss and every parameter's gradient against the padded
 per-sample forward (float32: max abs diff <= 1e-5).
 """
@@ -35,102 +41,108 @@ import numpy as np
 import torch
 
 
-def prefix_groups(prompts: list[bytes]) -> list[list[int]]:
-    """Indices of the samples that share each distinct prompt, in order of first appearance.
-
-    Args:
-        prompts: each sample's prompt token ids as bytes (equal bytes = equal prompt).
-
-    Returns:
-        One index list per distinct prompt; together they cover ``range(len(prompts))``.
-    """
-    where: dict[bytes, list[int]] = {}
-    for i, p in enumerate(prompts):
-        where.setdefault(p, []).append(i)
-    return list(where.values())
-
-
 @dataclass
 class Packed:
-    """One micro-batch packed as a single sequence of L tokens (see the module docstring).
+    """One micro-batch packed as a single sequence of L trie nodes (see the module docstring).
 
     Attributes:
-        input_ids: int64 [1, L].
-        position_ids: int64 [1, L] (each completion continues its prompt's positions).
-        group: int64 [L] index of the prompt group of each token.
-        owner: int64 [L] the sample index of a completion token, -1 for a prompt token.
-        predict: int64 [B, T] packed position whose state predicts completion token t of
-            sample b (0 on padding).
+        input_ids: int64 [1, L], the nodes' tokens in depth-first pre-order.
+        position_ids: int64 [1, L], each node's depth (its position in every sequence
+            through it).
+        end: int64 [L], one past the last node of each node's subtree (its descendants are
+            the nodes in between).
+        predict: int64 [B, T] packed index of the node whose state predicts completion token
+            t of sample b (0 on padding).
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    group: torch.Tensor
-    owner: torch.Tensor
+    end: torch.Tensor
     predict: torch.Tensor
 
     def to(self, device: torch.device | str) -> Packed:
         """The same layout with every tensor on ``device``."""
         return Packed(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.position_ids, self.group, self.owner, self.predict)))  # fmt: skip
+            self.input_ids, self.position_ids, self.end, self.predict)))  # fmt: skip
 
     @property
     def length(self) -> int:
-        """L, the tokens the forward computes (no padding)."""
+        """L, the tokens the forward computes (no padding, no token twice)."""
         return int(self.input_ids.shape[1])
 
     def attention_mask(self, implementation: str) -> torch.Tensor:
-        """The [1, 1, L, L] mask: bool (True = attend) for sdpa, additive float32 for eager.
+        """The [1, 1, L, L] mask, query q attending to key k iff k is q or an ancestor of q:
+        bool (True = attend) for sdpa, additive float32 for eager.
 
         Raises:
             ValueError: an attention implementation that takes no custom mask.
         """
-        g, o = self.group, self.owner
-        L = self.length
-        causal = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
-        mask = (g[:, None] == g[None, :]) & ((o[None, :] < 0) | (o[None, :] == o[:, None])) & causal
+        idx = torch.arange(self.length, device=self.end.device)
+        mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] < self.end[None, :])
         if implementation == "sdpa":
             return mask[None, None]
         if implementation == "eager":
-            zero = torch.zeros((), dtype=torch.float32, device=g.device)
+            zero = torch.zeros((), dtype=torch.float32, device=mask.device)
             return torch.where(mask, zero, torch.finfo(torch.float32).min)[None, None]
         raise ValueError(f"shared-prefix forward needs sdpa or eager attention, not "
                          f"{implementation!r} (set learner.share_prefix false)")  # fmt: skip
 
 
-def pack(prompts: list[np.ndarray], completions: list[np.ndarray], groups: list[list[int]],
-         T: int) -> Packed:  # fmt: skip
-    """Pack a micro-batch's samples, grouped by shared prompt, into one sequence.
+def pack(prompts: list[np.ndarray], completions: list[np.ndarray], T: int) -> Packed:
+    """Pack a micro-batch's samples into one sequence, the token trie of their prompt +
+    completion (all but the last completion token), each shared prefix once.
 
     Args:
-        prompts: each sample's prompt token ids (equal within a group).
+        prompts: each sample's prompt token ids (at least one token each).
         completions: each sample's completion token ids (at least one token each).
-        groups: :func:`prefix_groups` of the samples.
         T: the micro-batch's longest completion (width of ``predict``).
+
+    Returns:
+        The :class:`Packed` layout; its nodes come in order of first appearance, so samples
+        that share nothing are laid out one after another.
     """
-    ids, pos, grp, own = [], [], [], []
-    predict = np.zeros((len(completions), T), np.int64)
-    n = 0  # tokens packed so far
-    for u, idx in enumerate(groups):
-        prompt = prompts[idx[0]]
-        P, start = len(prompt), n
-        ids.append(prompt)
-        pos.append(np.arange(P))
-        grp.append(np.full(P, u))
-        own.append(np.full(P, -1))
-        n += P
-        for j in idx:
-            c = completions[j]
-            C = len(c)
-            predict[j, 0] = start + P - 1
-            predict[j, 1:C] = n + np.arange(C - 1)
-            ids.append(c[: C - 1])
-            pos.append(P + np.arange(C - 1))
-            grp.append(np.full(C - 1, u))
-            own.append(np.full(C - 1, j))
-            n += C - 1
-    cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
-    return Packed(cat(ids)[None], cat(pos)[None], cat(grp), cat(own), torch.from_numpy(predict))
+    token: list[int] = []  # node -> its token, nodes numbered as they are created
+    parent: list[int] = []  # node -> its parent node, -1 at a root
+    children: list[dict[int, int]] = []  # node -> {token: child node}
+    roots: dict[int, int] = {}
+    paths: list[list[int]] = []  # sample -> its nodes from the prompt's last token on
+    for prompt, completion in zip(prompts, completions, strict=True):
+        level, up, path = roots, -1, []
+        seq = np.concatenate([prompt, completion[:-1]]).tolist()
+        for tok in seq:
+            node = level.get(tok)
+            if node is None:
+                node = level[tok] = len(token)
+                token.append(tok)
+                parent.append(up)
+                children.append({})
+            path.append(node)
+            level, up = children[node], node
+        paths.append(path[len(prompt) - 1 :])
+    n = len(token)
+    # depth-first pre-order (children in order of first appearance); a parent is always
+    # created before its children, so depth and subtree size follow in one pass each way
+    order, stack = [], list(reversed(roots.values()))
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(children[node].values()))
+    index = np.empty(n, np.int64)
+    index[order] = np.arange(n)
+    depth, size = np.zeros(n, np.int64), np.ones(n, np.int64)
+    for node in range(n):
+        if parent[node] >= 0:
+            depth[node] = depth[parent[node]] + 1
+    for node in range(n - 1, -1, -1):
+        if parent[node] >= 0:
+            size[parent[node]] += size[node]
+    predict = np.zeros((len(paths), T), np.int64)
+    for b, path in enumerate(paths):
+        predict[b, : len(path)] = index[path]
+    ids, pos, end = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    ids[index], pos[index], end[index] = token, depth, index + size
+    t = torch.from_numpy
+    return Packed(t(ids)[None], t(pos)[None], t(end), t(predict))
 
 
 def shared_prefix_hidden(model, packed: Packed) -> torch.Tensor:

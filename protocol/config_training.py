@@ -143,9 +143,11 @@ class LearnerConfig(Strict):
     matrix units (CUDA sm_80+, a CPU with AMX-BF16 or AVX512-BF16; detected and logged at
     start, protocol/hardware.py), else float32."""
     share_prefix: bool = True
-    """Forward each distinct prompt of a micro-batch once and let the completions that share
-    it attend to its cached keys/values (learner/prefix.py): the same loss and gradients,
-    fewer tokens. Pays off when the queue serves whole groups (queue.serve_groups)."""
+    """Pack each micro-batch as the token trie of its samples, so every prefix they share
+    (the prompts' common template, a group's prompt, completions' common openings) is
+    forwarded once and attended to by all that continue it (learner/prefix.py): the same
+    loss and gradients, fewer tokens, no padding. Pays off most when the queue serves whole
+    groups (queue.serve_groups), and with per-sample units through the shared template."""
     num_ranks: int = Field(1, ge=1)
     """Learner processes (data parallel through DeepSpeed; started with torchrun). Only rank 0
     talks to the queue and the actors; each micro-batch is split across ranks."""

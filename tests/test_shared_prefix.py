@@ -1,6 +1,7 @@
 """The shared-prefix forward (learner/prefix.py) against the padded per-sample forward: the
 same loss and the same gradient of every parameter, for the surrogate, PPO's critic with
-the ORM head, and DPO pairs; plus whole-group units in the queue and the dtype choice."""
+the ORM head, and DPO pairs, with prompts that share a system prefix and completions that
+share their opening; plus whole-group units in the queue and the dtype choice."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from dashrl.learner.batch import collate
 from dashrl.learner.learner import Learner
-from dashrl.learner.prefix import prefix_groups
+from dashrl.learner.prefix import pack
 from dashrl.protocol import Sample
 from dashrl.protocol.hardware import native_bf16, resolve_dtype
 from dashrl.queue.buffer import ReplayBuffer
@@ -35,6 +36,22 @@ def _groups(seed: int = 0) -> list[Sample]:
         _sample(rng, b, n, x, r, "b") for n, x, r in ((9, 0.9, 1.0), (2, -0.9, 0.0), (5, 0.9, 1.0))
     ]
     return [g1[0], g2[0], g1[1], g2[1], g1[2], g2[2]]
+
+
+def _shared_system(seed: int = 0) -> list[Sample]:
+    """Per-sample units as the default queue serves them: three prompts that share a
+    4-token head (a system turn) and differ after it, one of them twice with completions
+    that share their first two tokens, one completion identical to another."""
+    rng = np.random.default_rng(seed)
+    head = [1, 50, 60, 70]
+    a, b, c = [*head, 8, 9], [*head, 3], [*head, 8, 4, 4]
+    s = [_sample(rng, p, n, x, r, k) for p, n, x, r, k in (
+        (a, 5, 1.5, 1.0, "a"), (b, 4, -0.6, 0.0, "b"), (c, 1, 0.8, 1.0, "c"),
+        (a, 6, -0.5, 0.0, "a"), (b, 4, 2.0, 1.0, "b"))]  # fmt: skip
+    s[3].completion_ids[:2] = s[0].completion_ids[:2]  # same opening, then apart
+    s[4].completion_ids[:] = s[1].completion_ids  # the same completion twice
+    s[4].logprobs[:] = s[1].logprobs
+    return s
 
 
 def _dpo_pairs() -> list[Sample]:
@@ -72,14 +89,17 @@ def _compare(learner: Learner, samples: list[Sample], atol: float) -> float:
     return worst
 
 
-def test_prefix_groups_and_collate() -> None:
-    assert prefix_groups([b"x", b"y", b"x", b"z", b"y"]) == [[0, 2], [1, 4], [3]]
+def test_collate_packs_each_shared_token_once() -> None:
     batch = collate(_groups(), pad_id=0, share_prefix=True)
-    assert batch.groups == [[0, 2, 4], [1, 3, 5]]
     # prompts 5 and 9 tokens once; completions 3+7+1 and 9+2+5, all but their last token
     assert batch.forward_tokens == 5 + 9 + (11 - 3) + (16 - 3)
     assert batch.num_tokens == 3 * 5 + 3 * 9 + 27
-    assert collate(_groups(), pad_id=0).groups is None
+    assert collate(_groups(), pad_id=0).packed is None
+    # the 4-token head once, then [8, 9] and [8, 4, 4] under one 8, and [3]; the
+    # completions 4+5 (a's two share 2 tokens), 3 (b's two are one path) and 0 (c's one token)
+    shared = collate(_shared_system(), pad_id=0, share_prefix=True)
+    assert shared.forward_tokens == 4 + (2 + 2 + 1) + (4 + 5 - 2) + 3 + 0
+    assert shared.num_tokens == 2 * 6 + 2 * 5 + 7 + (5 + 4 + 1 + 6 + 4)
 
 
 def test_packed_layout_by_hand() -> None:
@@ -90,10 +110,10 @@ def test_packed_layout_by_hand() -> None:
 
     a, b = np.array([1, 2]), np.array([3])
     comps = [np.array([5, 6, 7]), np.array([8]), np.array([9, 4])]
-    p = pack([a, a, b], comps, [[0, 1], [2]], T=3)
+    p = pack([a, a, b], comps, T=3)
     assert p.input_ids.tolist() == [[1, 2, 5, 6, 3, 9]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
-    assert p.owner.tolist() == [-1, -1, 0, 0, -1, 2] and p.group.tolist() == [0, 0, 0, 0, 1, 1]
+    assert p.end.tolist() == [4, 4, 4, 4, 6, 6]
     assert p.predict.tolist() == [[1, 2, 3], [1, 0, 0], [4, 5, 0]]
     m = p.attention_mask("sdpa")[0, 0].int().tolist()
     assert m == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
@@ -104,24 +124,42 @@ def test_packed_layout_by_hand() -> None:
         p.attention_mask("flash_attention_2")
 
 
+def test_trie_layout_by_hand() -> None:
+    """Prompts [1, 2, 3] and [1, 2, 4] share [1, 2]; completions [5, 6, 7] and [5, 8] of the
+    first share their 5. Pre-order: 1 2 3 5 6 8 4 (7 and the second completion's last token
+    predict nothing); the shared nodes come once and every branch continues the positions."""
+    comps = [np.array([5, 6, 7]), np.array([5, 8, 9]), np.array([6])]
+    p = pack([np.array([1, 2, 3]), np.array([1, 2, 3]), np.array([1, 2, 4])], comps, T=3)
+    assert p.input_ids.tolist() == [[1, 2, 3, 5, 6, 8, 4]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 2]]
+    assert p.end.tolist() == [7, 7, 6, 6, 5, 6, 7]
+    assert p.predict.tolist() == [[2, 3, 4], [2, 3, 5], [6, 0, 0]]
+    m = p.attention_mask("sdpa")[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1, 0],
+                 [1, 1, 0, 0, 0, 0, 1]]  # fmt: skip
+
+
 def test_eager_attention_gives_the_same_states(tiny_model_path) -> None:
     from dashrl.learner.batch import completion_hidden
     from dashrl.protocol.model import load_causal_lm
 
     model = load_causal_lm(tiny_model_path)
     model.config._attn_implementation = "eager"
-    samples = _groups()
-    per_sample, shared = collate(samples, 0), collate(samples, 0, share_prefix=True)
-    with torch.no_grad():
-        h0, h1 = completion_hidden(model, per_sample), completion_hidden(model, shared)
-    assert float(((h0 - h1).abs() * per_sample.mask[..., None]).max()) <= 1e-5
+    for samples in (_groups(), _shared_system()):
+        per_sample, shared = collate(samples, 0), collate(samples, 0, share_prefix=True)
+        with torch.no_grad():
+            h0, h1 = completion_hidden(model, per_sample), completion_hidden(model, shared)
+        assert float(((h0 - h1).abs() * per_sample.mask[..., None]).max()) <= 1e-5
 
 
+@pytest.mark.parametrize("batch", [_groups, _shared_system])
 @pytest.mark.parametrize(("algo", "dense"), [("grpo", "none"), ("ppo", "orm")])
-def test_shared_prefix_equals_per_sample_forward_float32(tiny_cfg, algo: str, dense: str) -> None:
+def test_shared_prefix_equals_per_sample_forward_float32(tiny_cfg, algo: str, dense: str,
+                                                         batch) -> None:  # fmt: skip
     cfg = tiny_cfg.model_copy(update={"algo": algo}, deep=True)
     cfg.learner.backend, cfg.learner.dtype, cfg.reward.dense = "torch", "float32", dense
-    _compare(Learner(cfg, connect=False), _groups(), atol=1e-5)
+    _compare(Learner(cfg, connect=False), batch(), atol=1e-5)
 
 
 def test_shared_prefix_equals_per_sample_forward_for_dpo_pairs(tiny_cfg) -> None:
@@ -170,6 +208,7 @@ def test_shared_prefix_on_smollm2_float32_and_bf16(tmp_path) -> None:
     cfg.model.path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     learner = Learner(cfg, connect=False)
     _compare(learner, _groups(), atol=1e-5)
+    _compare(learner, _shared_system(), atol=1e-5)
     per_sample, shared = [], []
     for seed in range(3):
         samples = _groups(seed)
