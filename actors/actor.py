@@ -39,7 +39,7 @@ from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, load_config
 from dashrl.protocol.hardware import local_device, resolve_dtype
 from dashrl.protocol.placement import role_device
-from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
+from dashrl.protocol.runtime import StopFlag, pin_cores, set_thread_budget, setup_logging
 from dashrl.protocol.security import client_setup
 from dashrl.protocol.weights import WeightSource
 
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     index = int(argv[1])
     node, endpoint = (argv[2], argv[3]) if len(argv) == 4 else (None, None)
     setup_logging(f"{node}/actor{index}" if node else f"actor{index}")
+    pin_cores(cfg.actor.cpus, f"actor{index}")  # vLLM's engine processes inherit the cores
     set_thread_budget(cfg.actor.torch_threads)
     stop = StopFlag()
     actor = Actor(cfg, index, node=node, weights_endpoint=endpoint)

@@ -51,6 +51,10 @@ CONFIGS: dict[str, list[str] | None] = {
     "greedy_k4": [*UNCAPPED, "--queue.max-uses", "4"],
     "proportional_k2": [*UNCAPPED, "--queue.max-uses", "2", "--queue.sampling", "proportional",
                         "--queue.is-beta", "1.0"],
+    # the learner's shared-prefix trie and its own core (commit a25c197 and the next): the
+    # default job after them, and without the core of its own; against limiter_off (before)
+    "default_trie_cores": [],
+    "default_trie": ["--learner.own-cores", "False"],
     # what in issue 17's new default path changes learning (ablations of the default job)
     "tis_2": ["--learner.tis-cap", "2.0"],
     "sample_units": ["--queue.serve-groups", "False"],
@@ -69,6 +73,7 @@ EXPERIMENTS: dict[str, list[str]] = {
         "limiter_on_eb16",
     ],
     "ablation": ["limiter_off_v0", "limiter_off", "tis_2", "sample_units", "float32"],
+    "throughput": ["limiter_off", "default_trie", "default_trie_cores"],
     "reuse": [
         "limiter_off_v0",
         "greedy_k2_v0",
@@ -90,6 +95,7 @@ def run_one(out: Path, flags: list[str] | None, seed: int, budget_s: float) -> d
     if not (out / "summary.json").exists():
         cmd = [sys.executable, str(REPO / "launch" / "start.py"), "--run-dir", str(out),
                "--seed", str(seed), "--time-limit-s", str(budget_s), *flags]  # fmt: skip
+        (out.parent / f"{out.name}.commit").write_text(head_commit())
         with (out.parent / f"{out.name}.out").open("w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if not (out / "summary.json").exists() or not (out / "metrics.jsonl").exists() or \
@@ -98,6 +104,19 @@ def run_one(out: Path, flags: list[str] | None, seed: int, budget_s: float) -> d
         print(f"{out}: the job failed or left no metrics (see {out.name}.out)", file=sys.stderr)
         return None
     return figures(out)
+
+
+def head_commit() -> str:
+    """This checkout's HEAD (short), the code a run started here runs."""
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    return out.stdout.strip() or "unknown"
+
+
+def commit_of(run: Path) -> str:
+    """The commit of the code that made ``run`` (written beside it when it started)."""
+    path = run.parent / f"{run.name}.commit"
+    return path.read_text().strip() if path.exists() else "unknown"
 
 
 def figures(run: Path) -> dict:
@@ -204,6 +223,7 @@ def main() -> None:
             if got is None:
                 continue
             got.setdefault("machine", f"{header()['machine']}, {header()['cpu']}")
+            got.setdefault("commit", commit_of(run))
             got.setdefault("budget_s", args.budget_s)
             results["runs"][key] = got
             write(results, out)  # after every run: a stopped experiment keeps what it has

@@ -114,7 +114,9 @@ def attach(cmd: AttachCommand, stop: StopFlag | None = None) -> dict:
                              "attached generator nodes")  # fmt: skip
         # this machine's copy of the keys, not the learner machine's path
         transport = cfg.transport.model_copy(update={"curve_dir": cmd.curve_dir})
-        cfg = cfg.model_copy(update={"transport": transport})
+        # nor the job's actor.cpus (cores of the learner's machine): this node is unpinned
+        actor = cfg.actor.model_copy(update={"cpus": None})
+        cfg = cfg.model_copy(update={"transport": transport, "actor": actor})
         (work / "config.json").write_text(cfg.model_dump_json())
         log.info("attached as %s at version %d; logs in %s", node_id, welcome.version, work)
         children = Children(work)

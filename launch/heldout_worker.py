@@ -18,7 +18,7 @@ from pathlib import Path
 from dashrl.actors.engine import HFEngine
 from dashrl.launch.evaluate import heldout_reward
 from dashrl.protocol.config import load_config
-from dashrl.protocol.runtime import set_thread_budget, setup_logging
+from dashrl.protocol.runtime import pin_cores, set_thread_budget, setup_logging
 
 THREADS = 1
 """Torch threads of a background evaluation: it shares the cores with the learner and the
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     config, weights, out = (Path(a) for a in (argv if argv is not None else sys.argv[1:]))
     log = setup_logging("eval")
     cfg = load_config(config)
+    pin_cores(cfg.actor.cpus, "eval")  # started by the learner: off its cores, onto the others'
     set_thread_budget(THREADS)
     res = heldout_reward(cfg, HFEngine(weights))
     tmp = out.with_suffix(".tmp")

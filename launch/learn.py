@@ -23,7 +23,7 @@ from dashrl.launch.evaluate import heldout_reward
 from dashrl.learner.backend import init_ranks
 from dashrl.learner.learner import Evaluator, Learner, train
 from dashrl.protocol.config import Config, load_config
-from dashrl.protocol.runtime import StopFlag, set_thread_budget, setup_logging
+from dashrl.protocol.runtime import StopFlag, pin_cores, set_thread_budget, setup_logging
 
 log = logging.getLogger("dashrl.learner")
 
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     rank, _ = init_ranks()
     setup_logging("learner" if rank == 0 else f"learner{rank}")
     cfg = load_config(Path(argv[0]))
+    pin_cores(cfg.learner.cpus, "learner")
     set_thread_budget(cfg.learner.torch_threads)
     evaluate = BackgroundEvaluator(cfg) if cfg.eval.background else heldout_evaluator(cfg)
     train(cfg, StopFlag(), evaluate=evaluate)

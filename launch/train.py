@@ -34,8 +34,14 @@ from dashrl.launch.plot import plot_run
 from dashrl.learner.checkpoint import resumable_checkpoint
 from dashrl.protocol.config import PORT_FIELDS, Config
 from dashrl.protocol.model import load_tokenizer, resolve_model
-from dashrl.protocol.placement import child_env, cuda_available, resolve_weight_backend
+from dashrl.protocol.placement import (
+    child_env,
+    cuda_available,
+    resolve_cpus,
+    resolve_weight_backend,
+)
 from dashrl.protocol.runtime import (
+    available_cores,
     free_ports,
     read_jsonl,
     set_thread_budget,
@@ -144,9 +150,22 @@ def resolve(cfg: Config) -> Config:
                                      a.engine, cuda_available(), cfg.learner.num_ranks)  # fmt: skip
     log.info("weights travel over %s (transport.weight_backend %s; learner.gpus %s, "
              "actor.gpus %s)", backend, t.weight_backend, cfg.learner.gpus, a.gpus)  # fmt: skip
+    # and the cores: the learner's own, the rest for everything else (learner.own_cores;
+    # async only: in sync and dash modes the roles take turns, each with every core)
+    lc = cfg.learner
+    gpu = cuda_available() and lc.device != "cpu"
+    own = lc.own_cores and cfg.mode == "async"
+    learner_cpus, actor_cpus = resolve_cpus(lc.cpus, a.cpus, own,
+                                            lc.torch_threads * lc.num_ranks,
+                                            sorted(available_cores()), gpu)  # fmt: skip
+    log.info("cores: learner %s, actors, queue and background evaluation %s (learner.own_cores "
+             "%s, mode %s; None = every core)", learner_cpus, actor_cpus, lc.own_cores,
+             cfg.mode)  # fmt: skip
     resolved = cfg.model_copy(
         update={"run_dir": run_dir, "model": model, **absolute_data_paths(cfg),
-                "transport": t.model_copy(update={**ports, "weight_backend": backend})}
+                "transport": t.model_copy(update={**ports, "weight_backend": backend}),
+                "learner": lc.model_copy(update={"cpus": learner_cpus}),
+                "actor": a.model_copy(update={"cpus": actor_cpus})}
     )  # fmt: skip
     resolved = Config.model_validate(resolved.model_dump())  # re-validate the whole tree
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))

@@ -128,6 +128,10 @@ class ActorConfig(Strict):
     """GPUs of the actors: actor i runs on gpus[i % len(gpus)] (its CUDA_VISIBLE_DEVICES).
     None: inherit the launcher's environment (vLLM and HF then use cuda:0 where there is a
     GPU, the CPU otherwise)."""
+    cpus: list[int] | None = None
+    """CPU cores the actors run on (their sched_setaffinity; vLLM's engine processes, the
+    queue and the learner's background evaluation inherit or take the same). None: chosen
+    by learner.own_cores (the cores the learner does not take), else every core."""
     engine: Literal["vllm", "hf", "fake"] = "vllm"
     """Generation engine: "vllm" (AsyncLLM with in-flight weight updates; needs the cpu or
     gpu extra), "hf" (transformers generate, the fallback) or "fake" (random tokens as fast

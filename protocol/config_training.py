@@ -160,6 +160,18 @@ class LearnerConfig(Strict):
     gpus: list[int] | None = None
     """GPUs of the learner (its CUDA_VISIBLE_DEVICES; rank r uses the r-th). None: inherit
     the launcher's environment (on a one-GPU machine every role then shares cuda:0)."""
+    cpus: list[int] | None = None
+    """CPU cores the learner's processes run on (sched_setaffinity). None: chosen by
+    own_cores."""
+    own_cores: bool = True
+    """In async mode, on a machine without a GPU and with more cores than the learner's
+    threads, give the learner cores of its own (the first torch_threads x num_ranks) and
+    every other process the rest, wherever learner.cpus / actor.cpus are unset (sync and
+    dash modes take turns, so each role keeps every core while it runs). The learner is the
+    bottleneck on a small CPU, and an unpinned vLLM actor takes more than its one thread:
+    its engine-core process spins on the worker's shared-memory queue while the worker
+    computes (measured on 2 cores: the learner got about a third of a core). Resolved by
+    the launcher into config.json and logged (protocol/placement.py resolve_cpus)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every N steps (0: only at the end)."""
     checkpoint_every_s: float = Field(0.0, ge=0)

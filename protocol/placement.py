@@ -17,7 +17,12 @@ that never comes, until the weight-sync timeout).
   for CPU actors, GPU actors and a GPU shared by the learner and an actor alike. "zmq"
   sends through the learner's ZeroMQ publisher (host memory) to every actor.
 
-:func:`check_placement` turns a placement that cannot work into one config error that
+- **CPU cores** (:func:`resolve_cpus`). Without a GPU the learner computes on cores, and
+  on a small machine it is the bottleneck: it gets cores of its own (``learner.cpus``) and
+  every other process the rest (``actor.cpus``), applied by each role at start
+  (protocol/runtime.py ``pin_cores``).
+
+:func:`placement_problem` turns a placement that cannot work into one config error that
 says what to do (pydantic reports it at parse time).
 """
 
@@ -122,6 +127,45 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def resolve_cpus(
+    learner_cpus: Sequence[int] | None,
+    actor_cpus: Sequence[int] | None,
+    own_cores: bool,
+    learner_threads: int,
+    available: Sequence[int],
+    gpu: bool,
+) -> tuple[list[int] | None, list[int] | None]:
+    """The cores of the learner and of everything else (None: not pinned), as
+    ``learner.own_cores`` asks: where neither list is set, on a machine without a GPU and
+    with more cores than ``learner_threads``, the learner takes the first
+    ``learner_threads`` of ``available`` and the rest go to the others; where one list is
+    set, the other gets the remaining cores.
+
+    Args:
+        learner_cpus, actor_cpus: the config's lists (None: unset).
+        own_cores: learner.own_cores.
+        learner_threads: cores the learner needs (torch_threads x num_ranks).
+        available: the cores this process may run on (``os.sched_getaffinity(0)``).
+        gpu: whether the learner trains on a GPU (then nothing is pinned by default).
+
+    Raises:
+        ValueError: a list names a core outside ``available``.
+    """
+    cores = sorted(int(c) for c in available)
+    for name, cpus in (("learner.cpus", learner_cpus), ("actor.cpus", actor_cpus)):
+        if cpus is not None and (not cpus or not set(cpus) <= set(cores)):
+            raise ValueError(f"{name} {list(cpus)}: this machine's cores are {cores}")
+    learner = list(learner_cpus) if learner_cpus is not None else None
+    others = list(actor_cpus) if actor_cpus is not None else None
+    if not own_cores or (learner is None and others is None and
+                         (gpu or len(cores) <= learner_threads)):  # fmt: skip
+        return learner, others
+    if learner is None and others is None:
+        return cores[:learner_threads], cores[learner_threads:]
+    rest = lambda taken: [c for c in cores if c not in taken] or None  # noqa: E731
+    return (learner, others or rest(learner)) if learner is not None else (rest(others), others)
 
 
 def child_gpu_env(gpus: Sequence[int] | None) -> dict[str, str]:

@@ -47,6 +47,33 @@ def set_thread_budget(threads: int) -> None:
         pass
 
 
+def available_cores() -> set[int]:
+    """The CPU cores this process may run on (its affinity mask; every core where the
+    system keeps none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def pin_cores(cpus: list[int] | None, role: str) -> None:
+    """Run this process (and the threads and processes it starts later) on ``cpus`` only
+    (``os.sched_setaffinity``; the cores are resolved by the launcher, see
+    protocol/placement.py ``resolve_cpus``). None, or a system without CPU affinity: leave
+    it as it is. A core that cannot be set is logged, never fatal: the run goes on unpinned.
+    """
+    log = logging.getLogger("dashrl.runtime")
+    if cpus is None:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        log.info("%s: this system sets no CPU affinity; running on every core", role)
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+        log.info("%s runs on cores %s", role, sorted(os.sched_getaffinity(0)))
+    except OSError as e:
+        log.warning("%s: could not pin to cores %s (%s); running unpinned", role, cpus, e)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago."""
     return free_ports(1, host)[0]

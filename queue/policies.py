@@ -46,7 +46,7 @@ def group_units(
     """Whole-group serving: the group's samples that pass the DASH gradient filter each
     (:func:`passes_gradient_filter`), as one unit, cut into slices of at most ``max_size``.
 
-    Why: the learner forwards each distinct prompt of a micro-batch once
+    Why: the learner forwards each shared prefix of a micro-batch once
     (learner/prefix.py), so a micro-batch of one group's completions costs one prompt
     instead of G. Ranking by single samples would split groups: a 1-of-8-correct group's
     correct sample (|A| = 2.5) outranks its seven incorrect ones (|A| = 0.35) and every

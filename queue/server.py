@@ -35,7 +35,7 @@ import zmq
 
 from dashrl.protocol import ProtocolError
 from dashrl.protocol.config import Config, load_config
-from dashrl.protocol.runtime import StopFlag, setup_logging
+from dashrl.protocol.runtime import StopFlag, pin_cores, setup_logging
 from dashrl.protocol.security import server_setup
 from dashrl.queue.handlers import FINAL_STATS, QueueServer, actor_totals
 from dashrl.queue.peers import RequestInbox
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = argv if argv is not None else sys.argv[1:]
     setup_logging("queue")
     cfg = load_config(Path(argv[0]))
+    pin_cores(cfg.actor.cpus, "queue")  # off the learner's cores
     serve(cfg, cfg.run_dir, reload="--reload" in argv[1:])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -49,6 +50,16 @@ def test_tiny_run_versions_advance_rollouts_flow_weights_reach_actor(tiny_cfg) -
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["transport"]["rollout_port"] > 0 and saved["model"]["path"]
+    # the learner on a core of its own, every other role on the rest
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:
+        learner, others = saved["learner"]["cpus"], saved["actor"]["cpus"]
+        assert learner == cores[:1] and others == cores[1:]
+        logs = {role: (run_dir / "logs" / f"{role}.log").read_text()
+                for role in ("learner", "actor0", "queue")}  # fmt: skip
+        assert f"learner runs on cores {learner}" in logs["learner"]
+        assert f"actor0 runs on cores {others}" in logs["actor0"]
+        assert f"queue runs on cores {others}" in logs["queue"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The GPU path's decisions, checked on the CPU: per-role placement and its refusals, the
-weight backend that auto picks, each child's environment, and every tensor that meets the
-model placed on the learner's device."""
+weight backend that auto picks, each child's environment, the cores each role is pinned
+to, and every tensor that meets the model placed on the learner's device."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from pydantic import ValidationError
 from dashrl.learner.batch import collate
 from dashrl.protocol import Sample
 from dashrl.protocol.config import Config
-from dashrl.protocol.placement import child_env, placement_problem, resolve_weight_backend
+from dashrl.protocol.placement import (
+    child_env,
+    placement_problem,
+    resolve_cpus,
+    resolve_weight_backend,
+)
 
 
 def config(**sections) -> Config:
@@ -83,6 +88,51 @@ def _sample(prompt: list[int], completion: list[int], adv: float) -> Sample:
     c = np.array(completion, np.int32)
     return Sample.make("p" + str(prompt[0]), np.array(prompt, np.int32), c,
                        np.full(len(c), -1.0, np.float32), 1.0, adv, 0)  # fmt: skip
+
+
+def test_the_learner_gets_cores_of_its_own_on_a_cpu_machine() -> None:
+    two, eight = [0, 1], list(range(8))
+    assert resolve_cpus(None, None, True, 1, two, gpu=False) == ([0], [1])
+    assert resolve_cpus(None, None, True, 2, eight, gpu=False) == ([0, 1], [2, 3, 4, 5, 6, 7])
+    # nothing pinned: asked not to, a GPU learner, or no core to spare
+    assert resolve_cpus(None, None, False, 1, two, gpu=False) == (None, None)
+    assert resolve_cpus(None, None, True, 1, two, gpu=True) == (None, None)
+    assert resolve_cpus(None, None, True, 2, two, gpu=False) == (None, None)
+    assert resolve_cpus(None, None, True, 1, [3], gpu=False) == (None, None)
+    # one side set: the other gets what is left, or every core when nothing is
+    assert resolve_cpus([1], None, True, 1, two, gpu=False) == ([1], [0])
+    assert resolve_cpus(None, [0, 2], True, 1, [0, 1, 2, 3], gpu=False) == ([1, 3], [0, 2])
+    assert resolve_cpus([0, 1], None, True, 1, two, gpu=False) == ([0, 1], None)
+    assert resolve_cpus([0], [0, 1], False, 1, two, gpu=True) == ([0], [0, 1])  # as given
+    with pytest.raises(ValueError, match=r"learner.cpus \[5\]: this machine's cores are \[0, 1\]"):
+        resolve_cpus([5], None, True, 1, two, gpu=False)
+    with pytest.raises(ValueError, match="actor.cpus"):
+        resolve_cpus(None, [], True, 1, two, gpu=False)
+
+
+def test_a_role_runs_on_its_cores_and_what_it_starts_inherits_them(tmp_path) -> None:
+    """pin_cores in a child process: its affinity, and that of a process it starts, is the
+    one core; a core that does not exist is logged and the process goes on unpinned."""
+    import os
+    import subprocess
+    import sys
+
+    core = min(os.sched_getaffinity(0))
+    code = (
+        "import os, subprocess, sys\n"
+        "from dashrl.protocol.runtime import pin_cores\n"
+        "pin_cores([int(sys.argv[1])], 'test')\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(sorted("
+        "os.sched_getaffinity(0)))'], capture_output=True, text=True).stdout.strip()\n"
+        "print(sorted(os.sched_getaffinity(0)), child, sep='\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(core)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.splitlines() == [f"[{core}]", f"[{core}]"]
+    bad = subprocess.run([sys.executable, "-c", code, "4096"], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert "could not pin to cores [4096]" in bad.stderr
+    assert bad.stdout.splitlines()[0] == str(sorted(os.sched_getaffinity(0)))
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
