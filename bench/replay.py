@@ -55,6 +55,7 @@ CONFIGS: dict[str, list[str] | None] = {
     # default job after them, and without the core of its own; against limiter_off (before)
     "default_trie_cores": [],
     "default_trie": ["--learner.own-cores", "False"],
+    "default_trie_cores_limiter": LIMITER,
     # what in issue 17's new default path changes learning (ablations of the default job)
     "tis_2": ["--learner.tis-cap", "2.0"],
     "sample_units": ["--queue.serve-groups", "False"],
@@ -73,7 +74,13 @@ EXPERIMENTS: dict[str, list[str]] = {
         "limiter_on_eb16",
     ],
     "ablation": ["limiter_off_v0", "limiter_off", "tis_2", "sample_units", "float32"],
-    "throughput": ["limiter_off", "default_trie", "default_trie_cores"],
+    "throughput": [
+        "limiter_off",
+        "limiter_on",
+        "default_trie",
+        "default_trie_cores",
+        "default_trie_cores_limiter",
+    ],
     "reuse": [
         "limiter_off_v0",
         "greedy_k2_v0",
