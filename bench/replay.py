@@ -214,7 +214,9 @@ def main() -> None:
     done = {k: v for k, v in old.get("runs", {}).items()  # a record, or the same budget
             if CONFIGS[k.rsplit("/", 1)[0]] is None
             or v.get("budget_s", old.get("budget_s")) == args.budget_s}  # fmt: skip
-    results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": {}}
+    # every recorded run of the experiment stays in its JSON, whichever seeds this call runs
+    kept = {k: v for k, v in done.items() if k.rsplit("/", 1)[0] in EXPERIMENTS[args.experiment]}
+    results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": kept}
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
             if args.configs and name not in args.configs and f"{name}/{seed}" not in done:
@@ -235,6 +237,7 @@ def main() -> None:
             results["runs"][key] = got
             write(results, out)  # after every run: a stopped experiment keeps what it has
             print(json.dumps({k: v for k, v in got.items() if "curve" not in k}), flush=True)
+    write(results, out)  # the report, also when every run was recorded before
 
 
 if __name__ == "__main__":
