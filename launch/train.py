@@ -145,19 +145,18 @@ def resolve(cfg: Config) -> Config:
         update={"path": resolve_model(cfg.model.name, cfg.model.cache_dir)}
     )
     # the weight transport, decided once here for every child (protocol/placement.py)
-    a = cfg.actor
+    a, cuda = cfg.actor, cuda_available()
     backend = resolve_weight_backend(t.weight_backend, cfg.learner.gpus, a.gpus, a.num_actors,
-                                     a.engine, cuda_available(), cfg.learner.num_ranks)  # fmt: skip
+                                     a.engine, cuda, cfg.learner.num_ranks)  # fmt: skip
     log.info("weights travel over %s (transport.weight_backend %s; learner.gpus %s, "
              "actor.gpus %s)", backend, t.weight_backend, cfg.learner.gpus, a.gpus)  # fmt: skip
     # and the cores: the learner's own, the rest for everything else (learner.own_cores;
     # async only: in sync and dash modes the roles take turns, each with every core)
     lc = cfg.learner
-    gpu = cuda_available() and lc.device != "cpu"
     own = lc.own_cores and cfg.mode == "async"
-    learner_cpus, actor_cpus = resolve_cpus(lc.cpus, a.cpus, own,
-                                            lc.torch_threads * lc.num_ranks,
-                                            sorted(available_cores()), gpu)  # fmt: skip
+    gpu = cuda and lc.device != "cpu"
+    learner_cpus, actor_cpus = resolve_cpus(lc.cpus, a.cpus, own, lc.torch_threads * lc.num_ranks,
+                                            available_cores(), gpu)  # fmt: skip
     log.info("cores: learner %s, actors, queue and background evaluation %s (learner.own_cores "
              "%s, mode %s; None = every core)", learner_cpus, actor_cpus, lc.own_cores,
              cfg.mode)  # fmt: skip
