@@ -219,12 +219,11 @@ def main() -> None:
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": kept}
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
-            if args.configs and name not in args.configs and f"{name}/{seed}" not in done:
-                continue
+            if args.configs and name not in args.configs:
+                continue  # a recorded run of it is in ``kept`` already
             key, flags, run = f"{name}/{seed}", CONFIGS[name], args.runs / f"{name}_s{seed}"
             if key in done and not (run / "summary.json").exists():
-                results["runs"][key] = done[key]
-                continue
+                continue  # recorded, and in ``kept``
             if args.report_only:
                 flags = None  # read what exists, run nothing
             run.parent.mkdir(parents=True, exist_ok=True)

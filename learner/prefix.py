@@ -103,25 +103,27 @@ def pack(prompts: list[np.ndarray], completions: list[np.ndarray], T: int) -> Pa
     """
     token: list[int] = []  # node -> its token, nodes numbered as they are created
     parent: list[int] = []  # node -> its parent node, -1 at a root
+    depth: list[int] = []  # node -> its position in every sequence through it
     children: list[dict[int, int]] = []  # node -> {token: child node}
     roots: dict[int, int] = {}
     paths: list[list[int]] = []  # sample -> its nodes from the prompt's last token on
     for prompt, completion in zip(prompts, completions, strict=True):
         level, up, path = roots, -1, []
         seq = np.concatenate([prompt, completion[:-1]]).tolist()
-        for tok in seq:
+        for i, tok in enumerate(seq):
             node = level.get(tok)
             if node is None:
                 node = level[tok] = len(token)
                 token.append(tok)
                 parent.append(up)
+                depth.append(i)
                 children.append({})
             path.append(node)
             level, up = children[node], node
         paths.append(path[len(prompt) - 1 :])
     n = len(token)
     # depth-first pre-order (children in order of first appearance); a parent is always
-    # created before its children, so depth and subtree size follow in one pass each way
+    # created before its children, so subtree sizes add up in one backward pass
     order, stack = [], list(reversed(roots.values()))
     while stack:
         node = stack.pop()
@@ -129,10 +131,7 @@ def pack(prompts: list[np.ndarray], completions: list[np.ndarray], T: int) -> Pa
         stack.extend(reversed(children[node].values()))
     index = np.empty(n, np.int64)
     index[order] = np.arange(n)
-    depth, size = np.zeros(n, np.int64), np.ones(n, np.int64)
-    for node in range(n):
-        if parent[node] >= 0:
-            depth[node] = depth[parent[node]] + 1
+    size = np.ones(n, np.int64)
     for node in range(n - 1, -1, -1):
         if parent[node] >= 0:
             size[parent[node]] += size[node]
