@@ -56,6 +56,9 @@ CONFIGS: dict[str, list[str] | None] = {
     "default_trie_cores": [],
     "default_trie": ["--learner.own-cores", "False"],
     "default_trie_cores_limiter": LIMITER,
+    # the limiter's error buffer on the code after issue 17 (the default is two steps, 32)
+    "default_trie_cores_eb16": [*LIMITER, "--queue.rate-error-buffer", "16"],
+    "default_trie_cores_eb24": [*LIMITER, "--queue.rate-error-buffer", "24"],
     # what in issue 17's new default path changes learning (ablations of the default job)
     "tis_2": ["--learner.tis-cap", "2.0"],
     "sample_units": ["--queue.serve-groups", "False"],
@@ -80,6 +83,14 @@ EXPERIMENTS: dict[str, list[str]] = {
         "default_trie",
         "default_trie_cores",
         "default_trie_cores_limiter",
+    ],
+    # issue 16's criterion on the code after issue 17: stale < 10% of accepted with the
+    # limiter, and held-out reward rising at least as fast as with it off
+    "pacing": [
+        "default_trie_cores",
+        "default_trie_cores_limiter",
+        "default_trie_cores_eb24",
+        "default_trie_cores_eb16",
     ],
     "reuse": [
         "limiter_off_v0",
@@ -158,14 +169,17 @@ def figures(run: Path) -> dict:
 def write(results: dict, path: Path) -> None:
     """results.json, a markdown table and the curves' PNG."""
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    lines = ["| config | seed | steps | generated | accepted | stale / accepted | reused | "
-             "actor paced | held-out before -> after |", "|" + "---|" * 9]  # fmt: skip
+    lines = ["| config | seed | commit | steps | median step s | generated | accepted | "
+             "stale / accepted | reused | actor paced | held-out (s: reward) |",
+             "|" + "---|" * 11]  # fmt: skip
     for key, f in results["runs"].items():
         name, seed = key.rsplit("/", 1)
+        curve = ", ".join(f"{x:.0f}: {y:.3f}" for x, y in f["heldout_curve"] if y is not None)
         lines.append(
-            f"| {name} | {seed} | {f['steps']} | {f['generated']:.0f} | {f['accepted']:.0f} | "
+            f"| {name} | {seed} | {f.get('commit', '?')} | {f['steps']} | "
+            f"{f['step_s_median']:.1f} | {f['generated']:.0f} | {f['accepted']:.0f} | "
             f"{f['stale_frac_of_accepted']:.1%} | {f['reused_frac']:.1%} | "
-            f"{f['paced_frac']:.1%} | {f['heldout_before']:.3f} -> {f['heldout_after']:.3f} |"
+            f"{f['paced_frac']:.1%} | {curve} |"
         )
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -214,6 +228,15 @@ def main() -> None:
     done = {k: v for k, v in old.get("runs", {}).items()  # a record, or the same budget
             if CONFIGS[k.rsplit("/", 1)[0]] is None
             or v.get("budget_s", old.get("budget_s")) == args.budget_s}  # fmt: skip
+    # a run shared with another experiment is made once: take its record from there
+    for other in sorted(REPO.glob("bench/replay_*.json")):
+        theirs = json.loads(other.read_text())
+        for k, v in theirs.get("runs", {}).items():
+            name = k.rsplit("/", 1)[0]
+            if k not in done and name in EXPERIMENTS[args.experiment] and \
+                    CONFIGS[name] is not None and \
+                    v.get("budget_s", theirs.get("budget_s")) == args.budget_s:  # fmt: skip
+                done[k] = v
     # every recorded run of the experiment stays in its JSON, whichever seeds this call runs
     kept = {k: v for k, v in done.items() if k.rsplit("/", 1)[0] in EXPERIMENTS[args.experiment]}
     results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": kept}
