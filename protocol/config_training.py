@@ -63,9 +63,11 @@ class QueueConfig(Strict):
     actors' sends block. None: off. With it on, the sockets' buffers shrink to about one
     batch so that blocking reaches the actors soon."""
     rate_error_buffer: float | None = Field(None, gt=0)
-    """Allowed deviation of the rate limiter, in serves. None: two learner steps' samples
-    (2 * micro_batch_size * micro_batches_per_step by sequences, 64 by tokens), about two
-    generated batches' accepted samples on the default job, so two batches can be in flight."""
+    """Allowed deviation of the rate limiter, in serves. None: one learner step's samples
+    (micro_batch_size * micro_batches_per_step by sequences, 64 by tokens): on the default
+    job a batch arrives about two versions after it was started, so a held sample has two
+    or three steps before it goes stale; with two steps of slack 7-12% of the accepted
+    samples still did, with one step 1.6% (bench/replay_pacing.md)."""
     min_size: int = Field(0, ge=0)
     """Samples held before any micro-batch is served (Reverb's MinSize)."""
     expiring_first: bool | None = None

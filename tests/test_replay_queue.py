@@ -173,6 +173,18 @@ def test_the_rate_limiter_blocks_and_releases_inserts() -> None:
     assert buf.accepting()
 
 
+def test_the_rate_limiters_default_slack_is_one_optimizer_step() -> None:
+    from dashrl.queue.handlers import rate_limit
+
+    assert rate_limit(Config()) is None  # off unless samples_per_insert is set
+    step = {"micro_batch_size": 4, "micro_batches_per_step": 3}
+    cfg = Config.model_validate({"queue": {"samples_per_insert": 1.0}, "learner": step})
+    assert rate_limit(cfg) == RateLimit(1.0, error_buffer=12.0, min_size=0)
+    cfg = Config.model_validate({"queue": {"samples_per_insert": 2.0, "rate_error_buffer": 5.0,
+                                           "min_size": 7}})  # fmt: skip
+    assert rate_limit(cfg) == RateLimit(2.0, error_buffer=5.0, min_size=7)
+
+
 def test_the_rate_limiter_blocks_and_releases_sampling() -> None:
     # each sample may be served 4 times, but the limiter aims at 1 serve per insert with a
     # slack of 2 serves: sampling runs ahead of inserts at most that far
