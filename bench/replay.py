@@ -13,6 +13,7 @@ evaluator for every run), and the training reward against wall time. Writes
 ``bench/replay_<experiment>.json`` and ``.md`` and a PNG of the curves.
 
     python bench/replay.py --experiment limiter          # limiter off, on
+    python bench/replay.py --experiment pacing --seeds 0 1   # the limiter's slack, today's code
     python bench/replay.py --experiment reuse --seeds 0 1 --budget-s 600   # K = 1, 2, 4, ...
 """
 
@@ -224,32 +225,34 @@ def main() -> None:
         p.error(f"not configs of {args.experiment}: {sorted(unknown)}")
     out = REPO / "bench" / f"replay_{args.experiment}"  # .json, .md, .png (committed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # runs/ is not committed and a new machine starts without it: what the committed JSON
-    # recorded (with the same budget) counts as done
+    # runs/ is not committed and a new machine starts without it: what the committed JSONs
+    # recorded (with the same budget) counts as done; a run shared with another experiment
+    # is made once (this experiment's JSON first, then the others')
     recorded = out.with_suffix(".json")
-    old = json.loads(recorded.read_text()) if recorded.exists() else {}
-    done = {k: v for k, v in old.get("runs", {}).items()  # a record, or the same budget
-            if CONFIGS[k.rsplit("/", 1)[0]] is None
-            or v.get("budget_s", old.get("budget_s")) == args.budget_s}  # fmt: skip
-    # a run shared with another experiment is made once: take its record from there
-    for other in sorted(REPO.glob("bench/replay_*.json")):
-        theirs = json.loads(other.read_text())
-        for k, v in theirs.get("runs", {}).items():
-            name = k.rsplit("/", 1)[0]
-            if k not in done and name in EXPERIMENTS[args.experiment] and \
-                    CONFIGS[name] is not None and \
-                    v.get("budget_s", theirs.get("budget_s")) == args.budget_s:  # fmt: skip
+    done: dict[str, dict] = {}
+    for path in [recorded, *sorted(set(REPO.glob("bench/replay_*.json")) - {recorded})]:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        for k, v in data.get("runs", {}).items():
+            name = k.rsplit("/", 1)[0]  # a record, or a run with the same budget
+            if (
+                k not in done
+                and name in EXPERIMENTS[args.experiment]
+                and (
+                    CONFIGS[name] is None
+                    or v.get("budget_s", data.get("budget_s")) == args.budget_s
+                )
+            ):
                 done[k] = v
-    # every recorded run of the experiment stays in its JSON, whichever seeds this call runs
-    kept = {k: v for k, v in done.items() if k.rsplit("/", 1)[0] in EXPERIMENTS[args.experiment]}
-    results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s, "runs": kept}
+    # every recorded run stays in the JSON, whichever seeds this call runs
+    results = {**header(), "experiment": args.experiment, "budget_s": args.budget_s,
+               "runs": dict(done)}  # fmt: skip
     for seed in args.seeds:
         for name in EXPERIMENTS[args.experiment]:
             if args.configs and name not in args.configs:
-                continue  # a recorded run of it is in ``kept`` already
+                continue  # a recorded run of it is in ``results`` already
             key, flags, run = f"{name}/{seed}", CONFIGS[name], args.runs / f"{name}_s{seed}"
             if key in done and not (run / "summary.json").exists():
-                continue  # recorded, and in ``kept``
+                continue  # recorded, and in ``results``
             if args.report_only:
                 flags = None  # read what exists, run nothing
             run.parent.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,7 @@ def rate_limit(cfg: Config) -> RateLimit | None:
     if q.samples_per_insert is None:
         return None
     step = lc.micro_batch_size * lc.micro_batches_per_step
-    # one optimizer step of slack by sequences: two steps let stale samples through
-    # (7.0% and 11.5% of accepted on seeds 0 and 1), one step 1.6% on both with the
-    # held-out reward level with the unpaced job (README, "The replay queue")
+    # one optimizer step of slack by sequences (why: QueueConfig.rate_error_buffer)
     error = q.rate_error_buffer or (step if lc.micro_batch_unit == "sequences" else 64.0)
     return RateLimit(q.samples_per_insert, float(error), q.min_size)
 
