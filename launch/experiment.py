@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dashrl.launch.config_file import normalise_keys, one_line
+from dashrl.protocol.algorithms import get_algorithm
 from dashrl.protocol.config import Config, Strict
 
 
@@ -176,10 +177,33 @@ def run_config(exp: Experiment, name: str, seed: int, run_dir: Path,
     return cfg
 
 
-def fingerprint(exp: Experiment, cfg: Config, runner: str = "dashrl") -> str:
-    """What makes a recorded run still valid: its resolved config (paths and ports aside),
-    the evaluation plan and the runner. A changed field re-runs it."""
-    d = cfg.model_dump(mode="json", exclude={"run_dir", "transport"})
-    parts = [d, exp.eval.model_dump(mode="json")] + ([runner] if runner != "dashrl" else [])
+def fingerprint(exp: Experiment, cfg: Config, runner: str = "dashrl", legacy: bool = False) -> str:
+    """What makes a recorded run still valid: the values of its resolved config (paths and
+    ports aside) and of the evaluation plan that differ from their defaults, and the
+    runner. A changed value re-runs it; a config field added later, with a default that
+    keeps the old behaviour, does not (each run records the commit its code was at).
+    ``legacy``: the fingerprint of runs recorded before 2026-12-05, over every field, so
+    that any field added to the config since invalidated them."""
+    kw: dict[str, Any] = {"mode": "json"} if legacy else {"mode": "json", "exclude_defaults": True}
+    d = cfg.model_dump(exclude={"run_dir", "transport"}, **kw)
+    parts = [d, exp.eval.model_dump(**kw)] + ([runner] if runner != "dashrl" else [])
     blob = json.dumps(parts, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def base_fingerprint(exp: Experiment, cfg: Config) -> str:
+    """What the base model's held-out metrics depend on, and nothing else: the model, the
+    task (data), the evaluation seed, the sampler and grader settings, the prompt tag an
+    algorithm adds (RCRL), and the plan's prompts, final k and engine. Two experiments whose
+    base fingerprints agree share one base evaluation (256 x 32 samples take about ten
+    minutes on 2 cores)."""
+    a = cfg.actor
+    parts = {"model": cfg.model.model_dump(mode="json"),
+             "data": cfg.data.model_dump(mode="json"), "seed": cfg.seed,
+             "reward": cfg.reward.model_dump(mode="json"),
+             "rcrl_tag": get_algorithm(cfg.algo).prompt_tags,
+             "sampler": [a.max_new_tokens, a.temperature, a.verifier_timeout_s,
+                         a.vllm.dtype, a.vllm.max_model_len],
+             "eval": [exp.eval.prompts, exp.eval.final_k, exp.eval.engine]}  # fmt: skip
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -37,6 +37,7 @@ from dashrl.launch.commands import SweepCommand
 from dashrl.launch.experiment import (
     RUNNERS,
     Experiment,
+    base_fingerprint,
     fingerprint,
     load_experiment,
     run_config,
@@ -193,12 +194,15 @@ def run_one(exp: Experiment, name: str, seed: int, runs: Path) -> dict:
 def source_commit(repo: Path = REPO) -> str:
     """The commit the runner's code is at (short hash, ``+dirty`` when tracked files differ
     from it), so a results table can say which code each row ran on; ``unknown`` outside a
-    git checkout."""
+    git checkout. The sweep's own outputs under ``experiments/results`` do not count: a
+    sweep rewrites them after each run, which would mark every later run dirty."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10)  # fmt: skip
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
+                                "--untracked-files=no", "--", ".",
+                                ":(exclude)experiments/results"],
+                               capture_output=True, text=True,
                                timeout=10)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -209,7 +213,7 @@ def source_commit(repo: Path = REPO) -> str:
 
 def base_record(exp: Experiment, runs: Path) -> dict[str, float]:
     """The base model's held-out metrics (k = final_k) under the first configuration's
-    data and sampler settings, once per experiment."""
+    data and sampler settings, stamped with their :func:`base_fingerprint`."""
     cfg = run_config(exp, next(iter(exp.configs)), exp.seeds[0], runs / "base")
     (runs / "base").mkdir(parents=True, exist_ok=True)
     cfg_file = runs / "base" / "config.json"
@@ -218,7 +222,64 @@ def base_record(exp: Experiment, runs: Path) -> dict[str, float]:
     ck = {"label": "base", "path": str(model), "k": exp.eval.final_k}
     job = {"config": str(cfg_file), "prompts": exp.eval.prompts, "engine": exp.eval.engine,
            "checkpoints": [ck]}  # fmt: skip
-    return evaluate_checkpoints(job, runs / "base")["base"]
+    return {**evaluate_checkpoints(job, runs / "base")["base"], "fingerprint": base_fp(exp)}
+
+
+def base_fp(exp: Experiment) -> str:
+    """:func:`base_fingerprint` of the configuration the base model is evaluated under."""
+    name = next(iter(exp.configs))
+    return base_fingerprint(exp, run_config(exp, name, exp.seeds[0], Path("base")))
+
+
+def known_base(exp: Experiment, recorded: dict, kept_runs: int, results: Path) -> dict | None:
+    """The base model's metrics if they are already measured under this experiment's
+    :func:`base_fingerprint`: its own record, or another experiment's in ``results`` (the
+    copy names it in ``from``). A record from before fingerprints is taken as this
+    experiment's own only while ``kept_runs`` > 0, i.e. some recorded run's config and
+    evaluation plan are unchanged since it was made; None when it must be evaluated."""
+    fp, own = base_fp(exp), recorded.get("base")
+    if own and (own.get("fingerprint") == fp or ("fingerprint" not in own and kept_runs)):
+        return {**own, "fingerprint": fp}
+    for other in sorted(results.glob("*.json")):
+        try:
+            theirs = json.loads(other.read_text()).get("base") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # not a results file: nothing to share
+        if theirs.get("fingerprint") == fp:
+            return {**theirs, "from": theirs.get("from", other.stem)}
+    return None
+
+
+def run_fingerprint(exp: Experiment, cname: str, seed: int, runs: Path) -> str:
+    """:func:`fingerprint` of configuration ``cname`` at ``seed`` as it would run now."""
+    cfg = run_config(exp, cname, seed, runs / f"{cname}_s{seed}")
+    return fingerprint(exp, cfg, runner_of(exp, cname))
+
+
+def still_valid(exp: Experiment, key: str, old: dict, runs: Path) -> bool:
+    """Whether the recorded run ``old`` (under ``key`` = "config/seed") counts as it is:
+    its configuration and seed are still listed and it was made under the config and
+    evaluation plan it would run under now (:func:`fingerprint`, or for a run recorded
+    before 2026-12-05 its legacy form)."""
+    cname, seed = key.rsplit("/", 1)
+    if cname not in exp.configs or int(seed) not in exp.seeds:
+        return False
+    cfg = run_config(exp, cname, int(seed), runs / f"{cname}_s{seed}")
+    fps = {fingerprint(exp, cfg, runner_of(exp, cname), legacy=v) for v in (False, True)}
+    return old.get("fingerprint") in fps
+
+
+def supersede(exp: Experiment, recorded: dict, runs: Path) -> dict[str, list[dict]]:
+    """``recorded["superseded"]`` plus every recorded run that no longer counts: made under a
+    config or evaluation plan that has changed since (its fingerprint differs), or of a
+    configuration or seed the experiment no longer lists. They are kept (key -> records,
+    oldest first), so a changed experiment file never deletes a measurement, and reported
+    only as a count; the run itself is re-run when its (config, seed) is asked for."""
+    out = {k: list(v) for k, v in (recorded.get("superseded") or {}).items()}
+    for key, old in (recorded.get("runs") or {}).items():
+        if not still_valid(exp, key, old, runs):
+            out.setdefault(key, []).append(old)
+    return out
 
 
 def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
@@ -253,14 +314,15 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
     state = {"experiment": name, "description": exp.description, "budget_s": exp.budget_s,
              "eval": exp.eval.model_dump(mode="json"), "base": recorded.get("base"),
              "clock": exp.clock, "targets": exp.targets, "baselines": exp.baselines,
-             "runs": {}}  # fmt: skip
+             "runs": {}, "superseded": supersede(exp, recorded, runs)}  # fmt: skip
+    kept = 0  # recorded runs that still count
     for seed in exp.seeds:
         for cname in exp.configs:
             key, old = f"{cname}/{seed}", recorded.get("runs", {}).get(f"{cname}/{seed}")
-            fp = fingerprint(exp, run_config(exp, cname, seed, runs / f"{cname}_s{seed}"),
-                             runner_of(exp, cname))  # fmt: skip
-            if old is not None and old.get("fingerprint") == fp:
-                state["runs"][key] = old  # recorded with this config and plan: skip
+            if old is not None and still_valid(exp, key, old, runs):
+                # recorded with this config and plan: skip (stamped with today's fingerprint)
+                state["runs"][key] = {**old, "fingerprint": run_fingerprint(exp, cname, seed, runs)}
+                kept += 1
                 continue
             if report_only or (only and cname not in only) or (seeds and seed not in seeds):
                 continue
@@ -268,6 +330,10 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
             print(f"sweep {name}: {key} ({exp.budget_s:.0f} s)", flush=True)
             state["runs"][key] = run_one(exp, cname, seed, runs)
             write_report(state, out)  # after every run: a stopped sweep keeps what it has
+    # the base model is evaluated once per base fingerprint, shared between experiments
+    state["base"] = known_base(exp, recorded, kept, results) or (
+        state["base"] if report_only else None
+    )
     if state["base"] is None and not report_only and state["runs"]:
         state["base"] = base_record(exp, runs)
     write_report(state, out)

@@ -189,7 +189,17 @@ def run_lines(state: dict) -> list[str]:
         for r in sorted(runs, key=lambda r: r["seed"]):
             lines.append(f"| {c} | {r['seed']} | {r['steps']} | {r.get('commit', '-')} | "
                          f"{r.get('finished', '-')} | {r.get('machine', '-')} |")  # fmt: skip
-    return lines
+    return lines + superseded_lines(state)
+
+
+def superseded_lines(state: dict) -> list[str]:
+    """A note counting the runs moved to ``superseded`` (empty when there are none)."""
+    old = state.get("superseded") or {}
+    if not old:
+        return []
+    return ["", f"{sum(map(len, old.values()))} earlier run(s) made under a config or "
+            "evaluation plan that has changed since are kept in the JSON under "
+            "`superseded` and left out of every table.", ""]  # fmt: skip
 
 
 NOT_METRICS = ("k", "eval_s", "prompts", "train_s", "launch_s", "step")
@@ -251,7 +261,7 @@ def markdown(state: dict) -> str:
                   f"pass@1 {100 * base.get('pass@1', float('nan')):.1f}%, completion length "
                   f"{base['completion_len']:.1f} tokens.", ""]  # fmt: skip
     if not rows:
-        return "\n".join([*lines, "No run recorded yet.", ""])
+        return "\n".join([*lines, "No run recorded yet.", *superseded_lines(state), ""])
     cols = [c for c in rows[0] if c not in ("config", "seeds")]
     lines += ["| config | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in rows:

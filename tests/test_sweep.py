@@ -76,6 +76,78 @@ def test_run_config_layers_base_configuration_and_the_runners_fields(tmp_path) -
     assert fingerprint(exp, cfg) != fingerprint(exp, run_config(exp, "lr_low", 3, tmp_path))
 
 
+def test_the_base_evaluation_is_shared_by_experiments_with_the_same_base_fingerprint(
+    tmp_path,
+) -> None:
+    """The base model is evaluated once per base fingerprint: a second experiment on the
+    same model, task, sampler and plan takes the first one's numbers (saying from where);
+    a training-only difference (learning rate) does not matter, an evaluation one does."""
+    results = tmp_path / "results"
+    results.mkdir()
+    first = load_experiment(TINY)
+    base = {"reward_mean": 0.25, "k": 4.0, "fingerprint": sweep_mod.base_fp(first)}
+    (results / "first.json").write_text(json.dumps({"base": base, "runs": {}}))
+    (results / "notes.json").write_text("[1, 2]")  # not a results file: skipped
+    lr = tmp_path / "lr.toml"
+    lr.write_text(TINY.read_text().replace("learner.lr = 1e-6", "learner.lr = 3e-6"))
+    shared = sweep_mod.known_base(load_experiment(lr), {}, 0, results)
+    assert shared is not None and shared["reward_mean"] == 0.25 and shared["from"] == "first"
+    k8 = tmp_path / "k8.toml"
+    k8.write_text(TINY.read_text().replace("final_k = 4", "final_k = 8"))
+    assert sweep_mod.known_base(load_experiment(k8), {}, 0, results) is None
+    hot = tmp_path / "hot.toml"
+    hot.write_text(TINY.read_text().replace("actor.max_new_tokens = 8",
+                                            "actor.max_new_tokens = 9"))  # fmt: skip
+    assert sweep_mod.known_base(load_experiment(hot), {}, 0, results) is None
+    # a record from before fingerprints is this experiment's own only while a recorded run
+    # of it is still valid
+    legacy = {"base": {"reward_mean": 0.5}}
+    assert sweep_mod.known_base(load_experiment(k8), legacy, 0, results) is None
+    own = sweep_mod.known_base(load_experiment(k8), legacy, 1, results)
+    assert own == {"reward_mean": 0.5, "fingerprint": sweep_mod.base_fp(load_experiment(k8))}
+
+
+def test_a_config_field_added_later_with_its_default_keeps_recorded_runs_valid(tmp_path) -> None:
+    """An experiment takes several sittings, and the config tree grows between them: a new
+    field whose default keeps the old behaviour must not re-run what is recorded, a changed
+    value must, and a run recorded under the legacy (every-field) fingerprint still counts."""
+    from dashrl.protocol.config import Config
+
+    class Later(Config):
+        new_knob: int = 3
+
+    exp = load_experiment(TINY)
+    cfg = run_config(exp, "lr_high", 0, tmp_path / "lr_high_s0")
+    grown = Later(**cfg.model_dump())
+    assert fingerprint(exp, grown) == fingerprint(exp, cfg)
+    assert fingerprint(exp, grown, legacy=True) != fingerprint(exp, cfg, legacy=True)
+    assert fingerprint(exp, Later(**cfg.model_dump(), new_knob=4)) != fingerprint(exp, cfg)
+    legacy = {"fingerprint": fingerprint(exp, cfg, legacy=True)}
+    assert sweep_mod.still_valid(exp, "lr_high/0", legacy, tmp_path)
+    assert not sweep_mod.still_valid(exp, "lr_high/0", {"fingerprint": "0123"}, tmp_path)
+    assert not sweep_mod.still_valid(exp, "lr_low/0", legacy, tmp_path)  # lr differs
+
+
+def test_a_changed_experiment_keeps_its_outdated_runs_as_superseded(tmp_path) -> None:
+    """A recorded run whose config changed since, or whose configuration or seed the file
+    no longer lists, leaves the tables but stays in the JSON; a valid one stays a run."""
+    exp, runs = load_experiment(TINY), tmp_path / "runs"
+    valid = {"seed": 0, "fingerprint": sweep_mod.run_fingerprint(exp, "lr_low", 0, runs)}
+    recorded = {
+        "runs": {"lr_low/0": valid, "lr_high/0": {"seed": 0, "fingerprint": "0123"},
+                 "gone/1": {"seed": 1, "fingerprint": "x"},
+                 "lr_low/9": {**valid, "seed": 9}},
+        "superseded": {"lr_high/0": [{"seed": 0, "fingerprint": "older"}]},
+    }  # fmt: skip
+    old = sweep_mod.supersede(exp, recorded, runs)
+    assert sorted(old) == ["gone/1", "lr_high/0", "lr_low/9"]
+    assert [r["fingerprint"] for r in old["lr_high/0"]] == ["older", "0123"]
+    state = {"runs": {}, "superseded": old, "base": None,
+             "eval": {"at": [1.0], "prompts": 4, "k": 2, "final_k": 4},
+             "budget_s": 8, "description": "x", "experiment": "t"}  # fmt: skip
+    assert "4 earlier run(s)" in markdown(state)
+
+
 def test_training_clock_leaves_checkpoint_writing_out_and_picks_the_latest_by_each_time(
     tmp_path,
 ) -> None:
@@ -223,6 +295,7 @@ def test_a_tiny_sweep_runs_writes_its_table_and_skips_finished_runs(tmp_path, mo
         assert all(e["launch_s"] > e["train_s"] for e in run["evals"])
         assert run["commit"] == source_commit() and run["commit"] != "unknown"
     assert state["base"]["k"] == 4
+    assert state["base"]["fingerprint"] == sweep_mod.base_fp(load_experiment(TINY))
     md = (results / "tiny_sweep.md").read_text()
     assert "| lr_low | 2 |" in md and "| lr_high | 2 |" in md and " ± " in md
     assert "0/2 seeds reached it" in md and "## Where the time went" in md
