@@ -134,7 +134,7 @@ class Actor:
                 self.engine = await VLLMEngine.create(
                     cfg.model.path, self.seed, dtype, v.kv_cache_gib, v.cpu_threads_bind,
                     v.max_model_len, v.gpu_memory_utilization, v.enforce_eager,
-                    v.kv_on_update, v.kv_cache_memory_bytes,
+                    v.kv_on_update, v.kv_cache_memory_bytes, v.block_size, v.prefix_cache,
                 )  # fmt: skip
             elif a.engine == "fake":
                 self.engine = FakeEngine(cfg.model.path, seed=self.seed)

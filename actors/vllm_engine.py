@@ -16,8 +16,11 @@ it likes, then: pauses the scheduler between two engine steps, keeping every req
 requests' KV cache is ``actor.vllm.kv_on_update``:
 
 - "keep" (the default, PipelineRL's choice): the keys/values already computed stay, and
-  the next tokens are sampled by the new weights attending to them. Prefix caching is off,
-  so no new request ever reuses a block computed under older weights.
+  the next tokens are sampled by the new weights attending to them. No new request ever
+  reuses a block computed under older weights: prefix caching is off, or, with
+  ``actor.vllm.prefix_cache``, on with every request salted by the policy version its
+  weights hold (vLLM's ``cache_salt``), so a group's G samples and the prompts sampled
+  under one version share the prompt's prefill and nothing crosses versions.
 - "recompute": every cached block is dropped, the running requests' included
   (``reset_prefix_cache(reset_running_requests=True)``), so each running sequence
   re-prefills its prompt and tokens so far under the new weights. On the 2-core CPU this
@@ -135,6 +138,7 @@ class VLLMEngine:
         self._layout: list[tuple[str, list[int]]] | None = None
         self._connected = False
         self.recompute_kv = True  # create(kv_on_update=...)
+        self.salt_by_version = False  # create(prefix_cache=True) under "keep"
 
     @classmethod
     async def create(
@@ -149,6 +153,8 @@ class VLLMEngine:
         enforce_eager: bool = False,
         kv_on_update: str = "keep",
         kv_cache_memory_bytes: int | None = None,
+        block_size: int | None = None,
+        prefix_cache: bool = False,
     ) -> VLLMEngine:
         """Start vLLM on ``model_path`` (minutes on CPU the first time: it compiles).
 
@@ -167,6 +173,13 @@ class VLLMEngine:
                 stay; prefix caching is off so no new request reuses them). Module doc.
             kv_cache_memory_bytes: GPU only: the KV cache size, instead of what
                 gpu_memory_utilization leaves after vLLM's memory profile.
+            block_size: tokens per KV-cache block (None: vLLM's default, 128 on CPU). Only
+                whole blocks are shared by prefix caching, so prompts shorter than a block
+                share nothing; the CPU kernels take multiples of 32.
+            prefix_cache: under "keep", turn vLLM's prefix caching on with every request
+                salted by the weights' version (``cache_salt``), so the G samples of a
+                group and the chat template share their prefill, and no request reuses
+                keys/values computed under other weights (module doc).
 
         Raises:
             ImportError: vLLM is not installed (``pip install -e ".[cpu]"`` or ``.[gpu]``).
@@ -205,13 +218,15 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             disable_log_stats=True,
             enforce_eager=enforce_eager,
-            enable_prefix_caching=kv_on_update == "recompute",
+            enable_prefix_caching=kv_on_update == "recompute" or prefix_cache,
             **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if on_gpu and
                kv_cache_memory_bytes else {}),
+            **({"block_size": block_size} if block_size else {}),
         )  # fmt: skip
         llm = AsyncLLM.from_engine_args(args)
         engine = cls(llm, load_tokenizer(model_path), model_path, seed)
         engine.recompute_kv = kv_on_update == "recompute"
+        engine.salt_by_version = prefix_cache and kv_on_update == "keep"
         return engine
 
     async def agenerate(
@@ -239,7 +254,10 @@ class VLLMEngine:
     async def _one(self, prompt: list[int], params) -> list[Completion]:
         final = None
         rid = f"{self._seed}-{next(self._ids)}"
-        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=rid):
+        inputs = {"prompt_token_ids": prompt}
+        if self.salt_by_version:  # blocks shared only among requests of the same weights
+            inputs["cache_salt"] = f"v{self.version}"
+        async for out in self.llm.generate(inputs, params, request_id=rid):
             final = out
         if final is None or len(final.outputs) != params.n:
             raise RuntimeError(f"vLLM request {rid} ended without its {params.n} outputs")

@@ -38,10 +38,17 @@ from dashrl.protocol.runtime import set_thread_budget, setup_logging
 class _SyncVLLM:
     """A VLLMEngine behind the blocking ``generate`` that :func:`run_samples` calls."""
 
-    def __init__(self, path: Path, dtype: str, seed: int, max_model_len: int):
+    def __init__(self, path: Path, dtype: str, seed: int, max_model_len: int,
+                 prefix_cache: bool = True, block_size: int | None = 32):  # fmt: skip
         self.loop = asyncio.new_event_loop()
+        # Prefix caching lets the k samples of a prompt (and every prompt's chat template)
+        # share one prefill; it is safe here because no weights change while requests run,
+        # and load_checkpoint drops the cache with the old weights. Blocks of 32 tokens, as
+        # only whole blocks are shared and a task prompt is ~50 (bench/eval_prefix_cache.py)
         start = VLLMEngine.create(path, seed=seed, dtype=dtype, max_model_len=max_model_len,
-                                  enforce_eager=True)  # fmt: skip
+                                  enforce_eager=True,
+                                  kv_on_update="recompute" if prefix_cache else "keep",
+                                  block_size=block_size)  # fmt: skip
         self.engine = self.loop.run_until_complete(start)
         self.tokenizer = self.engine.tokenizer
 
@@ -77,6 +84,8 @@ def checkpoint_metrics(results: list) -> dict[str, float]:
 def evaluate(job: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Evaluate ``job["checkpoints"]`` ([{"label", "path", "k"}]) of the run whose config is
     ``job["config"]`` on its first ``job["prompts"]`` held-out prompts; label -> metrics.
+    Optional keys: ``threads`` (default 2), ``batch_prompts`` (64), ``prefix_cache`` (True:
+    vLLM's prefix caching on), ``block_size`` (32 tokens per KV block; None: vLLM's).
 
     Raises:
         FileNotFoundError: a checkpoint directory does not exist.
@@ -99,7 +108,9 @@ def evaluate(job: dict[str, Any]) -> dict[str, dict[str, float]]:
                     # the dtype the run's actors sampled in (auto: bf16 with bf16 units)
                     dtype = resolve_dtype(cfg.actor.vllm.dtype, local_device(), "eval")
                     engine = _SyncVLLM(path, str(dtype).removeprefix("torch."), cfg.seed,
-                                       cfg.actor.vllm.max_model_len)  # fmt: skip
+                                       cfg.actor.vllm.max_model_len,
+                                       job.get("prefix_cache", True),
+                                       job.get("block_size", 32))  # fmt: skip
                 else:
                     engine.load(path)
             elif job["engine"] == "hf":

@@ -119,6 +119,15 @@ class VLLMConfig(Strict):
     no later request reuses them. "recompute": drop them (and the prefix cache); each
     running sequence re-prefills under the new weights (measured on 2 cores: 40% fewer
     rollouts with an update every ~10 s, bench/RESULTS.md)."""
+    prefix_cache: bool = False
+    """Under "keep": vLLM's prefix caching with every request salted by its weights'
+    policy version, so the G samples of a group (and the chat template of prompts sampled
+    under one version) share one prefill and no request reuses keys/values of other
+    weights. Only whole KV blocks are shared: see block_size."""
+    block_size: int | None = Field(None, ge=16)
+    """Tokens per KV-cache block (None: vLLM's default, 128 on CPU; the CPU kernels take
+    multiples of 32). Prefix caching shares only whole blocks, so a ~50-token prompt needs
+    32 to share anything."""
 
 
 class ActorConfig(Strict):

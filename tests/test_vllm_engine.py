@@ -2,11 +2,11 @@
 and a checkpoint loaded from disk in place.
 
 One live vLLM engine (float32, SmolLM2-135M-Instruct) per KV policy on update ("keep",
-"recompute"): starting one takes 25 s with a warm compile cache and about 2 minutes
-without, so the test is marked slow and checks everything on each engine. The weights
-reach the engine's worker through the same path as an attached node's (the learner's
-ZeroMQ publisher); the launch-time gloo group is exercised by the real launcher run in
-test_replay.py.
+"recompute", and "keep" with prefix caching salted by the weights' version): starting one
+takes 25 s with a warm compile cache and about 2 minutes without, so the test is marked
+slow and checks everything on each engine. The weights reach the engine's worker through
+the same path as an attached node's (the learner's ZeroMQ publisher); the launch-time gloo
+group is exercised by the real launcher run in test_replay.py.
 """
 
 from __future__ import annotations
@@ -60,10 +60,15 @@ async def _wait_staged(engine, version: int, publisher, flat: torch.Tensor) -> N
     raise AssertionError(f"version {version} never reached the vLLM worker")
 
 
-@pytest.mark.parametrize("kv_on_update", ["keep", "recompute"])
+@pytest.mark.parametrize(
+    ("kv_on_update", "prefix_cache"), [("keep", False), ("recompute", False), ("keep", True)]
+)
 def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
-    tmp_path: Path, kv_on_update: str
+    tmp_path: Path, kv_on_update: str, prefix_cache: bool
 ) -> None:
+    """With ``prefix_cache`` (salted by version, 32-token blocks, so each ~40-token prompt
+    has one cached block): the logprobs after an update match the new model only if no
+    request reuses a prompt block computed under the old weights."""
     from dashrl.actors.tasks import chat_prompt_ids
     from dashrl.actors.vllm_engine import VLLMEngine, hf_parameter_layout
     from dashrl.learner.nodes import WeightPublisher
@@ -85,7 +90,8 @@ def test_vllm_logprobs_match_hf_and_weight_updates_apply_in_place(
 
     async def scenario() -> dict:
         engine = await VLLMEngine.create(path, seed=0, dtype="float32", kv_cache_gib=1,
-                                         kv_on_update=kv_on_update)  # fmt: skip
+                                         kv_on_update=kv_on_update, prefix_cache=prefix_cache,
+                                         block_size=32 if prefix_cache else None)  # fmt: skip
         try:
             await engine.connect_weights(WeightSource("zmq", endpoint=endpoint))
             sample = lambda: engine.agenerate(prompts, 2, MAX_NEW, 1.0)  # noqa: E731
