@@ -170,7 +170,7 @@ class VLLMEngine:
                 slower engine.
             kv_on_update: what a weight update does to running requests' KV cache:
                 "recompute" (drop it, with the prefix cache) or "keep" (stale keys/values
-                stay; prefix caching is off so no new request reuses them). Module doc.
+                stay; no new request reuses them: see ``prefix_cache``). Module doc.
             kv_cache_memory_bytes: GPU only: the KV cache size, instead of what
                 gpu_memory_utilization leaves after vLLM's memory profile.
             block_size: tokens per KV-cache block (None: vLLM's default, 128 on CPU). Only

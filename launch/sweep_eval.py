@@ -39,16 +39,15 @@ class _SyncVLLM:
     """A VLLMEngine behind the blocking ``generate`` that :func:`run_samples` calls."""
 
     def __init__(self, path: Path, dtype: str, seed: int, max_model_len: int,
-                 prefix_cache: bool = True, block_size: int | None = 32):  # fmt: skip
+                 prefix_cache: bool, block_size: int | None):  # fmt: skip
         self.loop = asyncio.new_event_loop()
         # Prefix caching lets the k samples of a prompt (and every prompt's chat template)
-        # share one prefill; it is safe here because no weights change while requests run,
-        # and load_checkpoint drops the cache with the old weights. Blocks of 32 tokens, as
-        # only whole blocks are shared and a task prompt is ~50 (bench/eval_prefix_cache.py)
+        # share one prefill; no weights change while requests run, and load_checkpoint
+        # drops the cache with the old weights. Blocks of 32 tokens by default, as only
+        # whole blocks are shared and a task prompt is ~50 (bench/eval_prefix_cache.py)
         start = VLLMEngine.create(path, seed=seed, dtype=dtype, max_model_len=max_model_len,
                                   enforce_eager=True,
-                                  kv_on_update="recompute" if prefix_cache else "keep",
-                                  block_size=block_size)  # fmt: skip
+                                  prefix_cache=prefix_cache, block_size=block_size)  # fmt: skip
         self.engine = self.loop.run_until_complete(start)
         self.tokenizer = self.engine.tokenizer
 

@@ -115,10 +115,10 @@ class VLLMConfig(Strict):
     instead of 37 s, generation about 2% slower (bench/RESULTS.md): worth it for short runs."""
     kv_on_update: Literal["keep", "recompute"] = "keep"
     """What an in-flight weight update does to running requests' KV cache. "keep"
-    (PipelineRL): the keys/values stay, nothing is recomputed, and prefix caching is off so
-    no later request reuses them. "recompute": drop them (and the prefix cache); each
-    running sequence re-prefills under the new weights (measured on 2 cores: 40% fewer
-    rollouts with an update every ~10 s, bench/RESULTS.md)."""
+    (PipelineRL): the keys/values stay, nothing is recomputed, and no later request reuses
+    them (prefix caching off, or salted by version: prefix_cache). "recompute": drop them
+    (and the prefix cache); each running sequence re-prefills under the new weights
+    (measured on 2 cores: 40% fewer rollouts with an update every ~10 s, bench/RESULTS.md)."""
     prefix_cache: bool = False
     """Under "keep": vLLM's prefix caching with every request salted by its weights'
     policy version, so the G samples of a group (and the chat template of prompts sampled
