@@ -51,6 +51,22 @@ def runs_by_config(state: dict) -> dict[str, list[dict]]:
     return out
 
 
+def machines_of(state: dict) -> list[str]:
+    """The machines the recorded runs were made on (``-`` for a run that did not say)."""
+    return sorted({r.get("machine") or "-" for r in state["runs"].values()})
+
+
+def row_groups(state: dict) -> list[tuple[str, str, list[dict]]]:
+    """(configuration, machine, runs) per row of a timing table: one row per configuration,
+    split by machine when the runs were made on several, since seconds measured on two
+    CPUs do not pool into one mean."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for c, runs in runs_by_config(state).items():
+        for r in runs:
+            out.setdefault((c, r.get("machine") or "-"), []).append(r)
+    return [(c, m, runs) for (c, m), runs in out.items()]
+
+
 def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
     """Seconds at which a curve of (seconds, reward) points, in time order, first reaches
     ``target``: linear between the last point below and the first at or above it; None
@@ -100,9 +116,13 @@ def target_lines(state: dict) -> list[str]:
     machine = {(c, r["seed"]): r.get("machine") for c, runs in by_config.items() for r in runs}
     clock = "seconds since launch" if state.get("clock") == "launch" else "training seconds"
     head = " | ".join(f"to {t:g}" for t in targets)
+    split = len(machines_of(state)) > 1
+    mcol, mrule = ("machine | ", "---|") if split else ("", "")
     lines = [f"## Time to held-out reward ({clock}; mean ± 95% t-interval over seeds)", "",
-             f"| config | seeds | {head} |", "|---|---|" + "---|" * len(targets)]  # fmt: skip
-    for c, per_seed in times.items():
+             f"| config | {mcol}seeds | {head} |",
+             f"|---|{mrule}---|" + "---|" * len(targets)]  # fmt: skip
+    for c, m, runs in row_groups(state):
+        per_seed = {r["seed"]: times[c][r["seed"]] for r in runs}
         cells = []
         for i in range(len(targets)):
             got = [ts[i] for ts in per_seed.values() if ts[i] is not None]
@@ -110,12 +130,12 @@ def target_lines(state: dict) -> list[str]:
                 cells.append(f"{len(got)}/{len(per_seed)} seeds reached it")
             else:
                 cells.append(_cell(t_interval(got), pct=False))
-        lines.append(f"| {c} | {len(per_seed)} | " + " | ".join(cells) + " |")
-    machines = sorted({m for m in machine.values() if m})
-    if len(machines) > 1:
-        lines += ["", f"These runs were made on {len(machines)} machines (see Runs): the "
-                  "seconds above mix them; a speed-up pairs two runs of one seed only when "
-                  "they ran on the same machine."]  # fmt: skip
+        mcell = f"{m} | " if split else ""
+        lines.append(f"| {c} | {mcell}{len(per_seed)} | " + " | ".join(cells) + " |")
+    if split:
+        lines += ["", f"These runs were made on {len(machines_of(state))} machines: each row "
+                  "above pools only one machine's runs, and a speed-up pairs two runs of one "
+                  "seed only when they ran on the same machine."]  # fmt: skip
     for b in state.get("baselines") or []:
         if b not in times:
             continue
@@ -156,16 +176,17 @@ def _total(run: dict, key: str) -> float:
 
 def time_lines(state: dict) -> list[str]:
     """Where each configuration's time went, from its runs' own metrics (mean over seeds)."""
-    by_config = runs_by_config(state)
+    split = len(machines_of(state)) > 1
+    mcol, mrule = ("machine | ", "---|") if split else ("", "")
     lines = [
         "",
         "## Where the time went (seconds per run, mean over seeds)",
         "",
-        "| config | start-up | learner compute | waiting for data | weight broadcast | "
+        f"| config | {mcol}start-up | learner compute | waiting for data | weight broadcast | "
         "actor busy | evaluation (after the run) |",
-        "|---|---|---|---|---|---|---|",
+        f"|---|{mrule}---|---|---|---|---|---|",
     ]
-    for c, runs in by_config.items():
+    for c, m, runs in row_groups(state):
         wait = _mean_over(runs, lambda r: _total(r, "learner/queue_wait_s"))
         bcast = _mean_over(runs, lambda r: _total(r, "learner/broadcast_s"))
         compute = _mean_over(runs, lambda r: _total(r, "learner/step_s")) - wait - bcast
@@ -174,7 +195,8 @@ def time_lines(state: dict) -> list[str]:
         evals = _mean_over(runs, lambda r: sum(e.get("eval_s", 0.0) for e in r["evals"]))
         start = _mean_over(runs, lambda r: r.get("startup_s"))
         busy_cell = "-" if busy != busy else f"{100 * busy:.0f}%"  # no actors (TRL): -
-        lines.append(f"| {c} | {start:.0f} | {compute:.0f} | {wait:.0f} | {bcast:.0f} | "
+        mcell = f"{m} | " if split else ""
+        lines.append(f"| {c} | {mcell}{start:.0f} | {compute:.0f} | {wait:.0f} | {bcast:.0f} | "
                      f"{busy_cell} | {evals:.0f} |")  # fmt: skip
     return lines
 

@@ -23,6 +23,7 @@ from dashrl.launch.sweep_report import (
     ratio_interval,
     t_interval,
     target_lines,
+    time_lines,
     time_to_target,
 )
 
@@ -262,6 +263,10 @@ def test_a_speedup_pairs_two_runs_of_a_seed_only_on_the_same_machine() -> None:
     # seed 1 ran its two rungs on two CPUs: only seed 0's ratio (2x) is counted
     assert "| fast | 2.00x (1 seeds) |" in text
     assert "made on 2 machines" in text
+    # the seconds table pools one machine per row: 0.6 of the way to 0.9 from 0 at 0 s
+    assert "| slow | epyc | 1 | 200.0 |" in text and "| slow | xeon | 1 | 66.7 |" in text
+    assert "| fast | xeon | 2 | 25.0 ± 105.9 |" in text  # 33.3 and 16.7 s
+    assert "| config | machine | start-up |" in "\n".join(time_lines(state))
 
 
 def test_machine_name_says_cpu_cores_and_bf16_units(tmp_path) -> None:
