@@ -233,14 +233,14 @@ def _eval_at(run: dict, label: str) -> dict:
 
 
 def summary_rows(state: dict) -> list[dict]:
-    """One row per configuration: mean and interval over its seeds of the final
-    checkpoint's metrics, the first evaluated fraction's reward, and the last logged
-    entropy and completion length."""
-    by_config = runs_by_config(state)
+    """One row per configuration (per configuration and machine when the runs were made on
+    several: a fixed wall-clock budget buys a different number of steps on each CPU): mean
+    and interval over its seeds of the final checkpoint's metrics, the first evaluated
+    fraction's reward, and the last logged entropy and completion length."""
     labels = [f"{f:g}" for f in state["eval"]["at"]]
     rows = []
-    for name, runs in by_config.items():
-        row: dict = {"config": name, "seeds": len(runs)}
+    for name, machine, runs in row_groups(state):
+        row: dict = {"config": name, "machine": machine, "seeds": len(runs)}
         final = [_eval_at(r, labels[-1]) for r in runs]
         metrics = [m for m in final[0] if not m.endswith("_ci95") and isinstance(final[0][m],
                    float) and m not in NOT_METRICS]  # fmt: skip
@@ -284,14 +284,18 @@ def markdown(state: dict) -> str:
                   f"{base['completion_len']:.1f} tokens.", ""]  # fmt: skip
     if not rows:
         return "\n".join([*lines, "No run recorded yet.", *superseded_lines(state), ""])
-    cols = [c for c in rows[0] if c not in ("config", "seeds")]
-    lines += ["| config | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    cols = [c for c in rows[0] if c not in ("config", "machine", "seeds")]
+    split = len(machines_of(state)) > 1
+    mcol, mrule = ("machine | ", "---|") if split else ("", "")
+    lines += [f"| config | {mcol}seeds | " + " | ".join(cols) + " |",
+              f"|---|{mrule}---|" + "---|" * len(cols)]  # fmt: skip
     for r in rows:
         cells = []
         for c in cols:
             pct = not (c.startswith(("completion_len", "train_len", "steps", "entropy")))
             cells.append(_cell(r[c], pct) if c in r else "-")
-        lines.append(f"| {r['config']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        mcell = f"{r['machine']} | " if split else ""
+        lines.append(f"| {r['config']} | {mcell}{r['seeds']} | " + " | ".join(cells) + " |")
     lines += target_lines(state)
     if state.get("targets") or state.get("clock") == "launch":
         lines += time_lines(state)
@@ -335,17 +339,22 @@ def plot(state: dict, path: Path) -> None:
 
 
 def _mean_bands(state: dict, ax, colours: dict[str, str]) -> None:
-    """Per configuration with several seeds: the mean held-out curve (dashed) and the band
-    between the seeds' lowest and highest reward at each evaluated fraction."""
-    by_config = runs_by_config(state)
-    for c, runs in by_config.items():
+    """Per configuration with several seeds (per machine, when there are several: dashed for
+    the machine with the most runs, dotted for the others): the mean held-out curve and the
+    band between the seeds' lowest and highest reward at each evaluated fraction."""
+    machines = machines_of(state)
+    count = {m: sum((r.get("machine") or "-") == m for r in state["runs"].values())
+             for m in machines}  # fmt: skip
+    main = max(machines, key=lambda m: count[m]) if machines else "-"
+    for c, m, runs in row_groups(state):
         curves = [curve_points(state, r) for r in runs]
         n = min(len(pts) for pts in curves)
         if len(runs) < 2 or n < 2:
             continue
         t = [sum(pts[i][0] for pts in curves) / len(curves) for i in range(n)]
         ys = [[pts[i][1] for pts in curves] for i in range(n)]
-        ax.plot(t, [sum(y) / len(y) for y in ys], color=colours[c], linestyle="--", linewidth=2)
+        style = "--" if m == main else ":"
+        ax.plot(t, [sum(y) / len(y) for y in ys], color=colours[c], linestyle=style, linewidth=2)
         ax.fill_between(t, [min(y) for y in ys], [max(y) for y in ys], color=colours[c],
                         alpha=0.15)  # fmt: skip
 

@@ -269,6 +269,24 @@ def test_a_speedup_pairs_two_runs_of_a_seed_only_on_the_same_machine() -> None:
     assert "| config | machine | start-up |" in "\n".join(time_lines(state))
 
 
+def test_the_results_table_keeps_each_machines_runs_in_a_row_of_its_own() -> None:
+    def run(config: str, seed: int, reward: float, machine: str) -> dict:
+        return {"config": config, "seed": seed, "machine": machine, "curve": [], "steps": 10,
+                "evals": [{"label": "1", "launch_s": 60.0, "reward_mean": reward}]}  # fmt: skip
+
+    runs = [run("a", 0, 0.5, "xeon"), run("a", 1, 0.7, "xeon"), run("a", 2, 0.1, "epyc")]
+    state = {"experiment": "x", "description": "d", "budget_s": 60.0,
+             "eval": {"prompts": 4, "k": 1, "final_k": 1, "at": [1.0]},
+             "runs": {f"{r['config']}/{r['seed']}": r for r in runs}}  # fmt: skip
+    text = markdown(state)
+    assert "| config | machine | seeds | reward_mean | steps |" in text
+    # xeon: mean 0.6 of two seeds; epyc's lone 0.1 is not pooled into it
+    assert "| a | xeon | 2 | 60.0 ± 127.1 | 10.0 ± 0.0 |" in text
+    assert "| a | epyc | 1 | 10.0 | 10.0 |" in text
+    one = {**state, "runs": {k: v for k, v in state["runs"].items() if v["machine"] == "xeon"}}
+    assert "| config | seeds | reward_mean | steps |" in markdown(one)
+
+
 def test_machine_name_says_cpu_cores_and_bf16_units(tmp_path) -> None:
     from dashrl.protocol.hardware import machine_name
 
