@@ -128,7 +128,10 @@ def summarize(results: list[ProblemResult]) -> dict[str, dict[str, Any]]:
     """Metrics with 95% intervals, overall ("all") and per group value ("subject=Algebra").
 
     Each metric is ``{"mean": m, "ci95": half_width}`` over problems; pass@j uses the
-    unbiased estimator with n = k samples.
+    unbiased estimator with n = k samples; maj@j for j < k (j = 1, 2, 4, ... dividing k)
+    is the mean of maj@j over the k / j disjoint blocks of j samples, in sampling order
+    (unbiased, as each block is j independent samples), so maj@1 is the accuracy of one
+    sample, Havrilla et al.'s maj@1.
     """
     buckets: dict[str, list[ProblemResult]] = defaultdict(list)
     for r in results:
@@ -142,7 +145,13 @@ def summarize(results: list[ProblemResult]) -> dict[str, dict[str, Any]]:
         for r in rs:
             correct = [s.correct for s in r.samples]
             per[f"avg@{k}"].append(avg_at_k(correct))
-            per[f"maj@{k}"].append(maj_at_k([s.extracted for s in r.samples], correct))
+            answers = [s.extracted for s in r.samples]
+            for j in _pass_ks(k):
+                if k % j == 0:  # maj@j: the mean over the k / j disjoint blocks of j samples
+                    blocks = [
+                        maj_at_k(answers[i : i + j], correct[i : i + j]) for i in range(0, k, j)
+                    ]
+                    per[f"maj@{j}"].append(sum(blocks) / len(blocks))
             for j in _pass_ks(k):
                 per[f"pass@{j}"].append(pass_at_k(k, sum(correct), j))
             if r.greedy is not None:

@@ -284,7 +284,8 @@ def markdown(state: dict) -> str:
                   f"{base['completion_len']:.1f} tokens.", ""]  # fmt: skip
     if not rows:
         return "\n".join([*lines, "No run recorded yet.", *superseded_lines(state), ""])
-    cols = [c for c in rows[0] if c not in ("config", "machine", "seeds")]
+    cols = list(dict.fromkeys(c for r in rows for c in r if c not in ("config", "machine",
+                                                                      "seeds")))  # fmt: skip
     split = len(machines_of(state)) > 1
     mcol, mrule = ("machine | ", "---|") if split else ("", "")
     lines += [f"| config | {mcol}seeds | " + " | ".join(cols) + " |",

@@ -69,3 +69,13 @@ def test_summarize_overall_and_per_group() -> None:
     assert s["level=2"]["greedy"]["mean"] == pytest.approx(0.5)
     table = markdown_table("demo", s)
     assert "| all | 3 |" in table and "| level=1 | 1 |" in table and "pass@2" in table
+
+
+def test_maj_at_j_over_disjoint_blocks_by_hand() -> None:
+    # 4 samples: blocks of 2 are ("3", "4") and ("4", "4"); the answer is 3
+    samples = [g("3", True), g("4", False), g("4", False), g("4", False)]
+    s = summarize([ProblemResult("a", "3", {}, samples, None)])["all"]
+    assert s["maj@1"]["mean"] == pytest.approx(1 / 4)  # one sample at a time: 1 of 4 right
+    assert s["maj@2"]["mean"] == pytest.approx((1 + 0) / 2)  # "3" wins the first block's tie
+    assert s["maj@4"]["mean"] == 0.0  # "4" holds the majority of all four
+    assert "maj@3" not in s  # 3 does not divide 4
