@@ -284,8 +284,11 @@ def markdown(state: dict) -> str:
                   f"{base['completion_len']:.1f} tokens.", ""]  # fmt: skip
     if not rows:
         return "\n".join([*lines, "No run recorded yet.", *superseded_lines(state), ""])
-    cols = list(dict.fromkeys(c for r in rows for c in r if c not in ("config", "machine",
-                                                                      "seeds")))  # fmt: skip
+    # every row's columns, in the order of the row that has the most (a config recorded
+    # before a metric existed must not hide it, nor push it to the end)
+    ordered = sorted(rows, key=len, reverse=True)
+    cols = list(dict.fromkeys(c for r in ordered for c in r if c not in ("config", "machine",
+                                                                         "seeds")))  # fmt: skip
     split = len(machines_of(state)) > 1
     mcol, mrule = ("machine | ", "---|") if split else ("", "")
     lines += [f"| config | {mcol}seeds | " + " | ".join(cols) + " |",
