@@ -86,12 +86,20 @@ class Experiment(Strict):
     baselines: list[str] = []
     """Configurations every other one's time to each target is compared with (speed-up,
     paired by seed)."""
+    comparisons: list[tuple[str, str]] = []
+    """Pairs [a, b] of configurations: the report gives a - b paired by seed (final avg@k,
+    maj@k, pass@k, early reward, entropy, steps) with its interval, the form in which a
+    claim such as "a beats b" is tested (launch/sweep_pairs.py)."""
 
     @model_validator(mode="after")
     def _known_baselines(self) -> Experiment:
         unknown = [b for b in self.baselines if b not in self.configs]
         if unknown:
             raise ValueError(f"baselines {unknown} are not configurations "
+                             f"({sorted(self.configs)})")  # fmt: skip
+        unknown = [c for pair in self.comparisons for c in pair if c not in self.configs]
+        if unknown:
+            raise ValueError(f"comparisons name {unknown}, which are not configurations "
                              f"({sorted(self.configs)})")  # fmt: skip
         for name, fields in self.configs.items():
             if fields.get("runner", "dashrl") not in RUNNERS:

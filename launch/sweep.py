@@ -114,20 +114,41 @@ KEPT = ("actor/reward_mean", "learner/entropy", "actor/completion_len", "learner
 
 
 def _launch(cmd: list[str], log: Path, timeout_s: float) -> int:
-    """Run ``cmd`` (its output to ``log``); past ``timeout_s`` it is stopped by its pid
-    (SIGTERM, then SIGKILL to its process group 120 s later). Returns its exit status."""
+    """Run ``cmd`` (its output to ``log``) in a session of its own; past ``timeout_s``, or
+    when the sweep itself is stopped (Ctrl-C, or SIGTERM once :func:`exit_on_sigterm` is
+    set), it is stopped by its pid: SIGTERM, then SIGKILL to its process group 120 s later.
+    Returns its exit status.
+
+    Raises:
+        KeyboardInterrupt, SystemExit: the sweep was stopped (after the child is).
+    """
     with log.open("w") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                              start_new_session=True)  # fmt: skip
         try:
             return p.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGTERM)
-            try:
-                return p.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                return p.wait()
+            return _stop(p)
+        except BaseException:
+            # its own session keeps it out of a signal sent to the sweep's process group:
+            # without this a stopped sweep leaves its run training on the cores
+            _stop(p)
+            raise
+
+
+def _stop(p: subprocess.Popen) -> int:
+    os.kill(p.pid, signal.SIGTERM)
+    try:
+        return p.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return p.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in this (main) thread, so that a sweep stopped by
+    its pid stops the run it is waiting on (:func:`_launch`) instead of orphaning it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def evaluate_checkpoints(job: dict, work: Path) -> dict[str, dict[str, float]]:
@@ -314,6 +335,7 @@ def sweep(path: Path, runs: Path | None = None, results: Path | None = None,
     state = {"experiment": name, "description": exp.description, "budget_s": exp.budget_s,
              "eval": exp.eval.model_dump(mode="json"), "base": recorded.get("base"),
              "clock": exp.clock, "targets": exp.targets, "baselines": exp.baselines,
+             "comparisons": [list(p) for p in exp.comparisons],
              "runs": {}, "superseded": supersede(exp, recorded, runs)}  # fmt: skip
     kept = 0  # recorded runs that still count
     for seed in exp.seeds:
@@ -346,6 +368,7 @@ def sweep_command(cmd: SweepCommand) -> dict:
     Raises:
         FileNotFoundError: neither a file nor a name under experiments/.
     """
+    exit_on_sigterm()
     path = Path(cmd.experiment)
     if not path.suffix and not path.exists():
         path = REPO / "experiments" / f"{cmd.experiment}.toml"

@@ -6,11 +6,13 @@ t is 12.7, so only effects larger than the seed-to-seed spread by an order of ma
 show as separated. That is the honest width for two runs; more seeds narrow it. With one
 seed no interval is given.
 
-With ``targets`` the report adds seconds to each held-out reward level per configuration
-and the speed-up over each baseline: per seed, baseline seconds / configuration seconds,
-summarised as the geometric mean with the t-interval taken on the log ratios (a ratio's
-interval is not symmetric). And "where the time went": start-up, learner compute, the
-learner's waits for data and for the weight broadcast, and the actors' busy share.
+With ``comparisons`` it adds a table of paired differences between configurations
+(launch/sweep_pairs.py). With ``targets`` the report adds seconds to each held-out reward
+level per configuration and the speed-up over each baseline: per seed, baseline seconds /
+configuration seconds, summarised as the geometric mean with the t-interval taken on the
+log ratios (a ratio's interval is not symmetric). And "where the time went": start-up,
+learner compute, the learner's waits for data and for the weight broadcast, and the
+actors' busy share.
 """
 
 from __future__ import annotations
@@ -20,27 +22,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
-"""Two-sided 95% critical values of Student's t by degrees of freedom (1.96 beyond 30)."""
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval) over seeds; half-width NaN for one value.
-
-    Raises:
-        ValueError: no values.
-    """
-    if not values:
-        raise ValueError("no values")
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    df = n - 1
-    t = T975.get(df) or next((T975[d] for d in sorted(T975) if d >= df), 1.96)
-    return mean, t * sd / math.sqrt(n)
+from dashrl.launch.sweep_pairs import comparison_lines, t_interval
 
 
 def runs_by_config(state: dict) -> dict[str, list[dict]]:
@@ -242,12 +224,16 @@ def summary_rows(state: dict) -> list[dict]:
     for name, machine, runs in row_groups(state):
         row: dict = {"config": name, "machine": machine, "seeds": len(runs)}
         final = [_eval_at(r, labels[-1]) for r in runs]
-        metrics = [m for m in final[0] if not m.endswith("_ci95") and isinstance(final[0][m],
-                   float) and m not in NOT_METRICS]  # fmt: skip
+        # the union over the seeds' records: a run recorded before a metric existed must
+        # neither hide it nor be averaged in silently (``partial`` says how many seeds have it)
+        full = sorted(final, key=len, reverse=True)  # the newest record's column order
+        metrics = dict.fromkeys(m for f in full for m in f if not m.endswith("_ci95") and
+                                isinstance(f[m], float) and m not in NOT_METRICS)  # fmt: skip
         for m in metrics:
             vals = [f[m] for f in final if m in f]
-            if vals:
-                row[m] = t_interval(vals)
+            row[m] = t_interval(vals)
+            if len(vals) < len(runs):
+                row.setdefault("partial", {})[m] = len(vals)
         if len(labels) > 1:
             early = [_eval_at(r, labels[0]).get("reward_mean") for r in runs]
             if all(v is not None for v in early):
@@ -287,8 +273,8 @@ def markdown(state: dict) -> str:
     # every row's columns, in the order of the row that has the most (a config recorded
     # before a metric existed must not hide it, nor push it to the end)
     ordered = sorted(rows, key=len, reverse=True)
-    cols = list(dict.fromkeys(c for r in ordered for c in r if c not in ("config", "machine",
-                                                                         "seeds")))  # fmt: skip
+    not_cols = ("config", "machine", "seeds", "partial")
+    cols = list(dict.fromkeys(c for r in ordered for c in r if c not in not_cols))
     split = len(machines_of(state)) > 1
     mcol, mrule = ("machine | ", "---|") if split else ("", "")
     lines += [f"| config | {mcol}seeds | " + " | ".join(cols) + " |",
@@ -297,9 +283,15 @@ def markdown(state: dict) -> str:
         cells = []
         for c in cols:
             pct = not (c.startswith(("completion_len", "train_len", "steps", "entropy")))
-            cells.append(_cell(r[c], pct) if c in r else "-")
+            part = r.get("partial", {}).get(c)
+            cells.append(
+                "-"
+                if c not in r
+                else _cell(r[c], pct) + (f" ({part} of {r['seeds']} seeds)" if part else "")
+            )
         mcell = f"{r['machine']} | " if split else ""
         lines.append(f"| {r['config']} | {mcell}{r['seeds']} | " + " | ".join(cells) + " |")
+    lines += comparison_lines(state)
     lines += target_lines(state)
     if state.get("targets") or state.get("clock") == "launch":
         lines += time_lines(state)

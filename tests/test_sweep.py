@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from conftest import REPO
 from dashrl.launch import sweep as sweep_mod
 from dashrl.launch.experiment import Experiment, fingerprint, load_experiment, run_config
 from dashrl.launch.sweep import pick_checkpoints, source_commit, training_clock
+from dashrl.launch.sweep_pairs import comparison_lines
 from dashrl.launch.sweep_report import (
     markdown,
     ratio_interval,
@@ -56,6 +59,9 @@ def test_a_bad_experiment_file_names_the_file_the_configuration_and_the_field(tm
         load_experiment(write(tmp_path, MINIMAL + "budjet_s = 3\n[configs.a]\nalgo = 'grpo'\n"))
     with pytest.raises(ValueError, match="increasing fractions"):
         load_experiment(write(tmp_path, MINIMAL + "[eval]\nat = [1.0, 0.5]\n[configs.a]\n"
+                              "algo = 'grpo'\n"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"comparisons name \['c'\]"):
+        load_experiment(write(tmp_path, MINIMAL + "comparisons = [['a', 'c']]\n[configs.a]\n"
                               "algo = 'grpo'\n"))  # fmt: skip
     with pytest.raises(ValueError, match="does not parse"):
         load_experiment(write(tmp_path, "description = \n"))
@@ -285,6 +291,76 @@ def test_the_results_table_keeps_each_machines_runs_in_a_row_of_its_own() -> Non
     assert "| a | epyc | 1 | 10.0 | 10.0 |" in text
     one = {**state, "runs": {k: v for k, v in state["runs"].items() if v["machine"] == "xeon"}}
     assert "| config | seeds | reward_mean | steps |" in markdown(one)
+
+
+def test_a_metric_only_some_seeds_recorded_is_shown_with_how_many_had_it() -> None:
+    # seed 0 was recorded before the evaluator had maj@8: its row must still show maj@8,
+    # from seed 1 alone and saying so, not as if both seeds had been averaged
+    def run(seed: int, reward: float, maj8: float | None) -> dict:
+        final = {"label": "1", "launch_s": 60.0, "reward_mean": reward}
+        if maj8 is not None:
+            final["maj@8"] = maj8
+        return {"config": "a", "seed": seed, "machine": "xeon", "curve": [], "steps": 10,
+                "evals": [final]}  # fmt: skip
+
+    state = {"experiment": "x", "description": "d", "budget_s": 60.0,
+             "eval": {"prompts": 4, "k": 1, "final_k": 1, "at": [1.0]},
+             "runs": {"a/0": run(0, 0.5, None), "a/1": run(1, 0.7, 0.75)}}  # fmt: skip
+    text = markdown(state)
+    assert "| config | seeds | reward_mean | maj@8 | steps |" in text
+    assert "| a | 2 | 60.0 ± 127.1 | 75.0 (1 of 2 seeds) | 10.0 ± 0.0 |" in text
+
+
+def test_paired_differences_by_hand_and_only_on_one_machine() -> None:
+    def run(config: str, seed: int, final: float, early: float, entropy: float,
+            machine: str = "xeon") -> dict:  # fmt: skip
+        evals = [
+            {"label": "0.25", "reward_mean": early},
+            {"label": "1", "avg@4": final, "maj@4": final, "pass@4": final + 0.1},
+        ]
+        return {"config": config, "seed": seed, "machine": machine, "steps": 10 + seed,
+                "curve": [{"learner/entropy": 9.0}, {"learner/entropy": entropy}],
+                "evals": evals}  # fmt: skip
+
+    runs = [run("a", 0, 0.60, 0.40, 0.01), run("b", 0, 0.50, 0.30, 0.11),
+            run("a", 1, 0.70, 0.45, 0.02), run("b", 1, 0.50, 0.40, 0.10),
+            run("a", 2, 0.90, 0.90, 0.00, "epyc"), run("b", 2, 0.10, 0.10, 0.50)]  # fmt: skip
+    state = {"eval": {"at": [0.25, 1.0], "final_k": 4}, "comparisons": [["a", "b"], ["b", "c"]],
+             "runs": {f"{r['config']}/{r['seed']}": r for r in runs}}  # fmt: skip
+    text = "\n".join(comparison_lines(state))
+    assert "| a - b | seeds | avg@4 per seed | avg@4 | maj@4 | pass@4 | reward at 0.25 |" in text
+    # seed 2's runs ran on two machines: left out. avg@4 a - b = +10 and +20 points: mean 15,
+    # half-width 12.706 * 7.071 / sqrt(2) = 63.5; early +10 and +5: 7.5 ± 31.8; entropy
+    # -0.10 and -0.08: -0.090 ± 0.127; steps 0 and 0
+    assert ("| a - b | 2 | +10.0 / +20.0 | +15.0 ± 63.5 | +15.0 ± 63.5 | +15.0 ± 63.5 | "
+            "+7.5 ± 31.8 | -0.090 ± 0.127 | +0 ± 0 |") in text  # fmt: skip
+    assert "| b - c | 0 | - | - |" in text  # c never ran
+    assert comparison_lines({**state, "comparisons": []}) == []
+
+
+def test_a_sweep_stopped_by_its_pid_stops_the_run_it_waits_on(tmp_path) -> None:
+    # the run sits in a session of its own (so that a timeout can kill its process group):
+    # a SIGTERM to the sweep must still reach it, not leave it training
+    log, child, harness = tmp_path / "run.log", tmp_path / "child.pid", tmp_path / "sweep.py"
+    run = f"import os, time; open({str(child)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    harness.write_text(
+        "import sys\nfrom pathlib import Path\n"
+        "from dashrl.launch.sweep import _launch, exit_on_sigterm\n"
+        f"exit_on_sigterm()\n_launch([sys.executable, '-c', {run!r}], Path({str(log)!r}), 900)\n"
+    )
+    sweep = subprocess.Popen([sys.executable, str(harness)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (child.exists() and child.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(child.read_text())
+        os.kill(sweep.pid, signal.SIGTERM)
+        assert sweep.wait(30) == 143
+        with pytest.raises(ProcessLookupError):  # stopped and reaped by the sweep
+            os.kill(pid, 0)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
 
 
 def test_machine_name_says_cpu_cores_and_bf16_units(tmp_path) -> None:
