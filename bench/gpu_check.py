@@ -178,6 +178,8 @@ def _receiver(address: str, shapes, device: str, versions: int, busy: bool, out)
                 time.sleep(0.001)
             out.put(("applied", v, time.time(), checksum(params)))
         stop.set()
+        if busy:  # a daemon thread killed mid-matmul at exit aborts the process ("terminate
+            loop.join(60)  # called without an active exception")
         rx._thread.join(60)
     except Exception:
         out.put(("error", traceback.format_exc(limit=6), 0.0, 0.0))
