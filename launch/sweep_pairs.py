@@ -38,19 +38,28 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, t * sd / math.sqrt(n)
 
 
+def eval_at(run: dict, label: str) -> dict:
+    """A run's evaluation record at budget fraction ``label`` ("0.25", "1"); {} if none."""
+    return next((e for e in run["evals"] if e["label"] == label), {})
+
+
+def last_logged(run: dict, key: str) -> float | None:
+    """The last value of metric ``key`` in a run's curve; None if it never logged it."""
+    return next((c[key] for c in reversed(run["curve"]) if key in c), None)
+
+
 def run_value(run: dict, column: str, labels: list[str]) -> float | None:
     """One run's value of a paired-table column: ``entropy`` (the last logged
     learner/entropy), ``steps``, ``reward_early`` (held-out reward_mean at the first
     evaluated fraction ``labels[0]``) or a metric of the final evaluation (``labels[-1]``);
     None when the run did not record it."""
     if column == "entropy":
-        return next((c["learner/entropy"] for c in reversed(run["curve"])
-                     if "learner/entropy" in c), None)  # fmt: skip
+        return last_logged(run, "learner/entropy")
     if column == "steps":
         return float(run["steps"])
-    label = labels[0] if column == "reward_early" else labels[-1]
-    final = next((e for e in run["evals"] if e["label"] == label), {})
-    return final.get("reward_mean" if column == "reward_early" else column)
+    if column == "reward_early":
+        return eval_at(run, labels[0]).get("reward_mean")
+    return eval_at(run, labels[-1]).get(column)
 
 
 def _fmt(values: list[float], prec: int) -> str:

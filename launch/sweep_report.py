@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from dashrl.launch.sweep_pairs import comparison_lines, t_interval
+from dashrl.launch.sweep_pairs import comparison_lines, eval_at, last_logged, t_interval
 
 
 def runs_by_config(state: dict) -> dict[str, list[dict]]:
@@ -172,8 +172,7 @@ def time_lines(state: dict) -> list[str]:
         wait = _mean_over(runs, lambda r: _total(r, "learner/queue_wait_s"))
         bcast = _mean_over(runs, lambda r: _total(r, "learner/broadcast_s"))
         compute = _mean_over(runs, lambda r: _total(r, "learner/step_s")) - wait - bcast
-        busy = _mean_over(runs, lambda r: next((p["actor/busy_frac"] for p in
-                          reversed(r["curve"]) if "actor/busy_frac" in p), None))  # fmt: skip
+        busy = _mean_over(runs, lambda r: last_logged(r, "actor/busy_frac"))
         evals = _mean_over(runs, lambda r: sum(e.get("eval_s", 0.0) for e in r["evals"]))
         start = _mean_over(runs, lambda r: r.get("startup_s"))
         busy_cell = "-" if busy != busy else f"{100 * busy:.0f}%"  # no actors (TRL): -
@@ -210,10 +209,6 @@ NOT_METRICS = ("k", "eval_s", "prompts", "train_s", "launch_s", "step")
 """Fields of an evaluation record that are not held-out metrics (times, sizes)."""
 
 
-def _eval_at(run: dict, label: str) -> dict:
-    return next((e for e in run["evals"] if e["label"] == label), {})
-
-
 def summary_rows(state: dict) -> list[dict]:
     """One row per configuration (per configuration and machine when the runs were made on
     several: a fixed wall-clock budget buys a different number of steps on each CPU): mean
@@ -223,7 +218,7 @@ def summary_rows(state: dict) -> list[dict]:
     rows = []
     for name, machine, runs in row_groups(state):
         row: dict = {"config": name, "machine": machine, "seeds": len(runs)}
-        final = [_eval_at(r, labels[-1]) for r in runs]
+        final = [eval_at(r, labels[-1]) for r in runs]
         # the union over the seeds' records: a run recorded before a metric existed must
         # neither hide it nor be averaged in silently (``partial`` says how many seeds have it)
         full = sorted(final, key=len, reverse=True)  # the newest record's column order
@@ -235,11 +230,11 @@ def summary_rows(state: dict) -> list[dict]:
             if len(vals) < len(runs):
                 row.setdefault("partial", {})[m] = len(vals)
         if len(labels) > 1:
-            early = [_eval_at(r, labels[0]).get("reward_mean") for r in runs]
+            early = [eval_at(r, labels[0]).get("reward_mean") for r in runs]
             if all(v is not None for v in early):
                 row[f"reward_at_{labels[0]}"] = t_interval(early)
         for key, col in (("learner/entropy", "entropy"), ("actor/completion_len", "train_len")):
-            last = [next((c[key] for c in reversed(r["curve"]) if key in c), None) for r in runs]
+            last = [last_logged(r, key) for r in runs]
             if all(v is not None for v in last):
                 row[col] = t_interval(last)
         row["steps"] = t_interval([float(r["steps"]) for r in runs])
