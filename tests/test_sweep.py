@@ -358,9 +358,14 @@ def test_a_sweep_stopped_by_its_pid_stops_the_run_it_waits_on(tmp_path) -> None:
         assert sweep.wait(30) == 143
         with pytest.raises(ProcessLookupError):  # stopped and reaped by the sweep
             os.kill(pid, 0)
-    finally:
+    finally:  # a failed run of this test must not leave either process sleeping
         if sweep.poll() is None:
             sweep.kill()
+        if child.exists() and child.read_text():
+            try:
+                os.kill(int(child.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_machine_name_says_cpu_cores_and_bf16_units(tmp_path) -> None:
