@@ -137,6 +137,8 @@ def _launch(cmd: list[str], log: Path, timeout_s: float) -> int:
 
 
 def _stop(p: subprocess.Popen) -> int:
+    """Stop a run by its pid: SIGTERM, then SIGKILL to its process group after 120 s;
+    returns its exit status."""
     os.kill(p.pid, signal.SIGTERM)
     try:
         return p.wait(120)
